@@ -1,0 +1,189 @@
+// Package bridge is the local side of mailbridge: the SMTP server that
+// legacy clients talk to on loopback, their accounts and the configuration.
+// It hands messages to Microsoft Graph through the upstream package.
+package bridge
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/emersion/go-smtp"
+	"github.com/rs/zerolog"
+
+	"mailbridge/upstream"
+)
+
+// Options are what a Bridge needs besides its configuration.
+type Options struct {
+	// Logger receives the bridge's structured log.
+	Logger zerolog.Logger
+	// RootCAs are the CAs trusted for Microsoft's servers; nil means the
+	// system's pool (where SSL_CERT_FILE works).
+	RootCAs *x509.CertPool
+	// AuthFailureDelay is the pause before refusing a first bad password
+	// from an address; it doubles with each further failure, up to 30
+	// times itself. Zero means one second.
+	AuthFailureDelay time.Duration
+}
+
+// Account is a configured local user with its sending policy and Graph
+// client.
+type Account struct {
+	Config   AccountConfig
+	Tokens   *upstream.TokenSource
+	Sender   MailSender
+	password *passwordChecker
+	senders  senderPolicy
+}
+
+// Bridge is a configured mailbridge: its accounts, upstream clients and
+// local SMTP server.
+type Bridge struct {
+	cfg        *Config
+	log        zerolog.Logger
+	accounts   map[string]*Account // by lower-case user name
+	ordered    []*Account
+	throttle   *authThrottle
+	retry      retryPolicy
+	httpClient *http.Client
+
+	smtpServer *smtp.Server
+	smtpLn     net.Listener
+	conns      connTracker
+	baseCtx    context.Context
+	cancelBase context.CancelFunc
+	served     sync.WaitGroup
+}
+
+// New builds a bridge from a completed configuration. It opens no
+// connection yet.
+func New(cfg *Config, opts Options) (*Bridge, error) {
+	if opts.AuthFailureDelay <= 0 {
+		opts.AuthFailureDelay = time.Second
+	}
+	httpClient := upstream.NewHTTPClient(opts.RootCAs)
+	tokens := upstream.NewTokenSources(httpClient)
+	key := newProcessKey()
+	b := &Bridge{
+		cfg:        cfg,
+		log:        opts.Logger,
+		accounts:   map[string]*Account{},
+		throttle:   newAuthThrottle(opts.AuthFailureDelay, 30*opts.AuthFailureDelay),
+		retry:      defaultRetry,
+		httpClient: httpClient,
+	}
+	for _, ac := range cfg.Accounts {
+		patterns := []string{ac.Mailbox}
+		if len(ac.AllowedSenders) > 0 {
+			patterns = ac.AllowedSenders
+		}
+		var policy senderPolicy
+		for _, p := range patterns {
+			sp, err := parseSenderPattern(p)
+			if err != nil {
+				return nil, fmt.Errorf("account %s: allowed_senders: %w", ac.Name, err)
+			}
+			policy = append(policy, sp)
+		}
+		ts := tokens.Get(ac.Credentials(), ac.SendScope)
+		a := &Account{
+			Config:   ac,
+			Tokens:   ts,
+			Sender:   upstream.NewGraphClient(ac.GraphURL, httpClient, ts),
+			password: newPasswordChecker(ac.PasswordHash, key),
+			senders:  policy,
+		}
+		b.accounts[strings.ToLower(ac.Username)] = a
+		b.ordered = append(b.ordered, a)
+	}
+	b.baseCtx, b.cancelBase = context.WithCancel(context.Background())
+	return b, nil
+}
+
+// Accounts returns the configured accounts in configuration order.
+func (b *Bridge) Accounts() []*Account { return b.ordered }
+
+// authenticate checks a local user name and password and returns the
+// account. Failures are slowed down per remote address.
+func (b *Bridge) authenticate(ctx context.Context, remoteIP, username, password string) (*Account, error) {
+	a := b.accounts[strings.ToLower(username)]
+	if a != nil && a.password.check(password) {
+		b.throttle.succeeded(remoteIP)
+		return a, nil
+	}
+	if a == nil {
+		spendBcrypt(password)
+	}
+	sleepCtx(ctx, b.throttle.failed(remoteIP))
+	return nil, errBadCredentials
+}
+
+// Start opens the SMTP listener and serves it in the background.
+func (b *Bridge) Start() error {
+	ln, err := net.Listen("tcp", b.cfg.SMTP.Listen)
+	if err != nil {
+		return fmt.Errorf("smtp listener: %w", err)
+	}
+	b.smtpLn = ln
+	b.smtpServer = b.newSMTPServer()
+	b.served.Add(1)
+	go func() {
+		defer b.served.Done()
+		if err := b.smtpServer.Serve(b.conns.wrap(ln)); err != nil && !errors.Is(err, smtp.ErrServerClosed) {
+			b.log.Error().Err(err).Msg("smtp listener stopped")
+		}
+	}()
+	b.log.Info().Str("proto", "smtp").Str("listen", ln.Addr().String()).Int("accounts", len(b.ordered)).Msg("listening")
+	return nil
+}
+
+// SMTPAddr is the address the SMTP listener is bound to.
+func (b *Bridge) SMTPAddr() string { return b.smtpLn.Addr().String() }
+
+// Shutdown stops accepting connections, closes idle sessions at once and
+// lets sessions that are receiving a message finish, until ctx ends; then
+// it closes what is left.
+func (b *Bridge) Shutdown(ctx context.Context) error {
+	b.log.Info().Msg("shutting down")
+	done := make(chan error, 1)
+	go func() { done <- b.smtpServer.Shutdown(context.Background()) }()
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		b.conns.closeIdle(250 * time.Millisecond)
+		select {
+		case err := <-done:
+			b.cancelBase()
+			b.served.Wait()
+			b.httpClient.CloseIdleConnections()
+			return err
+		case <-ctx.Done():
+			b.cancelBase()
+			b.smtpServer.Close()
+			<-done
+			b.served.Wait()
+			b.httpClient.CloseIdleConnections()
+			return fmt.Errorf("shutdown: sessions still busy were closed: %w", ctx.Err())
+		case <-tick.C:
+		}
+	}
+}
+
+// Run starts the bridge and serves until ctx ends, then shuts down within
+// the configured shutdown timeout.
+func (b *Bridge) Run(ctx context.Context) error {
+	if err := b.Start(); err != nil {
+		return err
+	}
+	<-ctx.Done()
+	sctx, cancel := context.WithTimeout(context.Background(), b.cfg.SMTP.ShutdownTimeout.Duration)
+	defer cancel()
+	return b.Shutdown(sctx)
+}

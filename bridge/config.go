@@ -1,0 +1,291 @@
+package bridge
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/mail"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/BurntSushi/toml"
+	"golang.org/x/crypto/bcrypt"
+
+	"mailbridge/upstream"
+)
+
+// Config is the whole configuration file.
+type Config struct {
+	// Path is the file the configuration was read from.
+	Path string `toml:"-"`
+
+	Log      LogConfig       `toml:"log"`
+	SMTP     SMTPConfig      `toml:"smtp"`
+	Accounts []AccountConfig `toml:"account"`
+}
+
+// LogConfig is the [log] table.
+type LogConfig struct {
+	Level  string `toml:"level"`  // debug | info | warn | error
+	Format string `toml:"format"` // json | console
+}
+
+// SMTPConfig is the [smtp] table: the local SMTP listener.
+type SMTPConfig struct {
+	Listen          string   `toml:"listen"`
+	MaxMessageBytes int64    `toml:"max_message_bytes"`
+	MaxRecipients   int      `toml:"max_recipients"`
+	SendTimeout     Duration `toml:"send_timeout"`     // how long one message may take to reach Graph, retries included
+	IdleTimeout     Duration `toml:"idle_timeout"`     // how long a client may stay silent
+	ShutdownTimeout Duration `toml:"shutdown_timeout"` // how long a stop waits for messages being received
+}
+
+// AccountConfig is one [[account]] table: a local user and the app
+// registration and mailbox it sends through.
+type AccountConfig struct {
+	Name               string   `toml:"name"`
+	Username           string   `toml:"username"`
+	PasswordHash       string   `toml:"password_hash"`
+	Mailbox            string   `toml:"mailbox"`
+	TenantID           string   `toml:"tenant_id"`
+	ClientID           string   `toml:"client_id"`
+	ClientSecret       string   `toml:"client_secret"`
+	ClientSecretFile   string   `toml:"client_secret_file"`
+	AllowedSenders     []string `toml:"allowed_senders"`
+	UseAddressFromUser bool     `toml:"use_address_from_user"`
+	TokenURL           string   `toml:"token_url"`
+	GraphURL           string   `toml:"graph_url"`
+	SendScope          string   `toml:"send_scope"`
+}
+
+// Credentials returns the account's app registration for the token source.
+func (a *AccountConfig) Credentials() upstream.Credentials {
+	return upstream.Credentials{TokenURL: a.TokenURL, TenantID: a.TenantID, ClientID: a.ClientID, ClientSecret: a.ClientSecret}
+}
+
+// Duration is a time.Duration written as a string such as "30s" or "2m".
+type Duration struct{ time.Duration }
+
+// UnmarshalText parses a duration such as "90s".
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return fmt.Errorf("not a duration like \"30s\" or \"5m\": %q", b)
+	}
+	d.Duration = v
+	return nil
+}
+
+// MarshalText writes the duration as time.Duration.String does.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(d.Duration.String()), nil }
+
+// Defaults for what the file leaves out.
+const (
+	DefaultSMTPListen      = "127.0.0.1:2525"
+	DefaultMaxMessageBytes = 35 << 20
+	// DefaultMaxRecipients is Exchange Online's default recipient limit.
+	DefaultMaxRecipients = 500
+)
+
+// DefaultConfig returns a configuration with every default applied and no
+// accounts.
+func DefaultConfig() *Config {
+	return &Config{
+		Log: LogConfig{Level: "info", Format: "json"},
+		SMTP: SMTPConfig{
+			Listen:          DefaultSMTPListen,
+			MaxMessageBytes: DefaultMaxMessageBytes,
+			MaxRecipients:   DefaultMaxRecipients,
+			SendTimeout:     Duration{60 * time.Second},
+			IdleTimeout:     Duration{5 * time.Minute},
+			ShutdownTimeout: Duration{30 * time.Second},
+		},
+	}
+}
+
+// LoadConfig reads, completes and validates the configuration file at path.
+// Every problem is reported, each naming the file and the key.
+func LoadConfig(path string) (*Config, error) {
+	cfg := DefaultConfig()
+	md, err := toml.DecodeFile(path, cfg)
+	if err != nil {
+		var perr toml.ParseError
+		if errors.As(err, &perr) {
+			return nil, fmt.Errorf("%s: line %d: %s", path, perr.Position.Line, perr.Message)
+		}
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	cfg.Path = path
+	var errs []error
+	for _, key := range md.Undecoded() {
+		errs = append(errs, fmt.Errorf("%s: %s: unknown key (misspelt, or in the wrong table?)", path, key))
+	}
+	if err := cfg.Complete(filepath.Dir(path)); err != nil {
+		errs = append(errs, err)
+	}
+	return cfg, errors.Join(errs...)
+}
+
+// Complete applies per-account defaults, reads secret files (relative to
+// dir) and validates the configuration, returning every problem at once.
+func (c *Config) Complete(dir string) error {
+	var errs []error
+	bad := func(key, format string, args ...any) {
+		msg := fmt.Sprintf(format, args...)
+		if c.Path != "" {
+			errs = append(errs, fmt.Errorf("%s: %s: %s", c.Path, key, msg))
+		} else {
+			errs = append(errs, fmt.Errorf("%s: %s", key, msg))
+		}
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		bad("log.level", "must be debug, info, warn or error, not %q", c.Log.Level)
+	}
+	switch c.Log.Format {
+	case "json", "console":
+	default:
+		bad("log.format", "must be json or console, not %q", c.Log.Format)
+	}
+	if err := checkLoopbackListen(c.SMTP.Listen); err != nil {
+		bad("smtp.listen", "%v", err)
+	}
+	if c.SMTP.MaxMessageBytes <= 0 {
+		bad("smtp.max_message_bytes", "must be a positive number of bytes")
+	}
+	if c.SMTP.MaxRecipients <= 0 {
+		bad("smtp.max_recipients", "must be positive")
+	}
+	for key, d := range map[string]Duration{"smtp.send_timeout": c.SMTP.SendTimeout, "smtp.idle_timeout": c.SMTP.IdleTimeout, "smtp.shutdown_timeout": c.SMTP.ShutdownTimeout} {
+		if d.Duration <= 0 {
+			bad(key, "must be a positive duration such as \"30s\"")
+		}
+	}
+	if len(c.Accounts) == 0 {
+		bad("account", "no [[account]] table: add one per local user")
+	}
+	names, users := map[string]bool{}, map[string]bool{}
+	for i := range c.Accounts {
+		a := &c.Accounts[i]
+		key := func(k string) string {
+			if a.Name != "" {
+				return fmt.Sprintf("account[%d] (%s).%s", i+1, a.Name, k)
+			}
+			return fmt.Sprintf("account[%d].%s", i+1, k)
+		}
+		if a.Name == "" {
+			bad(key("name"), "required: a label for the logs, such as \"tm-master\"")
+		} else if names[a.Name] {
+			bad(key("name"), "%q is used by another account", a.Name)
+		}
+		names[a.Name] = true
+		if a.Username == "" {
+			bad(key("username"), "required: the user name the legacy client types")
+		} else if users[strings.ToLower(a.Username)] {
+			bad(key("username"), "%q is used by another account", a.Username)
+		}
+		users[strings.ToLower(a.Username)] = true
+		if a.PasswordHash == "" {
+			bad(key("password_hash"), "required: run `mailbridge hash-password` and paste its output")
+		} else if _, err := bcrypt.Cost([]byte(a.PasswordHash)); err != nil {
+			bad(key("password_hash"), "not a bcrypt hash (it should start with $2a$ or $2b$): run `mailbridge hash-password`")
+		}
+		if a.Mailbox == "" {
+			bad(key("mailbox"), "required: the mailbox address Graph sends from (the \"User Name\" of the OAuth2 tab)")
+		} else if !isAddress(a.Mailbox) {
+			bad(key("mailbox"), "%q is not an email address", a.Mailbox)
+		}
+		if a.TenantID == "" {
+			bad(key("tenant_id"), "required: Directory (tenant) ID from the app registration's Overview page")
+		}
+		if a.ClientID == "" {
+			bad(key("client_id"), "required: Application (client) ID from the app registration's Overview page")
+		}
+		switch {
+		case a.ClientSecret != "" && a.ClientSecretFile != "":
+			bad(key("client_secret"), "give client_secret or client_secret_file, not both")
+		case a.ClientSecretFile != "":
+			p := a.ClientSecretFile
+			if !filepath.IsAbs(p) {
+				p = filepath.Join(dir, p)
+			}
+			b, err := os.ReadFile(p)
+			if err != nil {
+				bad(key("client_secret_file"), "cannot read it: %v", err)
+			} else if a.ClientSecret = strings.TrimSpace(string(b)); a.ClientSecret == "" {
+				bad(key("client_secret_file"), "%s is empty", p)
+			}
+		case a.ClientSecret == "":
+			bad(key("client_secret"), "required (or client_secret_file): the secret's Value from Certificates & secrets")
+		}
+		for _, s := range a.AllowedSenders {
+			if _, err := parseSenderPattern(s); err != nil {
+				bad(key("allowed_senders"), "%v", err)
+			}
+		}
+		if a.TokenURL == "" {
+			a.TokenURL = upstream.DefaultTokenURL
+		}
+		if a.GraphURL == "" {
+			a.GraphURL = upstream.DefaultGraphURL
+		}
+		if a.SendScope == "" {
+			a.SendScope = upstream.GraphScope
+		}
+		for k, u := range map[string]string{"token_url": a.TokenURL, "graph_url": a.GraphURL} {
+			if err := checkUpstreamURL(u); err != nil {
+				bad(key(k), "%v", err)
+			}
+		}
+		if !strings.HasSuffix(a.SendScope, "/.default") {
+			bad(key("send_scope"), "must end in /.default for the client-credentials flow, such as %q", upstream.GraphScope)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// checkLoopbackListen accepts host:port addresses on a loopback address:
+// the bridge speaks plaintext with passwords, so it stays on this machine.
+func checkLoopbackListen(addr string) error {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("%q is not host:port, such as %q", addr, DefaultSMTPListen)
+	}
+	if port == "" {
+		return fmt.Errorf("%q has no port", addr)
+	}
+	if !isLoopbackHost(host) {
+		return fmt.Errorf("%q is not a loopback address: the bridge accepts passwords in plaintext, so it listens on 127.0.0.1 only", addr)
+	}
+	return nil
+}
+
+func isLoopbackHost(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// checkUpstreamURL requires https, except for a loopback host (tests and
+// the demo's fake Microsoft 365).
+func checkUpstreamURL(raw string) error {
+	u, err := url.Parse(raw)
+	if err != nil || u.Host == "" {
+		return fmt.Errorf("%q is not a URL", raw)
+	}
+	if u.Scheme == "https" || (u.Scheme == "http" && isLoopbackHost(u.Hostname())) {
+		return nil
+	}
+	return fmt.Errorf("%q must use https", raw)
+}
+
+func isAddress(s string) bool {
+	a, err := mail.ParseAddress(s)
+	return err == nil && a.Name == "" && strings.Contains(a.Address, "@")
+}

@@ -1,0 +1,198 @@
+// Command mailbridge lets legacy SMTP clients send through Microsoft 365
+// after basic authentication was switched off: see README.md.
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/crypto/bcrypt"
+	"golang.org/x/term"
+
+	"mailbridge/bridge"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = ""
+
+const usage = `usage: mailbridge COMMAND [flags]
+
+commands:
+  serve -config FILE                 run the bridge (default config: mailbridge.toml)
+  demo                               run the bridge on an embedded fake Microsoft 365
+  check -config FILE [-send-test ADDRESS]
+                                     test every account's Microsoft 365 settings
+  hash-password                      read a password on standard input, print its bcrypt hash
+  version                            print the version
+`
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr))
+}
+
+// run carries out one command and returns the process's exit status:
+// 0 success, 1 failure, 2 bad usage or configuration.
+func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	cmd, args := args[0], args[1:]
+	switch cmd {
+	case "serve":
+		return serve(ctx, args, stderr)
+	case "demo":
+		return demo(ctx, args, stdout, stderr)
+	case "check":
+		return check(ctx, args, stdout, stderr)
+	case "hash-password":
+		return hashPassword(stdin, stdout, stderr)
+	case "version":
+		fmt.Fprintln(stdout, "mailbridge", versionString())
+		return 0
+	case "help", "-h", "-help", "--help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	}
+	fmt.Fprintf(stderr, "mailbridge: unknown command %q\n%s", cmd, usage)
+	return 2
+}
+
+func versionString() string {
+	if version != "" {
+		return version
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+		return bi.Main.Version
+	}
+	return "devel"
+}
+
+// loadConfig parses the -config flag and loads the file; on failure it
+// prints every problem, one per line, and returns exit status 2.
+func loadConfig(fs *flag.FlagSet, args []string, stderr io.Writer) (*bridge.Config, int) {
+	path := fs.String("config", "mailbridge.toml", "configuration file")
+	if err := fs.Parse(args); err != nil {
+		return nil, 2
+	}
+	cfg, err := bridge.LoadConfig(*path)
+	if err != nil {
+		for _, line := range strings.Split(err.Error(), "\n") {
+			fmt.Fprintln(stderr, "mailbridge: config:", line)
+		}
+		return nil, 2
+	}
+	return cfg, 0
+}
+
+func serve(ctx context.Context, args []string, stderr io.Writer) int {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	cfg, status := loadConfig(fs, args, stderr)
+	if cfg == nil {
+		return status
+	}
+	log := bridge.NewLogger(stderr, cfg.Log)
+	log.Info().Str("version", versionString()).Str("config", cfg.Path).Msg("mailbridge starting")
+	b, err := bridge.New(cfg, bridge.Options{Logger: log})
+	if err != nil {
+		log.Error().Err(err).Msg("cannot start")
+		return 1
+	}
+	if err := b.Run(ctx); err != nil {
+		log.Error().Err(err).Msg("stopped with an error")
+		return 1
+	}
+	log.Info().Msg("stopped")
+	return 0
+}
+
+func check(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("check", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	sendTest := fs.String("send-test", "", "also send a test message to this address")
+	cfg, status := loadConfig(fs, args, stderr)
+	if cfg == nil {
+		return status
+	}
+	cfg.Log.Level = "warn"
+	b, err := bridge.New(cfg, bridge.Options{Logger: bridge.NewLogger(stderr, cfg.Log)})
+	if err != nil {
+		fmt.Fprintln(stderr, "mailbridge:", err)
+		return 1
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	failed := 0
+	for _, r := range b.Check(ctx, *sendTest) {
+		mark := "ok  "
+		if !r.OK {
+			mark = "FAIL"
+			failed++
+		}
+		fmt.Fprintf(stdout, "%s  %-20s %-10s %s\n", mark, r.Account, r.Check, r.Detail)
+		if r.Hint != "" {
+			fmt.Fprintf(stdout, "      fix: %s\n", r.Hint)
+		}
+	}
+	if failed > 0 {
+		fmt.Fprintf(stdout, "%d check(s) failed\n", failed)
+		return 1
+	}
+	return 0
+}
+
+func hashPassword(stdin io.Reader, stdout, stderr io.Writer) int {
+	var password []byte
+	if f, ok := stdin.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
+		fmt.Fprint(stderr, "Password: ")
+		p1, err := term.ReadPassword(int(f.Fd()))
+		fmt.Fprintln(stderr)
+		if err != nil {
+			fmt.Fprintln(stderr, "mailbridge:", err)
+			return 1
+		}
+		fmt.Fprint(stderr, "Again: ")
+		p2, err := term.ReadPassword(int(f.Fd()))
+		fmt.Fprintln(stderr)
+		if err != nil || string(p1) != string(p2) {
+			fmt.Fprintln(stderr, "mailbridge: the passwords differ")
+			return 1
+		}
+		password = p1
+	} else {
+		line, err := bufio.NewReader(stdin).ReadString('\n')
+		if err != nil && !errors.Is(err, io.EOF) {
+			fmt.Fprintln(stderr, "mailbridge:", err)
+			return 1
+		}
+		password = []byte(strings.TrimRight(line, "\r\n"))
+	}
+	if len(password) == 0 {
+		fmt.Fprintln(stderr, "mailbridge: empty password")
+		return 2
+	}
+	if len(password) > 72 {
+		fmt.Fprintln(stderr, "mailbridge: a password is at most 72 bytes (bcrypt's limit)")
+		return 2
+	}
+	hash, err := bcrypt.GenerateFromPassword(password, bcrypt.DefaultCost)
+	if err != nil {
+		fmt.Fprintln(stderr, "mailbridge:", err)
+		return 1
+	}
+	fmt.Fprintln(stdout, string(hash))
+	return 0
+}
