@@ -87,7 +87,7 @@ func (s *Server) serveSendMail(w http.ResponseWriter, r *http.Request) {
 		mb = t.mailboxes[user]
 	}
 	s.mu.Unlock()
-	if mb == nil {
+	if mb == nil || mb.primary != user { // /users/{id} takes the UPN, not an alias
 		fail(http.StatusNotFound, "ErrorInvalidUser", fmt.Sprintf("The requested user '%s' is invalid.", r.PathValue("user")))
 		return
 	}

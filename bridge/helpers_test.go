@@ -1,0 +1,253 @@
+package bridge
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/textproto"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-sasl"
+	"github.com/emersion/go-smtp"
+	"github.com/rs/zerolog"
+	"golang.org/x/crypto/bcrypt"
+
+	"mailbridge/upstream/m365fake"
+)
+
+// Test tenants, apps and users of the fake Microsoft 365.
+const (
+	tenantA   = "aaaaaaaa-0000-0000-0000-00000000000a"
+	clientA   = "c11e0000-0000-0000-0000-00000000000a"
+	secretA   = "secret-A~value.abc123"
+	tenantB   = "bbbbbbbb-0000-0000-0000-00000000000b"
+	clientB   = "c11e0000-0000-0000-0000-00000000000b"
+	secretB   = "secret-B~value.xyz789"
+	mailboxA  = "orders@example.com"
+	mailboxB  = "ops@fleet.example.net"
+	userA     = "tmmaster"
+	passwordA = "correct horse"
+	userB     = "scanner"
+	passwordB = "battery staple"
+)
+
+// startFake starts a fake Microsoft 365 with two tenants, each with an app
+// allowed to send and a mailbox. It stops when the test ends.
+func startFake(t testing.TB) *m365fake.Server {
+	t.Helper()
+	fake, err := m365fake.Start()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fake.Close() })
+	fake.AddTenant(tenantA)
+	fake.AddApp(tenantA, clientA, secretA, "Mail.Send")
+	fake.AddMailbox(tenantA, mailboxA, "sales@example.com")
+	fake.AddMailbox(tenantA, "captain@example.com")
+	fake.AddTenant(tenantB)
+	fake.AddApp(tenantB, clientB, secretB, "Mail.Send")
+	fake.AddMailbox(tenantB, mailboxB)
+	return fake
+}
+
+var (
+	hashOnce           sync.Once
+	hashA, hashB       string
+	testAuthFailDelay  = 5 * time.Millisecond
+	testSendTimeout    = 10 * time.Second
+	testShutdownPeriod = 5 * time.Second
+)
+
+func passwordHashes() (string, string) {
+	hashOnce.Do(func() {
+		a, _ := bcrypt.GenerateFromPassword([]byte(passwordA), bcrypt.MinCost)
+		b, _ := bcrypt.GenerateFromPassword([]byte(passwordB), bcrypt.MinCost)
+		hashA, hashB = string(a), string(b)
+	})
+	return hashA, hashB
+}
+
+// testConfig returns a configuration with account A (tenant A) and account
+// B (tenant B) pointing at fake, listening on a free loopback port.
+func testConfig(fake *m365fake.Server) *Config {
+	ha, hb := passwordHashes()
+	cfg := DefaultConfig()
+	cfg.Log.Level = "debug"
+	cfg.SMTP.Listen = "127.0.0.1:0"
+	cfg.SMTP.SendTimeout = Duration{testSendTimeout}
+	cfg.Accounts = []AccountConfig{
+		{
+			Name: "tm-master", Username: userA, PasswordHash: ha, Mailbox: mailboxA,
+			TenantID: tenantA, ClientID: clientA, ClientSecret: secretA,
+			AllowedSenders: []string{mailboxA, "sales@example.com"},
+			TokenURL:       fake.TokenURL(), GraphURL: fake.GraphURL(),
+		},
+		{
+			Name: "scanner", Username: userB, PasswordHash: hb, Mailbox: mailboxB,
+			TenantID: tenantB, ClientID: clientB, ClientSecret: secretB,
+			TokenURL: fake.TokenURL(), GraphURL: fake.GraphURL(),
+		},
+	}
+	return cfg
+}
+
+// logBuffer collects log lines for assertions while also passing them to
+// the test's log.
+type logBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+	tw  io.Writer
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	l.buf.Write(p)
+	l.mu.Unlock()
+	if l.tw != nil {
+		l.tw.Write(p)
+	}
+	return len(p), nil
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
+}
+
+// startBridge starts a bridge on cfg (completed here) that trusts fake's
+// CA. It is shut down when the test ends.
+func startBridge(t testing.TB, fake *m365fake.Server, cfg *Config) (*Bridge, *logBuffer) {
+	t.Helper()
+	if err := cfg.Complete(""); err != nil {
+		t.Fatal(err)
+	}
+	logs := &logBuffer{}
+	if tt, ok := t.(*testing.T); ok && testing.Verbose() {
+		logs.tw = zerolog.NewTestWriter(tt)
+	}
+	b, err := New(cfg, Options{Logger: NewLogger(logs, cfg.Log), RootCAs: fake.CertPool(), AuthFailureDelay: testAuthFailDelay})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.retry = retryPolicy{base: 10 * time.Millisecond, max: 50 * time.Millisecond}
+	if err := b.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), testShutdownPeriod)
+		defer cancel()
+		b.Shutdown(ctx)
+	})
+	return b, logs
+}
+
+// dialAuth connects a go-smtp client and logs in with PLAIN.
+func dialAuth(t testing.TB, addr, user, password string) *smtp.Client {
+	t.Helper()
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if err := c.Auth(sasl.NewPlainClient("", user, password)); err != nil {
+		t.Fatalf("AUTH PLAIN: %v", err)
+	}
+	return c
+}
+
+// send sends msg with an already authenticated client and returns the
+// server's reply to the data, or its error.
+func send(c *smtp.Client, from string, to []string, msg []byte) (string, error) {
+	if err := c.Mail(from, nil); err != nil {
+		return "", err
+	}
+	for _, r := range to {
+		if err := c.Rcpt(r, nil); err != nil {
+			return "", err
+		}
+	}
+	w, err := c.Data()
+	if err != nil {
+		return "", err
+	}
+	if _, err := w.Write(msg); err != nil {
+		return "", err
+	}
+	resp, err := w.CloseWithResponse()
+	if err != nil {
+		return "", err
+	}
+	return resp.StatusText, nil
+}
+
+// smtpCode returns the reply code of an *smtp.SMTPError, or 0.
+func smtpCode(err error) (int, smtp.EnhancedCode) {
+	var se *smtp.SMTPError
+	if errors.As(err, &se) {
+		return se.Code, se.EnhancedCode
+	}
+	return 0, smtp.EnhancedCode{}
+}
+
+// rawSession is a hand-driven SMTP dialogue, for what go-smtp's client
+// does not send (.NET's AUTH LOGIN forms, commands out of order).
+type rawSession struct {
+	t    testing.TB
+	conn net.Conn
+	tp   *textproto.Conn
+}
+
+func dialRaw(t testing.TB, addr string) *rawSession {
+	t.Helper()
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.SetDeadline(time.Now().Add(20 * time.Second))
+	t.Cleanup(func() { conn.Close() })
+	r := &rawSession{t: t, conn: conn, tp: textproto.NewConn(conn)}
+	r.expect(220)
+	r.cmd(250, "EHLO test.local")
+	return r
+}
+
+// cmd sends a line and checks the reply code; it returns the reply text.
+func (r *rawSession) cmd(code int, format string, args ...any) string {
+	r.t.Helper()
+	if err := r.tp.PrintfLine(format, args...); err != nil {
+		r.t.Fatal(err)
+	}
+	return r.expect(code)
+}
+
+func (r *rawSession) expect(code int) string {
+	r.t.Helper()
+	got, msg, err := r.tp.ReadResponse(0)
+	if err != nil && got == 0 {
+		r.t.Fatalf("reading reply: %v", err)
+	}
+	if got != code {
+		r.t.Fatalf("got reply %d %q, want %d", got, msg, code)
+	}
+	return msg
+}
+
+// waitFor polls cond until it is true or the deadline passes.
+func waitFor(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func crlf(s string) []byte { return []byte(strings.ReplaceAll(s, "\n", "\r\n")) }
