@@ -178,18 +178,19 @@ func foldedField(name string, addrs []string) []byte {
 	b.WriteString(":")
 	lineLen := b.Len()
 	for i, a := range addrs {
-		sep := " "
 		if i > 0 {
 			b.WriteString(",")
 			lineLen++
-			if lineLen+1+len(a) > 78 {
+			// Fold before an address that would take the line past 76
+			// characters, leaving room for the comma that may follow it.
+			if lineLen+1+len(a) > 76 {
 				b.WriteString("\r\n")
 				lineLen = 0
 			}
 		}
-		b.WriteString(sep)
+		b.WriteString(" ")
 		b.WriteString(a)
-		lineLen += len(sep) + len(a)
+		lineLen += 1 + len(a)
 	}
 	b.WriteString("\r\n")
 	return b.Bytes()

@@ -401,7 +401,7 @@ func TestSecretsNeverLogged(t *testing.T) {
 	secrets := map[string]string{
 		"client secret A": secretA, "client secret B": secretB, "password A": passwordA, "password B": passwordB,
 		"access token": token, "token signature": token[strings.LastIndexByte(token, '.')+1:],
-		"PLAIN blob": base64.StdEncoding.EncodeToString([]byte("\x00" + userA + "\x00" + passwordA)),
+		"PLAIN blob":     base64.StdEncoding.EncodeToString([]byte("\x00" + userA + "\x00" + passwordA)),
 		"LOGIN password": base64.StdEncoding.EncodeToString([]byte(passwordB)),
 		"body":           "\nhi\n",
 	}
