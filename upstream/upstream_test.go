@@ -1,0 +1,240 @@
+package upstream_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"testing/iotest"
+	"time"
+
+	"mailbridge/upstream"
+	"mailbridge/upstream/m365fake"
+)
+
+const (
+	tenant  = "aaaaaaaa-0000-0000-0000-00000000000a"
+	client  = "c11e0000-0000-0000-0000-00000000000a"
+	secret  = "s3cr3t~Value"
+	mailbox = "orders@example.com"
+)
+
+func startFake(t *testing.T) *m365fake.Server {
+	t.Helper()
+	fake, err := m365fake.Start()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fake.Close() })
+	fake.AddTenant(tenant)
+	fake.AddApp(tenant, client, secret, "Mail.Send", "POP.AccessAsApp")
+	fake.AddMailbox(tenant, mailbox)
+	return fake
+}
+
+func TestTokenErrorsAreDecoded(t *testing.T) {
+	fake := startFake(t)
+	fake.AddApp(tenant, "expired-app", "old", "Mail.Send")
+	fake.ExpireSecret(tenant, "expired-app")
+	sources := upstream.NewTokenSources(upstream.NewHTTPClient(fake.CertPool()))
+	for _, tc := range []struct {
+		name            string
+		tenant, client  string
+		secret, scope   string
+		status, aadsts  int
+		code, hintStart string
+	}{
+		{"wrong secret", tenant, client, "secret-id-instead", upstream.GraphScope, 401, 7000215, "invalid_client", "the client secret is wrong"},
+		{"expired secret", tenant, "expired-app", "old", upstream.GraphScope, 401, 7000222, "invalid_client", "the client secret has expired"},
+		{"unknown app", tenant, "nope", secret, upstream.GraphScope, 400, 700016, "unauthorized_client", "the Application (client) ID is not known"},
+		{"unknown tenant", "no-such-tenant", client, secret, upstream.GraphScope, 400, 90002, "invalid_request", "the tenant was not found"},
+		{"scope without .default", tenant, client, secret, "https://graph.microsoft.com/Mail.Send", 400, 1002012, "invalid_scope", "the scope must end in /.default"},
+		{"unknown resource", tenant, client, secret, "https://outlook.office366.com/.default", 400, 500011, "invalid_resource", "the resource of the scope is not in this tenant"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ts := sources.Get(upstream.Credentials{TokenURL: fake.TokenURL(), TenantID: tc.tenant, ClientID: tc.client, ClientSecret: tc.secret}, tc.scope)
+			_, err := ts.Token(context.Background())
+			var te *upstream.TokenError
+			if !errors.As(err, &te) {
+				t.Fatalf("got %v, want a *TokenError", err)
+			}
+			if te.Status != tc.status || te.AADSTS != tc.aadsts || te.Code != tc.code || te.Temporary() {
+				t.Errorf("got status %d AADSTS%d %q temporary=%v, want %d AADSTS%d %q", te.Status, te.AADSTS, te.Code, te.Temporary(), tc.status, tc.aadsts, tc.code)
+			}
+			if !strings.HasPrefix(te.Hint(), tc.hintStart) {
+				t.Errorf("hint %q, want it to start %q", te.Hint(), tc.hintStart)
+			}
+			if strings.Contains(te.Description, "\n") || !strings.HasPrefix(te.Description, "AADSTS") {
+				t.Errorf("description %q: want the first line only", te.Description)
+			}
+			if ts.LastError() == nil {
+				t.Error("LastError is nil after a failure")
+			}
+		})
+	}
+}
+
+func TestTokenIsSharedCachedAndRenewed(t *testing.T) {
+	fake := startFake(t)
+	sources := upstream.NewTokenSources(upstream.NewHTTPClient(fake.CertPool()))
+	cred := upstream.Credentials{TokenURL: fake.TokenURL(), TenantID: tenant, ClientID: client, ClientSecret: secret}
+	ts := sources.Get(cred, upstream.GraphScope)
+	if sources.Get(cred, upstream.GraphScope) != ts {
+		t.Fatal("the same credentials and scope gave two token sources")
+	}
+	if sources.Get(cred, upstream.OutlookScope) == ts {
+		t.Fatal("two scopes share a token source")
+	}
+	fake.FailToken(1, m365fake.Fault{Delay: 50 * time.Millisecond})
+	var wg sync.WaitGroup
+	tokens := make([]string, 50)
+	for i := range tokens {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			tok, err := ts.Token(context.Background())
+			if err != nil {
+				t.Error(err)
+			}
+			tokens[i] = tok
+		}()
+	}
+	wg.Wait()
+	if n := fake.TokenRequests(upstream.GraphScope); n != 1 || ts.Requests() != 1 {
+		t.Fatalf("%d token requests (source counted %d) for 50 concurrent callers, want 1", n, ts.Requests())
+	}
+	for _, tok := range tokens {
+		if tok != tokens[0] {
+			t.Fatal("callers got different tokens")
+		}
+	}
+	roles, ok := upstream.TokenRoles(tokens[0])
+	if !ok || !slices.Equal(roles, []string{"Mail.Send"}) {
+		t.Errorf("Graph token roles %v (%v), want [Mail.Send] only", roles, ok)
+	}
+	ts.Invalidate("not the cached one")
+	if tok, _ := ts.Token(context.Background()); tok != tokens[0] || ts.Requests() != 1 {
+		t.Error("invalidating another token dropped the cached one")
+	}
+	ts.Invalidate(tokens[0])
+	if _, err := ts.Token(context.Background()); err != nil || ts.Requests() != 2 {
+		t.Errorf("after Invalidate: err %v, %d requests; want a new token request", err, ts.Requests())
+	}
+}
+
+func TestTokenRenewedBeforeExpiry(t *testing.T) {
+	fake := startFake(t)
+	fake.SetTokenLifetime(4 * time.Minute) // shorter than the renewal margin: every call renews
+	ts := upstream.NewTokenSources(upstream.NewHTTPClient(fake.CertPool())).Get(
+		upstream.Credentials{TokenURL: fake.TokenURL(), TenantID: tenant, ClientID: client, ClientSecret: secret}, upstream.GraphScope)
+	for range 3 {
+		if _, err := ts.Token(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := ts.Requests(); n != 3 {
+		t.Errorf("%d token requests for a token about to expire, want 3", n)
+	}
+}
+
+func TestTokenWaitHonoursContext(t *testing.T) {
+	fake := startFake(t)
+	fake.FailToken(1, m365fake.Fault{Delay: 2 * time.Second})
+	ts := upstream.NewTokenSources(upstream.NewHTTPClient(fake.CertPool())).Get(
+		upstream.Credentials{TokenURL: fake.TokenURL(), TenantID: tenant, ClientID: client, ClientSecret: secret}, upstream.GraphScope)
+	go ts.Token(context.Background()) // holds the request
+	time.Sleep(50 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if _, err := ts.Token(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("got %v, want the waiter to give up with its context", err)
+	}
+}
+
+func TestSendMailRenewsRefusedToken(t *testing.T) {
+	fake := startFake(t)
+	hc := upstream.NewHTTPClient(fake.CertPool())
+	ts := upstream.NewTokenSources(hc).Get(upstream.Credentials{TokenURL: fake.TokenURL(), TenantID: tenant, ClientID: client, ClientSecret: secret}, upstream.GraphScope)
+	g := upstream.NewGraphClient(fake.GraphURL(), hc, ts)
+	msg := []byte("From: orders@example.com\r\nTo: a@example.org\r\n\r\nhello\r\n")
+	fake.FailGraph(1, m365fake.Fault{Status: 401, Code: "InvalidAuthenticationToken", Message: "Access token has expired or is not yet valid."})
+	res, err := g.SendMail(context.Background(), mailbox, bytes.NewReader(msg), int64(len(msg)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Status != 202 || res.RequestID == "" {
+		t.Errorf("result %+v", res)
+	}
+	if ts.Requests() != 2 {
+		t.Errorf("%d token requests, want 2 (the refused token renewed once)", ts.Requests())
+	}
+	if sent := fake.Sent(); len(sent) != 1 || !bytes.Equal(sent[0].MIME, msg) {
+		t.Fatalf("Graph received %d messages", len(sent))
+	}
+}
+
+func TestSendMailErrors(t *testing.T) {
+	fake := startFake(t)
+	hc := upstream.NewHTTPClient(fake.CertPool())
+	ts := upstream.NewTokenSources(hc).Get(upstream.Credentials{TokenURL: fake.TokenURL(), TenantID: tenant, ClientID: client, ClientSecret: secret}, upstream.GraphScope)
+	g := upstream.NewGraphClient(fake.GraphURL(), hc, ts)
+	msg := []byte("From: orders@example.com\r\nTo: a@example.org\r\n\r\nhello\r\n")
+	send := func(user string, m []byte) error {
+		_, err := g.SendMail(context.Background(), user, bytes.NewReader(m), int64(len(m)))
+		return err
+	}
+	fake.FailGraph(1, m365fake.Throttled("2.128"))
+	var apiErr *upstream.APIError
+	if err := send(mailbox, msg); !errors.As(err, &apiErr) || apiErr.Status != 429 || apiErr.Code != "TooManyRequests" ||
+		apiErr.RetryAfter != 2128*time.Millisecond || !apiErr.Temporary() || apiErr.RequestID == "" {
+		t.Errorf("429: got %#v", err)
+	}
+	if err := send("nobody@example.com", msg); !errors.As(err, &apiErr) || apiErr.Status != 404 || apiErr.Code != "ErrorInvalidUser" || apiErr.Temporary() {
+		t.Errorf("unknown user: got %v", err)
+	}
+	other := []byte("From: ceo@example.com\r\nTo: a@example.org\r\n\r\nhello\r\n")
+	if err := send(mailbox, other); !errors.As(err, &apiErr) || apiErr.Status != 403 || apiErr.Code != "ErrorSendAsDenied" {
+		t.Errorf("send as another user: got %v", err)
+	}
+	big := bytes.Repeat([]byte("x"), upstream.MaxSendMailMIME+3)
+	if err := send(mailbox, big); !errors.As(err, &apiErr) || apiErr.Status != 413 {
+		t.Errorf("over 4 MB: got %v", err)
+	}
+	fake.FailGraph(1, m365fake.Fault{Drop: true})
+	if err := send(mailbox, msg); err == nil || errors.As(err, &apiErr) {
+		t.Errorf("dropped connection: got %v, want a transport error", err)
+	}
+	if n := len(fake.Sent()); n != 0 {
+		t.Errorf("%d messages accepted, want none", n)
+	}
+	if err := send(mailbox, bytes.Repeat([]byte("y"), upstream.MaxSendMailMIME-60)); !errors.As(err, &apiErr) || apiErr.Status != 400 {
+		t.Errorf("just under the limit reaches Graph's content checks: got %v", err)
+	}
+}
+
+func TestBase64Reader(t *testing.T) {
+	for _, n := range []int{0, 1, 2, 3, 4, 3071, 3072, 3073, 100000} {
+		raw := make([]byte, n)
+		for i := range raw {
+			raw[i] = byte(rand.N(256))
+		}
+		want := base64.StdEncoding.EncodeToString(raw)
+		got, err := io.ReadAll(iotest.OneByteReader(upstream.NewBase64Reader(iotest.HalfReader(bytes.NewReader(raw)))))
+		if err != nil || string(got) != want {
+			t.Fatalf("n=%d: encoding differs (err %v)", n, err)
+		}
+		if err := iotest.TestReader(upstream.NewBase64Reader(bytes.NewReader(raw)), []byte(want)); err != nil {
+			t.Fatalf("n=%d: %v", n, err)
+		}
+	}
+	failing := upstream.NewBase64Reader(io.MultiReader(bytes.NewReader([]byte("abc")), iotest.ErrReader(io.ErrClosedPipe)))
+	if _, err := io.ReadAll(failing); !errors.Is(err, io.ErrClosedPipe) {
+		t.Errorf("a read error became %v", err)
+	}
+}
