@@ -1,0 +1,269 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-sasl"
+	"github.com/emersion/go-smtp"
+	"golang.org/x/crypto/bcrypt"
+
+	"mailbridge/upstream/m365fake"
+)
+
+var binary string // the mailbridge binary built for these tests
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "mailbridge-test")
+	if err != nil {
+		panic(err)
+	}
+	binary = filepath.Join(dir, "mailbridge")
+	if out, err := exec.Command("go", "build", "-o", binary, ".").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "building mailbridge: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+const (
+	tenant  = "aaaaaaaa-0000-0000-0000-00000000000a"
+	client  = "c11e0000-0000-0000-0000-00000000000a"
+	secret  = "s3cr3t~Value.for-tests"
+	mailbox = "orders@example.com"
+)
+
+// fakeAndConfig starts a fake Microsoft 365 and writes a configuration for
+// it; it returns the fake, the config path and an environment that trusts
+// the fake's CA through SSL_CERT_FILE.
+func fakeAndConfig(t *testing.T, listen string, extra string) (*m365fake.Server, string, []string) {
+	t.Helper()
+	fake, err := m365fake.Start()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fake.Close() })
+	fake.AddTenant(tenant)
+	fake.AddApp(tenant, client, secret, "Mail.Send")
+	fake.AddMailbox(tenant, mailbox)
+	dir := t.TempDir()
+	ca := filepath.Join(dir, "ca.pem")
+	os.WriteFile(ca, fake.CACertPEM(), 0o600)
+	os.WriteFile(filepath.Join(dir, "secret.txt"), []byte(secret+"\n"), 0o600)
+	hash, _ := bcrypt.GenerateFromPassword([]byte("pw"), bcrypt.MinCost)
+	cfg := fmt.Sprintf(`[smtp]
+listen = %q
+[[account]]
+name = "tm-master"
+username = "tm"
+password_hash = %q
+mailbox = %q
+tenant_id = %q
+client_id = %q
+client_secret_file = "secret.txt"
+token_url = %q
+graph_url = %q
+%s
+`, listen, hash, mailbox, tenant, client, fake.TokenURL(), fake.GraphURL(), extra)
+	path := filepath.Join(dir, "mailbridge.toml")
+	os.WriteFile(path, []byte(cfg), 0o600)
+	return fake, path, append(os.Environ(), "SSL_CERT_FILE="+ca)
+}
+
+func runBinary(t *testing.T, env []string, stdin string, args ...string) (int, string, string) {
+	t.Helper()
+	cmd := exec.Command(binary, args...)
+	cmd.Env = env
+	cmd.Stdin = strings.NewReader(stdin)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	return code, stdout.String(), stderr.String()
+}
+
+func TestServeSendsAndStopsOnSIGTERM(t *testing.T) {
+	fake, path, env := fakeAndConfig(t, "127.0.0.1:0", "")
+	cmd := exec.Command(binary, "serve", "-config", path)
+	cmd.Env = env
+	stderr, _ := cmd.StderrPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill() })
+	lines := bufio.NewScanner(stderr)
+	addr := ""
+	var logs strings.Builder
+	for addr == "" && lines.Scan() {
+		logs.WriteString(lines.Text() + "\n")
+		if l := lines.Text(); strings.Contains(l, `"message":"listening"`) {
+			i := strings.Index(l, `"listen":"`) + len(`"listen":"`)
+			addr = l[i : i+strings.IndexByte(l[i:], '"')]
+		}
+	}
+	if addr == "" {
+		t.Fatalf("no listening line:\n%s", logs.String())
+	}
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Auth(sasl.NewLoginClient("tm", "pw")); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SendMail(mailbox, []string{"a@example.org"}, strings.NewReader("From: orders@example.com\r\nTo: a@example.org\r\nSubject: via the binary\r\n\r\nhi\r\n")); err != nil {
+		t.Fatalf("send: %v", err)
+	}
+	c.Quit()
+	if sent := fake.Sent(); len(sent) != 1 || sent[0].Subject != "via the binary" {
+		t.Fatalf("Graph received %d messages", len(sent))
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan error, 1)
+	go func() {
+		for lines.Scan() {
+			logs.WriteString(lines.Text() + "\n")
+		}
+		done <- cmd.Wait()
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("exit after SIGTERM: %v\n%s", err, logs.String())
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the bridge did not stop after SIGTERM")
+	}
+	out := logs.String()
+	for _, want := range []string{`"message":"message sent"`, `"message":"stopped"`} {
+		if !strings.Contains(out, want) {
+			t.Errorf("log lacks %s:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, secret) {
+		t.Error("the log contains the client secret")
+	}
+}
+
+func TestBadConfigExits2WithOneLinePerProblem(t *testing.T) {
+	code, _, stderr := runBinary(t, os.Environ(), "", "serve", "-config", "../../testdata/config-bad.toml")
+	if code != 2 {
+		t.Errorf("exit status %d, want 2", code)
+	}
+	if want := "mailbridge: config: ../../testdata/config-bad.toml: line 6: smtp.send_timeout: not a duration"; !strings.Contains(stderr, want) {
+		t.Errorf("stderr %q, want %q", stderr, want)
+	}
+	code, _, stderr = runBinary(t, os.Environ(), "", "serve", "-config", filepath.Join(t.TempDir(), "missing.toml"))
+	if code != 2 || !strings.Contains(stderr, "missing.toml") {
+		t.Errorf("missing file: status %d, stderr %q", code, stderr)
+	}
+	if code, _, _ := runBinary(t, os.Environ(), ""); code != 2 {
+		t.Errorf("no command: status %d, want 2", code)
+	}
+	if code, _, _ := runBinary(t, os.Environ(), "", "frobnicate"); code != 2 {
+		t.Errorf("unknown command: status %d, want 2", code)
+	}
+}
+
+func TestCheck(t *testing.T) {
+	fake, path, env := fakeAndConfig(t, "127.0.0.1:0", "")
+	code, stdout, stderr := runBinary(t, env, "", "check", "-config", path, "-send-test", "it@example.org")
+	if code != 0 {
+		t.Fatalf("status %d\n%s%s", code, stdout, stderr)
+	}
+	if !strings.Contains(stdout, "ok    tm-master            token") || !strings.Contains(stdout, "Graph accepted the test message to it@example.org (HTTP 202, request-id ") {
+		t.Errorf("output:\n%s", stdout)
+	}
+	if sent := fake.Sent(); len(sent) != 1 || sent[0].Recipients[0] != "it@example.org" {
+		t.Errorf("test message not received: %v", sent)
+	}
+
+	// A wrong secret: exit 1, the AADSTS code and the fix.
+	fake.AddApp(tenant, client, "rotated", "Mail.Send")
+	code, stdout, _ = runBinary(t, env, "", "check", "-config", path)
+	if code != 1 || !strings.Contains(stdout, "FAIL  tm-master") || !strings.Contains(stdout, "AADSTS7000215") ||
+		!strings.Contains(stdout, "fix: the client secret is wrong") {
+		t.Errorf("status %d, output:\n%s", code, stdout)
+	}
+
+	// Consent missing: the token has no Mail.Send role.
+	fake.AddApp(tenant, client, secret)
+	code, stdout, _ = runBinary(t, env, "", "check", "-config", path)
+	if code != 1 || !strings.Contains(stdout, "without the Mail.Send role") || !strings.Contains(stdout, "Grant admin consent") {
+		t.Errorf("status %d, output:\n%s", code, stdout)
+	}
+}
+
+func TestHashPassword(t *testing.T) {
+	code, stdout, _ := runBinary(t, os.Environ(), "s3cret pass\n", "hash-password")
+	if code != 0 {
+		t.Fatalf("status %d", code)
+	}
+	hash := strings.TrimSpace(stdout)
+	if err := bcrypt.CompareHashAndPassword([]byte(hash), []byte("s3cret pass")); err != nil {
+		t.Errorf("printed hash %q does not verify: %v", hash, err)
+	}
+	if code, _, _ := runBinary(t, os.Environ(), "\n", "hash-password"); code != 2 {
+		t.Errorf("empty password: status %d, want 2", code)
+	}
+}
+
+func TestVersion(t *testing.T) {
+	code, stdout, _ := runBinary(t, os.Environ(), "", "version")
+	if code != 0 || !strings.HasPrefix(stdout, "mailbridge ") {
+		t.Errorf("status %d, output %q", code, stdout)
+	}
+}
+
+func TestDemoServesSMTP(t *testing.T) {
+	cmd := exec.Command(binary, "demo", "-smtp", "127.0.0.1:0", "-log-format", "json")
+	stdout, _ := cmd.StdoutPipe()
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Process.Kill()
+	sc := bufio.NewScanner(stdout)
+	addr := ""
+	for addr == "" && sc.Scan() {
+		if l, ok := strings.CutPrefix(sc.Text(), "SMTP server "); ok {
+			addr = strings.Fields(l)[0]
+			addr = strings.TrimSuffix(addr, ",")
+		}
+	}
+	if addr == "" {
+		t.Fatal("the demo did not print its SMTP address")
+	}
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Auth(sasl.NewPlainClient("", "demo", "demo")); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SendMail("demo@example.com", []string{"someone@example.org"}, strings.NewReader("From: demo@example.com\r\nTo: someone@example.org\r\nSubject: demo\r\n\r\nhi\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	c.Quit()
+	cmd.Process.Signal(syscall.SIGINT)
+	cmd.Wait()
+	if !strings.Contains(stderr.String(), `"message":"fake Graph received a message"`) || !strings.Contains(stderr.String(), `"subject":"demo"`) {
+		t.Errorf("the demo did not log the message the fake received:\n%s", stderr.String())
+	}
+}
