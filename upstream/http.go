@@ -25,6 +25,8 @@ func NewHTTPClient(rootCAs *x509.CertPool) *http.Client {
 			MaxIdleConns:          100,
 			MaxIdleConnsPerHost:   32,
 			IdleConnTimeout:       90 * time.Second,
+			// A message body goes out in few large TLS records, not 4 KB ones.
+			WriteBufferSize: 64 << 10,
 		},
 	}
 }
