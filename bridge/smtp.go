@@ -81,7 +81,7 @@ func (b *Bridge) newSMTPSession(c *smtp.Conn) (smtp.Session, error) {
 		started: time.Now(),
 		log:     b.log.With().Str("proto", "smtp").Str("session", newSessionID()).Str("remote", remote).Logger(),
 	}
-	s.log.Debug().Str("helo", c.Hostname()).Msg("session started")
+	s.log.Info().Str("helo", c.Hostname()).Msg("session started")
 	return s, nil
 }
 
@@ -160,7 +160,7 @@ func (s *smtpSession) Reset() {
 // Logout implements smtp.Session.
 func (s *smtpSession) Logout() error {
 	s.cancel()
-	s.log.Debug().Int("messages", s.messages).Int64("duration_ms", time.Since(s.started).Milliseconds()).Msg("session ended")
+	s.log.Info().Int("messages", s.messages).Int64("duration_ms", time.Since(s.started).Milliseconds()).Msg("session ended")
 	return nil
 }
 

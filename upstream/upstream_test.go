@@ -7,6 +7,7 @@ import (
 	"errors"
 	"io"
 	"math/rand/v2"
+	"net/http"
 	"slices"
 	"strings"
 	"sync"
@@ -236,5 +237,45 @@ func TestBase64Reader(t *testing.T) {
 	failing := upstream.NewBase64Reader(io.MultiReader(bytes.NewReader([]byte("abc")), iotest.ErrReader(io.ErrClosedPipe)))
 	if _, err := io.ReadAll(failing); !errors.Is(err, io.ErrClosedPipe) {
 		t.Errorf("a read error became %v", err)
+	}
+}
+
+func TestFakeGraphRefusesBadBase64AndBadTokens(t *testing.T) {
+	fake := startFake(t)
+	hc := upstream.NewHTTPClient(fake.CertPool())
+	ts := upstream.NewTokenSources(hc).Get(upstream.Credentials{TokenURL: fake.TokenURL(), TenantID: tenant, ClientID: client, ClientSecret: secret}, upstream.GraphScope)
+	graphToken, err := ts.Token(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	outlookToken, err := upstream.NewTokenSources(hc).Get(upstream.Credentials{TokenURL: fake.TokenURL(), TenantID: tenant, ClientID: client, ClientSecret: secret}, upstream.OutlookScope).Token(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	post := func(token, body string) (int, string, string) {
+		req, _ := http.NewRequest("POST", fake.GraphURL()+"/users/"+mailbox+"/sendMail", strings.NewReader(body))
+		req.Header.Set("Content-Type", "text/plain")
+		req.Header.Set("Authorization", "Bearer "+token)
+		resp, err := hc.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b), resp.Header.Get("request-id")
+	}
+	if st, body, rid := post(graphToken, "not base64!"); st != 400 || !strings.Contains(body, `"code":"ErrorMimeContentInvalidBase64String"`) || rid == "" || !strings.Contains(body, rid) {
+		t.Errorf("bad base64: %d %s (request-id %q)", st, body, rid)
+	}
+	if st, body, _ := post(outlookToken, base64.StdEncoding.EncodeToString([]byte("To: a@b.c\r\n\r\nx"))); st != 401 || !strings.Contains(body, "Invalid audience") {
+		t.Errorf("Outlook token on Graph: %d %s", st, body)
+	}
+	if st, body, _ := post(graphToken+"x", "eA=="); st != 401 || !strings.Contains(body, "InvalidAuthenticationToken") {
+		t.Errorf("tampered token: %d %s", st, body)
+	}
+	// Line breaks inside the base64 are accepted, as by Graph.
+	enc := base64.StdEncoding.EncodeToString([]byte("From: orders@example.com\r\nTo: a@example.org\r\n\r\nhello\r\n"))
+	if st, body, _ := post(graphToken, enc[:20]+"\r\n"+enc[20:]); st != 202 {
+		t.Errorf("base64 with a line break: %d %s", st, body)
 	}
 }
