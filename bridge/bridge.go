@@ -36,9 +36,12 @@ type Options struct {
 // Account is a configured local user with its sending policy and Graph
 // client.
 type Account struct {
-	Config   AccountConfig
-	Tokens   *upstream.TokenSource
-	Sender   MailSender
+	Config AccountConfig
+	// Tokens are for Graph (send_scope), POP3Tokens for Outlook's POP3
+	// service (pop3_scope): two audiences, two tokens.
+	Tokens     *upstream.TokenSource
+	POP3Tokens *upstream.TokenSource
+	Sender     MailSender
 	password *passwordChecker
 	senders  senderPolicy
 }
@@ -56,6 +59,10 @@ type Bridge struct {
 
 	smtpServer *smtp.Server
 	smtpLn     net.Listener
+	pop3Ln     net.Listener
+	pop3Dialer MailboxDialer
+	pop3Slots  chan struct{}
+	pop3Wg     sync.WaitGroup
 	conns      connTracker
 	baseCtx    context.Context
 	cancelBase context.CancelFunc
@@ -94,8 +101,9 @@ func New(cfg *Config, opts Options) (*Bridge, error) {
 		}
 		ts := tokens.Get(ac.Credentials(), ac.SendScope)
 		a := &Account{
-			Config:   ac,
-			Tokens:   ts,
+			Config:     ac,
+			Tokens:     ts,
+			POP3Tokens: tokens.Get(ac.Credentials(), ac.POP3Scope),
 			Sender:   upstream.NewGraphClient(ac.GraphURL, httpClient, ts),
 			password: newPasswordChecker(ac.PasswordHash, key),
 			senders:  policy,
@@ -103,6 +111,8 @@ func New(cfg *Config, opts Options) (*Bridge, error) {
 		b.accounts[strings.ToLower(ac.Username)] = a
 		b.ordered = append(b.ordered, a)
 	}
+	b.pop3Dialer = &upstream.POP3Dialer{Addr: cfg.POP3.Upstream, RootCAs: opts.RootCAs, Timeout: cfg.POP3.UpstreamTimeout.Duration}
+	b.pop3Slots = make(chan struct{}, max(cfg.POP3.MaxSessions, 1))
 	b.baseCtx, b.cancelBase = context.WithCancel(context.Background())
 	return b, nil
 }
@@ -110,10 +120,14 @@ func New(cfg *Config, opts Options) (*Bridge, error) {
 // Accounts returns the configured accounts in configuration order.
 func (b *Bridge) Accounts() []*Account { return b.ordered }
 
-// authenticate checks a local user name and password and returns the
-// account. Failures are slowed down per remote address.
-func (b *Bridge) authenticate(ctx context.Context, remoteIP, username, password string) (*Account, error) {
+// authenticate checks a local user name and password of an account that
+// may use protocol, and returns the account. Failures are slowed down per
+// remote address.
+func (b *Bridge) authenticate(ctx context.Context, protocol, remoteIP, username, password string) (*Account, error) {
 	a := b.accounts[strings.ToLower(username)]
+	if a != nil && !a.Config.Uses(protocol) {
+		a = nil
+	}
 	if a != nil && a.password.check(password) {
 		b.throttle.succeeded(remoteIP)
 		return a, nil
@@ -125,11 +139,26 @@ func (b *Bridge) authenticate(ctx context.Context, remoteIP, username, password 
 	return nil, errBadCredentials
 }
 
-// Start opens the SMTP listener and serves it in the background.
+// Start opens the SMTP and POP3 listeners and serves them in the
+// background.
 func (b *Bridge) Start() error {
 	ln, err := net.Listen("tcp", b.cfg.SMTP.Listen)
 	if err != nil {
 		return fmt.Errorf("smtp listener: %w", err)
+	}
+	if b.cfg.POP3.Listen != "" {
+		pln, err := net.Listen("tcp", b.cfg.POP3.Listen)
+		if err != nil {
+			ln.Close()
+			return fmt.Errorf("pop3 listener: %w", err)
+		}
+		b.pop3Ln = b.conns.wrap(pln)
+		b.served.Add(1)
+		go func() {
+			defer b.served.Done()
+			b.servePOP3(b.pop3Ln)
+		}()
+		b.log.Info().Str("proto", "pop3").Str("listen", pln.Addr().String()).Str("upstream", b.cfg.POP3.Upstream).Msg("listening")
 	}
 	b.smtpLn = ln
 	b.smtpServer = b.newSMTPServer()
@@ -147,13 +176,28 @@ func (b *Bridge) Start() error {
 // SMTPAddr is the address the SMTP listener is bound to.
 func (b *Bridge) SMTPAddr() string { return b.smtpLn.Addr().String() }
 
+// POP3Addr is the address the POP3 listener is bound to, "" if POP3 is off.
+func (b *Bridge) POP3Addr() string {
+	if b.pop3Ln == nil {
+		return ""
+	}
+	return b.pop3Ln.Addr().String()
+}
+
 // Shutdown stops accepting connections, closes idle sessions at once and
 // lets sessions that are receiving a message finish, until ctx ends; then
 // it closes what is left.
 func (b *Bridge) Shutdown(ctx context.Context) error {
 	b.log.Info().Msg("shutting down")
+	if b.pop3Ln != nil {
+		b.pop3Ln.Close()
+	}
 	done := make(chan error, 1)
-	go func() { done <- b.smtpServer.Shutdown(context.Background()) }()
+	go func() {
+		err := b.smtpServer.Shutdown(context.Background())
+		b.pop3Wg.Wait()
+		done <- err
+	}()
 	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()
 	for {
@@ -167,6 +211,7 @@ func (b *Bridge) Shutdown(ctx context.Context) error {
 		case <-ctx.Done():
 			b.cancelBase()
 			b.smtpServer.Close()
+			b.conns.closeAll()
 			<-done
 			b.served.Wait()
 			b.httpClient.CloseIdleConnections()

@@ -8,6 +8,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -24,6 +25,7 @@ type Config struct {
 
 	Log      LogConfig       `toml:"log"`
 	SMTP     SMTPConfig      `toml:"smtp"`
+	POP3     POP3Config      `toml:"pop3"`
 	Accounts []AccountConfig `toml:"account"`
 }
 
@@ -43,6 +45,16 @@ type SMTPConfig struct {
 	ShutdownTimeout Duration `toml:"shutdown_timeout"` // how long a stop waits for messages being received
 }
 
+// POP3Config is the [pop3] table: the local POP3 listener and the Outlook
+// service it proxies to.
+type POP3Config struct {
+	Listen          string   `toml:"listen"`           // "" turns POP3 off
+	Upstream        string   `toml:"upstream"`         // host:port, implicit TLS
+	IdleTimeout     Duration `toml:"idle_timeout"`     // how long a client may stay silent
+	UpstreamTimeout Duration `toml:"upstream_timeout"` // how long Outlook may stay silent within an answer
+	MaxSessions     int      `toml:"max_sessions"`     // concurrent POP3 sessions
+}
+
 // AccountConfig is one [[account]] table: a local user and the app
 // registration and mailbox it sends through.
 type AccountConfig struct {
@@ -59,7 +71,14 @@ type AccountConfig struct {
 	TokenURL           string   `toml:"token_url"`
 	GraphURL           string   `toml:"graph_url"`
 	SendScope          string   `toml:"send_scope"`
+	// Protocols the account may use: "smtp", "pop3" or both (the default).
+	Protocols   []string `toml:"protocols"`
+	POP3Scope   string   `toml:"pop3_scope"`
+	POP3Mailbox string   `toml:"pop3_mailbox"` // "" means Mailbox
 }
+
+// Uses reports whether the account may use protocol ("smtp" or "pop3").
+func (a *AccountConfig) Uses(protocol string) bool { return slices.Contains(a.Protocols, protocol) }
 
 // Credentials returns the account's app registration for the token source.
 func (a *AccountConfig) Credentials() upstream.Credentials {
@@ -85,6 +104,7 @@ func (d Duration) MarshalText() ([]byte, error) { return []byte(d.Duration.Strin
 // Defaults for what the file leaves out.
 const (
 	DefaultSMTPListen      = "127.0.0.1:2525"
+	DefaultPOP3Listen      = "127.0.0.1:1110"
 	DefaultMaxMessageBytes = 35 << 20
 	// DefaultMaxRecipients is Exchange Online's default recipient limit.
 	DefaultMaxRecipients = 500
@@ -102,6 +122,14 @@ func DefaultConfig() *Config {
 			SendTimeout:     Duration{60 * time.Second},
 			IdleTimeout:     Duration{5 * time.Minute},
 			ShutdownTimeout: Duration{30 * time.Second},
+		},
+		POP3: POP3Config{
+			Listen:   DefaultPOP3Listen,
+			Upstream: upstream.DefaultPOP3Addr,
+			// RFC 1939 §3: an autologout timer of at least 10 minutes.
+			IdleTimeout:     Duration{10 * time.Minute},
+			UpstreamTimeout: Duration{2 * time.Minute},
+			MaxSessions:     100,
 		},
 	}
 }
@@ -166,6 +194,22 @@ func (c *Config) Complete(dir string) error {
 	for key, d := range map[string]Duration{"smtp.send_timeout": c.SMTP.SendTimeout, "smtp.idle_timeout": c.SMTP.IdleTimeout, "smtp.shutdown_timeout": c.SMTP.ShutdownTimeout} {
 		if d.Duration <= 0 {
 			bad(key, "must be a positive duration such as \"30s\"")
+		}
+	}
+	if c.POP3.Listen != "" {
+		if err := checkLoopbackListen(c.POP3.Listen); err != nil {
+			bad("pop3.listen", "%v", err)
+		}
+		if _, port, err := net.SplitHostPort(c.POP3.Upstream); err != nil || port == "" {
+			bad("pop3.upstream", "%q is not host:port, such as %q", c.POP3.Upstream, upstream.DefaultPOP3Addr)
+		}
+		for key, d := range map[string]Duration{"pop3.idle_timeout": c.POP3.IdleTimeout, "pop3.upstream_timeout": c.POP3.UpstreamTimeout} {
+			if d.Duration <= 0 {
+				bad(key, "must be a positive duration such as \"30s\"")
+			}
+		}
+		if c.POP3.MaxSessions <= 0 {
+			bad("pop3.max_sessions", "must be positive")
 		}
 	}
 	if len(c.Accounts) == 0 {
@@ -243,6 +287,28 @@ func (c *Config) Complete(dir string) error {
 			if err := checkUpstreamURL(u); err != nil {
 				bad(key(k), "%v", err)
 			}
+		}
+		if a.POP3Scope == "" {
+			a.POP3Scope = upstream.OutlookScope
+		}
+		if a.POP3Mailbox == "" {
+			a.POP3Mailbox = a.Mailbox
+		} else if !isAddress(a.POP3Mailbox) {
+			bad(key("pop3_mailbox"), "%q is not an email address", a.POP3Mailbox)
+		}
+		if a.Protocols == nil {
+			a.Protocols = []string{"smtp", "pop3"}
+		}
+		for _, p := range a.Protocols {
+			if p != "smtp" && p != "pop3" {
+				bad(key("protocols"), "%q is not \"smtp\" or \"pop3\"", p)
+			}
+		}
+		if len(a.Protocols) == 0 {
+			bad(key("protocols"), "empty: give \"smtp\", \"pop3\" or both")
+		}
+		if !strings.HasSuffix(a.POP3Scope, "/.default") {
+			bad(key("pop3_scope"), "must end in /.default for the client-credentials flow, such as %q", upstream.OutlookScope)
 		}
 		if !strings.HasSuffix(a.SendScope, "/.default") {
 			bad(key("send_scope"), "must end in /.default for the client-credentials flow, such as %q", upstream.GraphScope)

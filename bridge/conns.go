@@ -96,3 +96,16 @@ func (c *trackedConn) Close() error {
 	})
 	return c.Conn.Close()
 }
+
+// closeAll closes every connection, busy or not.
+func (t *connTracker) closeAll() {
+	t.mu.Lock()
+	var all []net.Conn
+	for c := range t.conns {
+		all = append(all, c)
+	}
+	t.mu.Unlock()
+	for _, c := range all {
+		c.Close()
+	}
+}

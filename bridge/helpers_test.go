@@ -46,12 +46,17 @@ func startFake(t testing.TB) *m365fake.Server {
 	}
 	t.Cleanup(func() { fake.Close() })
 	fake.AddTenant(tenantA)
-	fake.AddApp(tenantA, clientA, secretA, "Mail.Send")
+	fake.AddApp(tenantA, clientA, secretA, "Mail.Send", "POP.AccessAsApp")
 	fake.AddMailbox(tenantA, mailboxA, "sales@example.com")
 	fake.AddMailbox(tenantA, "captain@example.com")
+	fake.GrantMailboxAccess(tenantA, clientA, mailboxA)
 	fake.AddTenant(tenantB)
-	fake.AddApp(tenantB, clientB, secretB, "Mail.Send")
+	fake.AddApp(tenantB, clientB, secretB, "Mail.Send", "POP.AccessAsApp")
 	fake.AddMailbox(tenantB, mailboxB)
+	fake.GrantMailboxAccess(tenantB, clientB, mailboxB)
+	if _, err := fake.StartPOP3(); err != nil {
+		t.Fatal(err)
+	}
 	return fake
 }
 
@@ -80,6 +85,9 @@ func testConfig(fake *m365fake.Server) *Config {
 	cfg.Log.Level = "debug"
 	cfg.SMTP.Listen = "127.0.0.1:0"
 	cfg.SMTP.SendTimeout = Duration{testSendTimeout}
+	cfg.POP3.Listen = "127.0.0.1:0"
+	cfg.POP3.Upstream = fake.POP3Addr()
+	cfg.POP3.UpstreamTimeout = Duration{testSendTimeout}
 	cfg.Accounts = []AccountConfig{
 		{
 			Name: "tm-master", Username: userA, PasswordHash: ha, Mailbox: mailboxA,

@@ -106,7 +106,7 @@ func (s *smtpSession) Auth(mech string) (sasl.Server, error) {
 
 func (s *smtpSession) login(username, password string) error {
 	ip, _, _ := net.SplitHostPort(s.remote)
-	a, err := s.bridge.authenticate(s.ctx, ip, username, password)
+	a, err := s.bridge.authenticate(s.ctx, "smtp", ip, username, password)
 	if err != nil {
 		s.log.Warn().Str("username", username).Msg("authentication failed: unknown user name or wrong password")
 		return smtp.ErrAuthFailed

@@ -45,6 +45,8 @@ type Server struct {
 	inflight      map[string]int // Graph requests in flight, by user
 	maxInflight   map[string]int
 	tokenLifetime time.Duration
+
+	pop pop3State
 }
 
 type tenant struct {
@@ -109,6 +111,7 @@ func Start() (*Server, error) {
 		inflight:      make(map[string]int),
 		maxInflight:   make(map[string]int),
 		tokenLifetime: 3599 * time.Second,
+		pop:           pop3State{boxes: map[string][]popMessage{}, access: map[string]bool{}, conns: map[net.Conn]bool{}},
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /{tenant}/oauth2/v2.0/token", s.serveToken)
@@ -127,6 +130,7 @@ func Start() (*Server, error) {
 
 // Close stops the fake and closes its connections.
 func (s *Server) Close() error {
+	s.closePOP3()
 	err := s.httpSrv.Close()
 	if errors.Is(err, http.ErrServerClosed) {
 		return nil

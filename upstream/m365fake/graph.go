@@ -140,6 +140,7 @@ func (s *Server) serveSendMail(w http.ResponseWriter, r *http.Request) {
 	s.sent = append(s.sent, sent)
 	onSend := s.onSend
 	s.mu.Unlock()
+	s.deliverLocal(sent)
 	if onSend != nil {
 		onSend(sent)
 	}

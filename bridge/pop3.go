@@ -1,0 +1,550 @@
+package bridge
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"mailbridge/upstream"
+)
+
+// MailboxDialer opens a logged-in POP3 session with Outlook for mailbox.
+// Refusals of the login are *upstream.POP3AuthError. *upstream.POP3Dialer
+// is the real one.
+type MailboxDialer interface {
+	Dial(ctx context.Context, mailbox, token string) (*upstream.POP3Conn, error)
+}
+
+// maxPOP3Command bounds a client's command line (RFC 2449 §4 allows 255
+// octets; AUTH responses are longer).
+const maxPOP3Command = 1024
+
+// pop3Capabilities is the bridge's own CAPA answer before login (RFC 2449).
+var pop3Capabilities = []string{"USER", "UIDL", "TOP", "RESP-CODES", "AUTH-RESP-CODE", "SASL PLAIN LOGIN"}
+
+// servePOP3 accepts POP3 clients until ln is closed.
+func (b *Bridge) servePOP3(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if !errors.Is(err, net.ErrClosed) {
+				b.log.Error().Err(err).Str("proto", "pop3").Msg("pop3 listener stopped")
+			}
+			return
+		}
+		select {
+		case b.pop3Slots <- struct{}{}:
+		default:
+			c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+			io.WriteString(c, "-ERR [SYS/TEMP] Too many POP3 sessions, try again later\r\n")
+			c.Close()
+			b.log.Warn().Str("proto", "pop3").Str("remote", c.RemoteAddr().String()).Int("max_sessions", cap(b.pop3Slots)).Msg("session refused: pop3.max_sessions reached")
+			continue
+		}
+		b.pop3Wg.Add(1)
+		go func() {
+			defer b.pop3Wg.Done()
+			defer func() { <-b.pop3Slots }()
+			s := b.newPOP3Session(c)
+			s.serve()
+		}()
+	}
+}
+
+// pop3Session is one POP3 client: answered by the bridge until it logs in,
+// then proxied to Outlook command by command.
+type pop3Session struct {
+	bridge  *Bridge
+	conn    net.Conn
+	state   *connState
+	r       *bufio.Reader
+	w       *bufio.Writer
+	ctx     context.Context
+	cancel  context.CancelFunc
+	log     zerolog.Logger
+	remote  string
+	started time.Time
+
+	user    string // from USER
+	account *Account
+	up      *upstream.POP3Conn
+
+	commands, retrCount, deleCount int
+	retrBytes                      int64
+	ended                          string
+}
+
+func (b *Bridge) newPOP3Session(c net.Conn) *pop3Session {
+	ctx, cancel := context.WithCancel(b.baseCtx)
+	remote := c.RemoteAddr().String()
+	return &pop3Session{
+		bridge: b, conn: c, state: b.conns.state(c), ctx: ctx, cancel: cancel, remote: remote, started: time.Now(),
+		r:   bufio.NewReaderSize(c, 4096),
+		w:   bufio.NewWriterSize(c, 64<<10),
+		log: b.log.With().Str("proto", "pop3").Str("session", newSessionID()).Str("remote", remote).Logger(),
+	}
+}
+
+func (s *pop3Session) serve() {
+	defer s.finish()
+	s.log.Info().Msg("session started")
+	if s.reply("+OK mailbridge POP3 ready") != nil {
+		s.ended = "client gone"
+		return
+	}
+	for s.ended == "" {
+		line, err := s.readCommand()
+		if err != nil {
+			s.ended = s.readFailure(err)
+			return
+		}
+		s.commands++
+		if s.up == nil {
+			s.authorization(line)
+		} else {
+			s.transaction(line)
+		}
+	}
+}
+
+func (s *pop3Session) finish() {
+	if s.up != nil {
+		s.up.Conn.Close() // without QUIT: Outlook commits no deletion
+	}
+	s.conn.Close()
+	s.cancel()
+	ev := s.log.Info()
+	if s.account != nil {
+		ev = ev.Str("account", s.account.Config.Name).Str("upstream", s.bridge.cfg.POP3.Upstream)
+	}
+	ev.Int("commands", s.commands).Int("retr_count", s.retrCount).Int64("retr_bytes", s.retrBytes).
+		Int("dele_count", s.deleCount).Int64("duration_ms", time.Since(s.started).Milliseconds()).
+		Str("ended", s.ended).Msg("session ended")
+}
+
+func (s *pop3Session) readFailure(err error) string {
+	var ne net.Error
+	switch {
+	case errors.Is(err, errCommandTooLong):
+		s.reply("-ERR Command line too long")
+		return "command line too long"
+	case errors.As(err, &ne) && ne.Timeout():
+		s.reply("-ERR [SYS/TEMP] Idle timeout, closing")
+		return "client idle timeout"
+	case s.ctx.Err() != nil:
+		return "bridge shutting down"
+	}
+	return "client gone"
+}
+
+var errCommandTooLong = errors.New("command line too long")
+
+// readCommand reads one command line from the client, without its line
+// ending, waiting at most the idle timeout.
+func (s *pop3Session) readCommand() (string, error) {
+	s.conn.SetReadDeadline(time.Now().Add(s.bridge.cfg.POP3.IdleTimeout.Duration))
+	line, err := s.r.ReadSlice('\n')
+	if errors.Is(err, bufio.ErrBufferFull) || len(line) > maxPOP3Command+2 {
+		return "", errCommandTooLong
+	}
+	if err != nil {
+		return "", err
+	}
+	return string(bytes.TrimRight(line, "\r\n")), nil
+}
+
+// reply writes answer lines to the client.
+func (s *pop3Session) reply(lines ...string) error {
+	s.conn.SetWriteDeadline(time.Now().Add(time.Minute))
+	for _, l := range lines {
+		s.w.WriteString(l)
+		s.w.WriteString("\r\n")
+	}
+	return s.w.Flush()
+}
+
+// authorization serves the bridge's own AUTHORIZATION state (RFC 1939 §4).
+func (s *pop3Session) authorization(line string) {
+	cmd, arg, _ := strings.Cut(line, " ")
+	cmd = strings.ToUpper(cmd)
+	if cmd == "PASS" || cmd == "AUTH" {
+		s.log.Debug().Str("command", cmd).Msg("command")
+	} else {
+		s.log.Debug().Str("command", cmd).Str("arg", arg).Msg("command")
+	}
+	switch cmd {
+	case "CAPA":
+		s.reply(slices.Concat([]string{"+OK Capability list follows"}, pop3Capabilities, []string{"."})...)
+	case "USER":
+		if arg == "" {
+			s.reply("-ERR USER needs a user name")
+			return
+		}
+		s.user = arg
+		s.reply("+OK Send PASS")
+	case "PASS":
+		if s.user == "" {
+			s.reply("-ERR Send USER first")
+			return
+		}
+		user := s.user
+		s.user = ""
+		s.login(user, arg)
+	case "AUTH":
+		s.auth(arg)
+	case "QUIT":
+		s.reply("+OK mailbridge POP3 server signing off")
+		s.ended = "quit"
+	default:
+		s.reply("-ERR Command not valid before login")
+	}
+}
+
+// auth serves AUTH PLAIN and AUTH LOGIN (RFC 5034), with or without an
+// initial response, and AUTH alone listing the mechanisms.
+func (s *pop3Session) auth(arg string) {
+	fields := strings.Fields(arg)
+	if len(fields) > 2 {
+		s.reply("-ERR AUTH takes a mechanism and at most an initial response")
+		return
+	}
+	var mech, ir string
+	if len(fields) > 0 {
+		mech = strings.ToUpper(fields[0])
+	}
+	hasIR := len(fields) == 2
+	if hasIR {
+		ir = fields[1]
+	}
+	next := func(prompt string) ([]byte, bool) {
+		if s.reply("+ "+prompt) != nil {
+			s.ended = "client gone"
+			return nil, false
+		}
+		line, err := s.readCommand()
+		if err != nil {
+			s.ended = s.readFailure(err)
+			return nil, false
+		}
+		if line == "*" {
+			s.reply("-ERR Authentication cancelled")
+			return nil, false
+		}
+		b, err := base64.StdEncoding.DecodeString(line)
+		if err != nil {
+			s.reply("-ERR Invalid base64 data")
+			return nil, false
+		}
+		return b, true
+	}
+	first := func(prompt string) ([]byte, bool) {
+		if !hasIR {
+			return next(prompt)
+		}
+		if ir == "=" {
+			return []byte{}, true
+		}
+		b, err := base64.StdEncoding.DecodeString(ir)
+		if err != nil {
+			s.reply("-ERR Invalid base64 data")
+			return nil, false
+		}
+		return b, true
+	}
+	switch mech {
+	case "":
+		s.reply("+OK", "PLAIN", "LOGIN", ".")
+	case "PLAIN":
+		resp, ok := first("")
+		if !ok {
+			return
+		}
+		parts := bytes.Split(resp, []byte{0})
+		if len(parts) != 3 || (len(parts[0]) > 0 && !bytes.Equal(parts[0], parts[1])) {
+			s.reply("-ERR [AUTH] Authentication failed")
+			return
+		}
+		s.login(string(parts[1]), string(parts[2]))
+	case "LOGIN":
+		user, ok := first(base64.StdEncoding.EncodeToString([]byte("Username:")))
+		if !ok {
+			return
+		}
+		pass, ok := next(base64.StdEncoding.EncodeToString([]byte("Password:")))
+		if !ok {
+			return
+		}
+		s.login(string(user), string(pass))
+	default:
+		s.reply("-ERR Unsupported authentication mechanism")
+	}
+}
+
+// login checks the local password, then opens the session with Outlook
+// for the account's mailbox. The client is told +OK only when Outlook
+// accepted the login.
+func (s *pop3Session) login(username, password string) {
+	ip, _, _ := net.SplitHostPort(s.remote)
+	a, err := s.bridge.authenticate(s.ctx, "pop3", ip, username, password)
+	if err != nil {
+		s.log.Warn().Str("username", username).Msg("authentication failed: unknown user name or wrong password")
+		s.reply("-ERR [AUTH] Authentication failed")
+		return
+	}
+	s.account = a
+	s.log = s.log.With().Str("account", a.Config.Name).Logger()
+	s.state.setBusy(true)
+	defer s.state.setBusy(false)
+	ctx, cancel := context.WithTimeout(s.ctx, s.bridge.cfg.POP3.UpstreamTimeout.Duration)
+	defer cancel()
+	start := time.Now()
+	up, err := s.dialUpstream(ctx, a)
+	if err != nil {
+		ev := s.log.Error().Err(err).Str("mailbox", a.Config.POP3Mailbox).Str("upstream", s.bridge.cfg.POP3.Upstream)
+		if hint := s.pop3Hint(err, a); hint != "" {
+			ev = ev.Str("hint", hint)
+		}
+		ev.Int64("duration_ms", time.Since(start).Milliseconds()).Msg("upstream login failed")
+		s.reply(pop3Reply(err))
+		s.account = nil
+		return
+	}
+	s.up = up
+	s.log.Info().Str("mailbox", a.Config.POP3Mailbox).Str("upstream", s.bridge.cfg.POP3.Upstream).Str("greeting", up.Greeting).
+		Int64("duration_ms", time.Since(start).Milliseconds()).Msg("logged in upstream")
+	s.reply(up.AuthReply)
+}
+
+func (s *pop3Session) dialUpstream(ctx context.Context, a *Account) (*upstream.POP3Conn, error) {
+	token, err := a.POP3Tokens.Token(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return s.bridge.pop3Dialer.Dial(ctx, a.Config.POP3Mailbox, token)
+}
+
+// pop3Hint explains an upstream login failure for the log.
+func (s *pop3Session) pop3Hint(err error, a *Account) string {
+	var authErr *upstream.POP3AuthError
+	if errors.As(err, &authErr) {
+		if tok, terr := a.POP3Tokens.Token(s.ctx); terr == nil {
+			if roles, ok := upstream.TokenRoles(tok); ok && !slices.Contains(roles, "POP.AccessAsApp") {
+				return "the token has no POP.AccessAsApp role: add it under API permissions > Office 365 Exchange Online > Application permissions and click 'Grant admin consent'"
+			}
+		}
+		return authErr.Hint()
+	}
+	var tokErr *upstream.TokenError
+	if errors.As(err, &tokErr) {
+		return tokErr.Hint()
+	}
+	return "Outlook's POP3 service could not be reached: check the network, firewall (port 995) and DNS, and pop3.upstream"
+}
+
+// pop3Reply is the one place where an upstream login failure becomes the
+// client's -ERR line (RFC 3206 response codes).
+func pop3Reply(err error) string {
+	var authErr *upstream.POP3AuthError
+	var tokErr *upstream.TokenError
+	switch {
+	case errors.As(err, &authErr):
+		return "-ERR [SYS/TEMP] Outlook refused the bridge's login to this mailbox; the administrator must fix it, see the bridge's log"
+	case errors.As(err, &tokErr) && !tokErr.Temporary():
+		return "-ERR [SYS/TEMP] Microsoft 365 refused the bridge's sign-in; the administrator must fix the app registration, see the bridge's log"
+	case errors.As(err, &tokErr):
+		return "-ERR [SYS/TEMP] Microsoft sign-in is unavailable, try again later"
+	}
+	return "-ERR [SYS/TEMP] Outlook's POP3 service could not be reached, try again later"
+}
+
+// transaction proxies one command of the TRANSACTION state to Outlook and
+// streams its answer back, byte for byte.
+func (s *pop3Session) transaction(line string) {
+	cmd, arg, _ := strings.Cut(line, " ")
+	cmd = strings.ToUpper(cmd)
+	s.log.Debug().Str("command", cmd).Str("arg", arg).Msg("command")
+	switch cmd {
+	case "USER", "PASS", "AUTH", "APOP", "STLS":
+		s.reply("-ERR Command not valid after login")
+		return
+	}
+	s.state.setBusy(true)
+	defer s.state.setBusy(false)
+	up := s.up
+	deadline := func() { up.Conn.SetDeadline(time.Now().Add(s.bridge.cfg.POP3.UpstreamTimeout.Duration)) }
+	deadline()
+	if _, err := io.WriteString(up.Conn, line+"\r\n"); err != nil {
+		s.upstreamFailed(err)
+		return
+	}
+	status, err := up.Reader.ReadSlice('\n')
+	if err != nil {
+		s.upstreamFailed(err)
+		return
+	}
+	s.conn.SetWriteDeadline(time.Now().Add(time.Minute))
+	if _, err := s.w.Write(status); err != nil {
+		s.ended = "client gone"
+		return
+	}
+	ok := bytes.HasPrefix(status, []byte("+OK"))
+	if ok && isMultiline(cmd, arg) {
+		w := &deadlineWriter{w: s.w, conn: s.conn, timeout: time.Minute}
+		n, err := copyMultiline(w, up.Reader, deadline)
+		if cmd == "RETR" {
+			s.retrCount++
+			s.retrBytes += n
+		}
+		if err != nil {
+			if errors.Is(err, errClientWrite) {
+				s.ended = "client gone"
+			} else {
+				s.upstreamFailed(err)
+			}
+			return
+		}
+	}
+	s.conn.SetWriteDeadline(time.Now().Add(time.Minute))
+	if err := s.w.Flush(); err != nil {
+		s.ended = "client gone"
+		return
+	}
+	switch {
+	case cmd == "DELE" && ok:
+		s.deleCount++
+	case cmd == "QUIT":
+		up.Conn.Close()
+		s.up = nil
+		s.ended = "quit"
+	}
+}
+
+// upstreamFailed ends the session when Outlook's connection fails: the
+// client's connection is closed without an answer, so it never takes a
+// deletion for committed that Outlook did not commit.
+func (s *pop3Session) upstreamFailed(err error) {
+	s.log.Error().Err(err).Str("upstream", s.bridge.cfg.POP3.Upstream).Msg("upstream connection failed: closing the client's connection")
+	s.ended = "upstream failed"
+}
+
+// isMultiline reports whether a successful answer to cmd has more lines
+// (RFC 1939 §5, RFC 2449 §5, RFC 6856 for LANG).
+func isMultiline(cmd, arg string) bool {
+	switch cmd {
+	case "RETR", "TOP", "CAPA":
+		return true
+	case "LIST", "UIDL", "LANG":
+		return strings.TrimSpace(arg) == ""
+	}
+	return false
+}
+
+var errClientWrite = errors.New("writing to the client failed")
+
+// deadlineWriter renews the client's write deadline before each write, so
+// that a slow but live client is never cut off while a dead one is.
+type deadlineWriter struct {
+	w       io.Writer
+	conn    net.Conn
+	timeout time.Duration
+}
+
+func (d *deadlineWriter) Write(p []byte) (int, error) {
+	d.conn.SetWriteDeadline(time.Now().Add(d.timeout))
+	n, err := d.w.Write(p)
+	if err != nil {
+		return n, fmt.Errorf("%w: %v", errClientWrite, err)
+	}
+	return n, nil
+}
+
+// copyMultiline copies the body of a multi-line answer from src to dst as
+// it arrives, up to and including the terminating ".CRLF" line (RFC 1939
+// §3), and returns the bytes copied. Nothing is changed: dot-stuffing,
+// lines of any length, 8-bit bytes and bare CR or LF pass as they are; only
+// CRLF ends a line. renew is called before each read from src.
+func copyMultiline(dst io.Writer, src *bufio.Reader, renew func()) (int64, error) {
+	const (
+		lineStart = iota // after CRLF (or at the start of the body)
+		mid              // inside a line
+		cr               // after CR
+		dot              // "." at the start of a line
+		dotCR            // ".\r" at the start of a line
+	)
+	state := lineStart
+	var total int64
+	for {
+		renew()
+		if _, err := src.Peek(1); err != nil {
+			return total, err
+		}
+		chunk, _ := src.Peek(src.Buffered())
+		end := -1
+		for i, c := range chunk {
+			switch state {
+			case lineStart:
+				switch c {
+				case '.':
+					state = dot
+				case '\r':
+					state = cr
+				default:
+					state = mid
+				}
+			case mid:
+				if c == '\r' {
+					state = cr
+				}
+			case cr:
+				switch c {
+				case '\n':
+					state = lineStart
+				case '\r':
+					state = cr
+				default:
+					state = mid
+				}
+			case dot:
+				if c == '\r' {
+					state = dotCR
+				} else {
+					state = mid
+				}
+			case dotCR:
+				if c == '\n' {
+					end = i
+				} else if c == '\r' {
+					state = cr
+				} else {
+					state = mid
+				}
+			}
+			if end >= 0 {
+				break
+			}
+		}
+		n := len(chunk)
+		if end >= 0 {
+			n = end + 1
+		}
+		w, err := dst.Write(chunk[:n])
+		total += int64(w)
+		src.Discard(n)
+		if err != nil {
+			return total, err
+		}
+		if end >= 0 {
+			return total, nil
+		}
+	}
+}
