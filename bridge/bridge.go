@@ -42,8 +42,8 @@ type Account struct {
 	Tokens     *upstream.TokenSource
 	POP3Tokens *upstream.TokenSource
 	Sender     MailSender
-	password *passwordChecker
-	senders  senderPolicy
+	password   *passwordChecker
+	senders    senderPolicy
 }
 
 // Bridge is a configured mailbridge: its accounts, upstream clients and
@@ -104,9 +104,9 @@ func New(cfg *Config, opts Options) (*Bridge, error) {
 			Config:     ac,
 			Tokens:     ts,
 			POP3Tokens: tokens.Get(ac.Credentials(), ac.POP3Scope),
-			Sender:   upstream.NewGraphClient(ac.GraphURL, httpClient, ts),
-			password: newPasswordChecker(ac.PasswordHash, key),
-			senders:  policy,
+			Sender:     upstream.NewGraphClient(ac.GraphURL, httpClient, ts),
+			password:   newPasswordChecker(ac.PasswordHash, key),
+			senders:    policy,
 		}
 		b.accounts[strings.ToLower(ac.Username)] = a
 		b.ordered = append(b.ordered, a)

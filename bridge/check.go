@@ -21,44 +21,86 @@ type CheckResult struct {
 	Hint    string // what to fix, for failures
 }
 
-// Check fetches a token for every account and, if sendTestTo is not empty,
-// sends one test message from each account's mailbox to it through Graph.
+// Check tests every account as the old clients' "Test" buttons would: for
+// SMTP a Graph token with the Mail.Send role and, if sendTestTo is not
+// empty, one test message through Graph; for POP3 a token with the
+// POP.AccessAsApp role, a login to Outlook and STAT.
 func (b *Bridge) Check(ctx context.Context, sendTestTo string) []CheckResult {
 	var results []CheckResult
 	for _, a := range b.ordered {
-		name := a.Config.Name
-		tok, err := a.Tokens.Token(ctx)
-		if err != nil {
-			results = append(results, CheckResult{Account: name, Check: "token", Detail: err.Error(), Hint: adminHint(err)})
-			continue
+		if a.Config.Uses("smtp") {
+			results = append(results, b.checkSMTP(ctx, a, sendTestTo)...)
 		}
-		if roles, ok := upstream.TokenRoles(tok); ok && !slices.Contains(roles, "Mail.Send") {
-			results = append(results, CheckResult{Account: name, Check: "token",
-				Detail: fmt.Sprintf("token issued, but without the Mail.Send role (roles: %v)", roles),
-				Hint:   "add Mail.Send as an Application permission (Microsoft Graph) and click 'Grant admin consent'"})
-			continue
+		if a.Config.Uses("pop3") && b.cfg.POP3.Listen != "" {
+			results = append(results, b.checkPOP3(ctx, a))
 		}
-		results = append(results, CheckResult{Account: name, Check: "token", OK: true, Detail: "token issued for " + a.Config.SendScope})
-		if sendTestTo == "" {
-			continue
-		}
-		msg := testMessage(a.Config.Mailbox, sendTestTo)
-		sctx, cancel := context.WithTimeout(ctx, b.cfg.SMTP.SendTimeout.Duration)
-		d, err := deliver(sctx, a.Sender, b.retry, a.Config.Mailbox, "", bytes.NewReader(msg), int64(len(msg)))
-		cancel()
-		if err != nil {
-			var apiErr *upstream.APIError
-			detail := err.Error()
-			if errors.As(err, &apiErr) && apiErr.RequestID != "" {
-				detail += " (request-id " + apiErr.RequestID + ")"
-			}
-			results = append(results, CheckResult{Account: name, Check: "send-test", Detail: detail, Hint: adminHint(err)})
-			continue
-		}
-		results = append(results, CheckResult{Account: name, Check: "send-test", OK: true,
-			Detail: fmt.Sprintf("Graph accepted the test message to %s (HTTP %d, request-id %s)", sendTestTo, d.result.Status, d.result.RequestID)})
 	}
 	return results
+}
+
+// checkToken fetches a token and checks that it carries role.
+func checkToken(ctx context.Context, a *Account, ts *upstream.TokenSource, check, role, api string) (string, *CheckResult) {
+	tok, err := ts.Token(ctx)
+	if err != nil {
+		return "", &CheckResult{Account: a.Config.Name, Check: check, Detail: err.Error(), Hint: adminHint(err)}
+	}
+	if roles, ok := upstream.TokenRoles(tok); ok && !slices.Contains(roles, role) {
+		return "", &CheckResult{Account: a.Config.Name, Check: check,
+			Detail: fmt.Sprintf("token issued, but without the %s role (roles: %v)", role, roles),
+			Hint:   fmt.Sprintf("add %s as an Application permission (%s) and click 'Grant admin consent'", role, api)}
+	}
+	return tok, nil
+}
+
+func (b *Bridge) checkSMTP(ctx context.Context, a *Account, sendTestTo string) []CheckResult {
+	name := a.Config.Name
+	if _, fail := checkToken(ctx, a, a.Tokens, "smtp-token", "Mail.Send", "Microsoft Graph"); fail != nil {
+		return []CheckResult{*fail}
+	}
+	results := []CheckResult{{Account: name, Check: "smtp-token", OK: true, Detail: "token with Mail.Send issued for " + a.Config.SendScope}}
+	if sendTestTo == "" {
+		return results
+	}
+	msg := testMessage(a.Config.Mailbox, sendTestTo)
+	sctx, cancel := context.WithTimeout(ctx, b.cfg.SMTP.SendTimeout.Duration)
+	defer cancel()
+	d, err := deliver(sctx, a.Sender, b.retry, a.Config.Mailbox, "", bytes.NewReader(msg), int64(len(msg)))
+	if err != nil {
+		var apiErr *upstream.APIError
+		detail := err.Error()
+		if errors.As(err, &apiErr) && apiErr.RequestID != "" {
+			detail += " (request-id " + apiErr.RequestID + ")"
+		}
+		return append(results, CheckResult{Account: name, Check: "send-test", Detail: detail, Hint: adminHint(err)})
+	}
+	return append(results, CheckResult{Account: name, Check: "send-test", OK: true,
+		Detail: fmt.Sprintf("Graph accepted the test message to %s (HTTP %d, request-id %s)", sendTestTo, d.result.Status, d.result.RequestID)})
+}
+
+func (b *Bridge) checkPOP3(ctx context.Context, a *Account) CheckResult {
+	name := a.Config.Name
+	tok, fail := checkToken(ctx, a, a.POP3Tokens, "pop3", "POP.AccessAsApp", "Office 365 Exchange Online")
+	if fail != nil {
+		return *fail
+	}
+	pctx, cancel := context.WithTimeout(ctx, b.cfg.POP3.UpstreamTimeout.Duration)
+	defer cancel()
+	up, err := b.pop3Dialer.Dial(pctx, a.Config.POP3Mailbox, tok)
+	if err != nil {
+		var authErr *upstream.POP3AuthError
+		hint := "Outlook's POP3 service could not be reached: check the network, firewall (port 995) and DNS, and pop3.upstream"
+		if errors.As(err, &authErr) {
+			hint = authErr.Hint()
+		}
+		return CheckResult{Account: name, Check: "pop3", Detail: err.Error(), Hint: hint}
+	}
+	count, size, err := up.Stat()
+	up.Quit()
+	if err != nil {
+		return CheckResult{Account: name, Check: "pop3", Detail: err.Error()}
+	}
+	return CheckResult{Account: name, Check: "pop3", OK: true,
+		Detail: fmt.Sprintf("logged in to %s at %s: %d messages, %d bytes", a.Config.POP3Mailbox, b.cfg.POP3.Upstream, count, size)}
 }
 
 func testMessage(from, to string) []byte {

@@ -255,7 +255,7 @@ func retrFixtures() map[string][]byte {
 		eight.WriteByte(byte(i))
 	}
 	return map[string][]byte{
-		"dot lines": crlf("Subject: dots\n\n.\n..\n.x\n...\nend\n.\n"),
+		"dot lines":   crlf("Subject: dots\n\n.\n..\n.x\n...\nend\n.\n"),
 		"200 KB line": append(crlf("Subject: long\n\n"), append(bytes.Repeat([]byte("L"), 200<<10), "\r\n"...)...),
 		"8-bit, bare CR and LF": append(append(crlf("Subject: 8bit\nContent-Transfer-Encoding: 8bit\n\n"), eight.Bytes()...),
 			"\r\nbare LF\n.not a line start\rbare CR\r\n"...),

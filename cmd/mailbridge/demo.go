@@ -26,6 +26,7 @@ func demo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("demo", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	listen := fs.String("smtp", bridge.DefaultSMTPListen, "SMTP listen address")
+	pop3Listen := fs.String("pop3", bridge.DefaultPOP3Listen, "POP3 listen address")
 	format := fs.String("log-format", "console", "log format: json or console")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -41,8 +42,15 @@ func demo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	defer fake.Close()
 	secret := "demo-secret"
 	fake.AddTenant(demoTenant)
-	fake.AddApp(demoTenant, demoClient, secret, "Mail.Send")
+	fake.AddApp(demoTenant, demoClient, secret, "Mail.Send", "POP.AccessAsApp")
 	fake.AddMailbox(demoTenant, demoMailbox)
+	fake.GrantMailboxAccess(demoTenant, demoClient, demoMailbox)
+	fake.AddMessage(demoMailbox, []byte("From: Microsoft 365 <no-reply@example.com>\r\nTo: demo@example.com\r\nSubject: Welcome to the mailbridge demo\r\n\r\nThis message waits in the fake mailbox; fetch it through the bridge's POP3 side.\r\n"))
+	pop3Upstream, err := fake.StartPOP3()
+	if err != nil {
+		log.Error().Err(err).Msg("cannot start the fake Outlook POP3 service")
+		return 1
+	}
 	fake.OnSend(func(m m365fake.SentMessage) {
 		log.Info().Str("component", "fake-graph").Str("user", m.User).Str("from", m.From).
 			Strs("recipients", m.Recipients).Str("subject", m.Subject).Int("bytes", len(m.MIME)).
@@ -57,6 +65,8 @@ func demo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	cfg := bridge.DefaultConfig()
 	cfg.Log = logCfg
 	cfg.SMTP.Listen = *listen
+	cfg.POP3.Listen = *pop3Listen
+	cfg.POP3.Upstream = pop3Upstream
 	cfg.Accounts = []bridge.AccountConfig{{
 		Name: "demo", Username: "demo", PasswordHash: string(hash), Mailbox: demoMailbox,
 		TenantID: demoTenant, ClientID: demoClient, ClientSecret: secret,
@@ -75,17 +85,21 @@ func demo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		log.Error().Err(err).Msg("cannot start")
 		return 1
 	}
-	addr := b.SMTPAddr()
+	addr, popAddr := b.SMTPAddr(), b.POP3Addr()
 	fmt.Fprintf(stdout, `mailbridge demo: a fake Microsoft 365 runs inside this process; nothing leaves this machine.
-SMTP server %s, user %q, password %q, sender %s. Ctrl+C stops.
+SMTP server %s, user "demo", password %q, sender %s.
+POP3 server %s, same user, reading the mailbox %[3]s. Ctrl+C stops.
 
-Send a message with curl:
-  printf 'From: %[4]s\r\nTo: someone@example.org\r\nSubject: hello\r\n\r\nHello through the bridge.\r\n' |
-    curl smtp://%[1]s --user demo:demo --mail-from %[4]s --mail-rcpt someone@example.org -T -
+Send a message with curl (to the demo mailbox itself, so that POP3 finds it):
+  printf 'From: %[3]s\r\nTo: %[3]s\r\nSubject: hello\r\n\r\nHello through the bridge.\r\n' |
+    curl smtp://%[1]s --user demo:demo --mail-from %[3]s --mail-rcpt %[3]s -T -
 or with swaks:
-  swaks --server %[1]s --auth LOGIN --auth-user demo --auth-password demo --from %[4]s --to someone@example.org
+  swaks --server %[1]s --auth LOGIN --auth-user demo --auth-password demo --from %[3]s --to %[3]s
+Then list and read the mailbox through POP3:
+  curl pop3://%[4]s/ --user demo:demo
+  curl pop3://%[4]s/1 --user demo:demo
 
-`, addr, "demo", demoPassword, demoMailbox)
+`, addr, demoPassword, demoMailbox, popAddr)
 	<-ctx.Done()
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.SMTP.ShutdownTimeout.Duration)
 	defer cancel()

@@ -4,9 +4,11 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -14,6 +16,7 @@ import (
 
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
+	pop3 "github.com/knadh/go-pop3"
 	"golang.org/x/crypto/bcrypt"
 
 	"mailbridge/upstream/m365fake"
@@ -54,8 +57,13 @@ func fakeAndConfig(t *testing.T, listen string, extra string) (*m365fake.Server,
 	}
 	t.Cleanup(func() { fake.Close() })
 	fake.AddTenant(tenant)
-	fake.AddApp(tenant, client, secret, "Mail.Send")
+	fake.AddApp(tenant, client, secret, "Mail.Send", "POP.AccessAsApp")
 	fake.AddMailbox(tenant, mailbox)
+	fake.GrantMailboxAccess(tenant, client, mailbox)
+	pop3Addr, err := fake.StartPOP3()
+	if err != nil {
+		t.Fatal(err)
+	}
 	dir := t.TempDir()
 	ca := filepath.Join(dir, "ca.pem")
 	os.WriteFile(ca, fake.CACertPEM(), 0o600)
@@ -63,6 +71,9 @@ func fakeAndConfig(t *testing.T, listen string, extra string) (*m365fake.Server,
 	hash, _ := bcrypt.GenerateFromPassword([]byte("pw"), bcrypt.MinCost)
 	cfg := fmt.Sprintf(`[smtp]
 listen = %q
+[pop3]
+listen = "127.0.0.1:0"
+upstream = %q
 [[account]]
 name = "tm-master"
 username = "tm"
@@ -74,7 +85,7 @@ client_secret_file = "secret.txt"
 token_url = %q
 graph_url = %q
 %s
-`, listen, hash, mailbox, tenant, client, fake.TokenURL(), fake.GraphURL(), extra)
+`, listen, pop3Addr, hash, mailbox, tenant, client, fake.TokenURL(), fake.GraphURL(), extra)
 	path := filepath.Join(dir, "mailbridge.toml")
 	os.WriteFile(path, []byte(cfg), 0o600)
 	return fake, path, append(os.Environ(), "SSL_CERT_FILE="+ca)
@@ -111,7 +122,7 @@ func TestServeSendsAndStopsOnSIGTERM(t *testing.T) {
 	var logs strings.Builder
 	for addr == "" && lines.Scan() {
 		logs.WriteString(lines.Text() + "\n")
-		if l := lines.Text(); strings.Contains(l, `"message":"listening"`) {
+		if l := lines.Text(); strings.Contains(l, `"message":"listening"`) && strings.Contains(l, `"proto":"smtp"`) {
 			i := strings.Index(l, `"listen":"`) + len(`"listen":"`)
 			addr = l[i : i+strings.IndexByte(l[i:], '"')]
 		}
@@ -182,12 +193,20 @@ func TestBadConfigExits2WithOneLinePerProblem(t *testing.T) {
 
 func TestCheck(t *testing.T) {
 	fake, path, env := fakeAndConfig(t, "127.0.0.1:0", "")
+	fake.AddMessage(mailbox, []byte("Subject: waiting\r\n\r\nx\r\n"))
 	code, stdout, stderr := runBinary(t, env, "", "check", "-config", path, "-send-test", "it@example.org")
 	if code != 0 {
 		t.Fatalf("status %d\n%s%s", code, stdout, stderr)
 	}
-	if !strings.Contains(stdout, "ok    tm-master            token") || !strings.Contains(stdout, "Graph accepted the test message to it@example.org (HTTP 202, request-id ") {
-		t.Errorf("output:\n%s", stdout)
+	for _, want := range []string{
+		"ok    tm-master            smtp-token token with Mail.Send issued",
+		"ok    tm-master            send-test  Graph accepted the test message to it@example.org (HTTP 202, request-id ",
+		"ok    tm-master            pop3       logged in to orders@example.com at 127.0.0.1:",
+		": 1 messages, 23 bytes",
+	} {
+		if !strings.Contains(stdout, want) {
+			t.Errorf("output lacks %q:\n%s", want, stdout)
+		}
 	}
 	if sent := fake.Sent(); len(sent) != 1 || sent[0].Recipients[0] != "it@example.org" {
 		t.Errorf("test message not received: %v", sent)
@@ -201,10 +220,24 @@ func TestCheck(t *testing.T) {
 		t.Errorf("status %d, output:\n%s", code, stdout)
 	}
 
-	// Consent missing: the token has no Mail.Send role.
+	// Consent missing: the tokens lack their roles.
 	fake.AddApp(tenant, client, secret)
 	code, stdout, _ = runBinary(t, env, "", "check", "-config", path)
-	if code != 1 || !strings.Contains(stdout, "without the Mail.Send role") || !strings.Contains(stdout, "Grant admin consent") {
+	for _, want := range []string{"without the Mail.Send role", "add Mail.Send as an Application permission (Microsoft Graph) and click 'Grant admin consent'",
+		"without the POP.AccessAsApp role", "add POP.AccessAsApp as an Application permission (Office 365 Exchange Online)"} {
+		if code != 1 || !strings.Contains(stdout, want) {
+			t.Errorf("status %d, output lacks %q:\n%s", code, want, stdout)
+		}
+	}
+
+	// POP3 consented but no mailbox permission: the login is refused.
+	fake.AddApp(tenant, client, secret, "Mail.Send", "POP.AccessAsApp")
+	fake.AddMailbox(tenant, "other@example.com")
+	path2 := filepath.Join(filepath.Dir(path), "other.toml")
+	data, _ := os.ReadFile(path)
+	os.WriteFile(path2, []byte(strings.Replace(string(data), "[[account]]", "[[account]]\npop3_mailbox = \"other@example.com\"", 1)), 0o600)
+	code, stdout, _ = runBinary(t, env, "", "check", "-config", path2)
+	if code != 1 || !strings.Contains(stdout, "FAIL  tm-master            pop3       outlook refused the XOAUTH2 login") || !strings.Contains(stdout, "Add-MailboxPermission") {
 		t.Errorf("status %d, output:\n%s", code, stdout)
 	}
 }
@@ -230,8 +263,8 @@ func TestVersion(t *testing.T) {
 	}
 }
 
-func TestDemoServesSMTP(t *testing.T) {
-	cmd := exec.Command(binary, "demo", "-smtp", "127.0.0.1:0", "-log-format", "json")
+func TestDemoServesTheWholeLoop(t *testing.T) {
+	cmd := exec.Command(binary, "demo", "-smtp", "127.0.0.1:0", "-pop3", "127.0.0.1:0", "-log-format", "json")
 	stdout, _ := cmd.StdoutPipe()
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
@@ -240,15 +273,17 @@ func TestDemoServesSMTP(t *testing.T) {
 	}
 	defer cmd.Process.Kill()
 	sc := bufio.NewScanner(stdout)
-	addr := ""
-	for addr == "" && sc.Scan() {
+	addr, popAddr := "", ""
+	for popAddr == "" && sc.Scan() {
 		if l, ok := strings.CutPrefix(sc.Text(), "SMTP server "); ok {
-			addr = strings.Fields(l)[0]
-			addr = strings.TrimSuffix(addr, ",")
+			addr = strings.TrimSuffix(strings.Fields(l)[0], ",")
+		}
+		if l, ok := strings.CutPrefix(sc.Text(), "POP3 server "); ok {
+			popAddr = strings.TrimSuffix(strings.Fields(l)[0], ",")
 		}
 	}
-	if addr == "" {
-		t.Fatal("the demo did not print its SMTP address")
+	if addr == "" || popAddr == "" {
+		t.Fatal("the demo did not print its SMTP and POP3 addresses")
 	}
 	c, err := smtp.Dial(addr)
 	if err != nil {
@@ -257,10 +292,24 @@ func TestDemoServesSMTP(t *testing.T) {
 	if err := c.Auth(sasl.NewPlainClient("", "demo", "demo")); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.SendMail("demo@example.com", []string{"someone@example.org"}, strings.NewReader("From: demo@example.com\r\nTo: someone@example.org\r\nSubject: demo\r\n\r\nhi\r\n")); err != nil {
+	if err := c.SendMail("demo@example.com", []string{"demo@example.com"}, strings.NewReader("From: demo@example.com\r\nTo: demo@example.com\r\nSubject: demo\r\n\r\nhi\r\n")); err != nil {
 		t.Fatal(err)
 	}
 	c.Quit()
+	host, port, _ := net.SplitHostPort(popAddr)
+	pn, _ := strconv.Atoi(port)
+	pc, err := pop3.New(pop3.Opt{Host: host, Port: pn}).NewConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := pc.Auth("demo", "demo"); err != nil {
+		t.Fatalf("POP3 login: %v", err)
+	}
+	raw, err := pc.RetrRaw(2)
+	if err != nil || !strings.Contains(raw.String(), "Subject: demo") {
+		t.Fatalf("RETR 2 through the demo's POP3: %v %q", err, raw)
+	}
+	pc.Quit()
 	cmd.Process.Signal(syscall.SIGINT)
 	cmd.Wait()
 	if !strings.Contains(stderr.String(), `"message":"fake Graph received a message"`) || !strings.Contains(stderr.String(), `"subject":"demo"`) {

@@ -400,7 +400,7 @@ func (p *popSession) transaction(cmd, arg string) bool {
 			if !ok {
 				return p.reply(noSuch) == nil
 			}
-			return p.reply("+OK " + item(i, m)) == nil
+			return p.reply("+OK "+item(i, m)) == nil
 		}
 		lines := []string{"+OK"}
 		for i := range p.msgs {
