@@ -472,16 +472,14 @@ func (d *deadlineWriter) Write(p []byte) (int, error) {
 // it arrives, up to and including the terminating ".CRLF" line (RFC 1939
 // §3), and returns the bytes copied. Nothing is changed: dot-stuffing,
 // lines of any length, 8-bit bytes and bare CR or LF pass as they are; only
-// CRLF ends a line. renew is called before each read from src.
+// CRLF ends a line, so the answer ends at the first CRLF "." CRLF (or at a
+// body that starts with "." CRLF). renew is called before each read from
+// src.
 func copyMultiline(dst io.Writer, src *bufio.Reader, renew func()) (int64, error) {
-	const (
-		lineStart = iota // after CRLF (or at the start of the body)
-		mid              // inside a line
-		cr               // after CR
-		dot              // "." at the start of a line
-		dotCR            // ".\r" at the start of a line
-	)
-	state := lineStart
+	terminator := []byte("\r\n.\r\n")
+	// last holds the final bytes seen so far, to find a terminator split
+	// across reads; it starts as CRLF: the body starts at a line start.
+	last := []byte("\r\n")
 	var total int64
 	for {
 		renew()
@@ -489,49 +487,14 @@ func copyMultiline(dst io.Writer, src *bufio.Reader, renew func()) (int64, error
 			return total, err
 		}
 		chunk, _ := src.Peek(src.Buffered())
-		end := -1
-		for i, c := range chunk {
-			switch state {
-			case lineStart:
-				switch c {
-				case '.':
-					state = dot
-				case '\r':
-					state = cr
-				default:
-					state = mid
-				}
-			case mid:
-				if c == '\r' {
-					state = cr
-				}
-			case cr:
-				switch c {
-				case '\n':
-					state = lineStart
-				case '\r':
-					state = cr
-				default:
-					state = mid
-				}
-			case dot:
-				if c == '\r' {
-					state = dotCR
-				} else {
-					state = mid
-				}
-			case dotCR:
-				if c == '\n' {
-					end = i
-				} else if c == '\r' {
-					state = cr
-				} else {
-					state = mid
-				}
-			}
-			if end >= 0 {
-				break
-			}
+		end := -1 // index in chunk of the terminator's final LF
+		// A terminator that began in an earlier chunk.
+		head := chunk[:min(len(chunk), len(terminator)-1)]
+		window := append(append(make([]byte, 0, 2*len(terminator)), last...), head...)
+		if i := bytes.Index(window, terminator); i >= 0 {
+			end = i + len(terminator) - len(last) - 1
+		} else if i := bytes.Index(chunk, terminator); i >= 0 {
+			end = i + len(terminator) - 1
 		}
 		n := len(chunk)
 		if end >= 0 {
@@ -539,6 +502,12 @@ func copyMultiline(dst io.Writer, src *bufio.Reader, renew func()) (int64, error
 		}
 		w, err := dst.Write(chunk[:n])
 		total += int64(w)
+		if len(chunk) >= len(terminator)-1 {
+			last = append(last[:0], chunk[len(chunk)-(len(terminator)-1):]...)
+		} else {
+			last = append(last, chunk...)
+			last = last[max(0, len(last)-(len(terminator)-1)):]
+		}
 		src.Discard(n)
 		if err != nil {
 			return total, err
