@@ -6,7 +6,6 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/base64"
-	"errors"
 	"fmt"
 	"net"
 	"strconv"
@@ -141,22 +140,14 @@ func (c *POP3Conn) readLine() (string, error) {
 }
 
 // Stat asks STAT and returns the number of messages and their total size.
+// It goes through go-pop3, whose reader holds nothing: Outlook sends
+// nothing unasked.
 func (c *POP3Conn) Stat() (count, size int, err error) {
-	if err := c.client.Send("STAT"); err != nil {
-		return 0, 0, err
-	}
-	line, err := c.readLine()
+	c.Conn.SetDeadline(time.Now().Add(30 * time.Second))
+	defer c.Conn.SetDeadline(time.Time{})
+	count, size, err = c.client.Stat()
 	if err != nil {
-		return 0, 0, err
-	}
-	f := strings.Fields(line)
-	if len(f) < 3 || f[0] != "+OK" {
-		return 0, 0, fmt.Errorf("pop3 upstream: STAT answered %q", line)
-	}
-	count, err1 := strconv.Atoi(f[1])
-	size, err2 := strconv.Atoi(f[2])
-	if err := errors.Join(err1, err2); err != nil {
-		return 0, 0, fmt.Errorf("pop3 upstream: STAT answered %q", line)
+		return 0, 0, fmt.Errorf("pop3 upstream: STAT: %w", err)
 	}
 	return count, size, nil
 }
