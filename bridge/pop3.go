@@ -125,7 +125,7 @@ func (s *pop3Session) finish() {
 	s.cancel()
 	ev := s.log.Info()
 	if s.account != nil {
-		ev = ev.Str("account", s.account.Config.Name).Str("upstream", s.bridge.cfg.POP3.Upstream)
+		ev = ev.Str("upstream", s.bridge.cfg.POP3.Upstream)
 	}
 	ev.Int("commands", s.commands).Int("retr_count", s.retrCount).Int64("retr_bytes", s.retrBytes).
 		Int("dele_count", s.deleCount).Int64("duration_ms", time.Since(s.started).Milliseconds()).

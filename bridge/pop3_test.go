@@ -633,3 +633,32 @@ func writeStuffedReference(w *bytes.Buffer, msg []byte) error {
 	w.WriteString(".\r\n")
 	return nil
 }
+
+func TestPOP3StalledUpstreamEndsSession(t *testing.T) {
+	fake := startFake(t)
+	cfg := testConfig(fake)
+	cfg.POP3.UpstreamTimeout = Duration{300 * time.Millisecond}
+	b, logs := startBridge(t, fake, cfg)
+	fake.AddMessage(mailboxA, crlf("Subject: x\n\nx\n"))
+	fake.FailPOP3(m365fake.POP3Fault{StallRetr: true})
+	p := dialPOP3(t, b.POP3Addr())
+	p.login(userA, passwordA)
+	fmt.Fprintf(p.conn, "RETR 1\r\n")
+	p.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	got, err := io.ReadAll(p.r)
+	if err != nil {
+		t.Fatalf("the bridge did not close the connection: %v", err)
+	}
+	if bytes.Contains(got, []byte("\r\n.\r\n")) {
+		t.Fatalf("the client saw a complete answer from a stalled upstream: %q", got)
+	}
+	waitFor(t, "the session's end", func() bool { return strings.Contains(logs.String(), `"ended":"upstream failed"`) })
+
+	// A login that Outlook does not answer in time.
+	fake.FailPOP3(m365fake.POP3Fault{Delay: time.Second})
+	p = dialPOP3(t, b.POP3Addr())
+	p.cmd("USER %s", userA)
+	if l := p.cmd("PASS %s", passwordA); !strings.HasPrefix(l, "-ERR [SYS/TEMP] Outlook's POP3 service could not be reached") {
+		t.Errorf("slow login: %q", l)
+	}
+}

@@ -1,8 +1,10 @@
 package upstream_test
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/base64"
 	"errors"
 	"io"
@@ -277,5 +279,75 @@ func TestFakeGraphRefusesBadBase64AndBadTokens(t *testing.T) {
 	enc := base64.StdEncoding.EncodeToString([]byte("From: orders@example.com\r\nTo: a@example.org\r\n\r\nhello\r\n"))
 	if st, body, _ := post(graphToken, enc[:20]+"\r\n"+enc[20:]); st != 202 {
 		t.Errorf("base64 with a line break: %d %s", st, body)
+	}
+}
+
+func TestFakeOutlookPOP3BehavesAsOutlook(t *testing.T) {
+	fake := startFake(t)
+	fake.GrantMailboxAccess(tenant, client, mailbox)
+	addr, err := fake.StartPOP3()
+	if err != nil {
+		t.Fatal(err)
+	}
+	token, err := upstream.NewTokenSources(upstream.NewHTTPClient(fake.CertPool())).Get(
+		upstream.Credentials{TokenURL: fake.TokenURL(), TenantID: tenant, ClientID: client, ClientSecret: secret}, upstream.OutlookScope).Token(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	dial := func() (*tls.Conn, *bufio.Reader) {
+		c, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: fake.CertPool()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		r := bufio.NewReader(c)
+		greeting, _ := r.ReadString('\n')
+		if !strings.HasPrefix(greeting, "+OK The Microsoft Exchange POP3 service is ready. [") {
+			t.Fatalf("greeting %q", greeting)
+		}
+		return c, r
+	}
+	ask := func(c *tls.Conn, r *bufio.Reader, line string) string {
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(c, line+"\r\n")
+		l, _ := r.ReadString('\n')
+		return strings.TrimRight(l, "\r\n")
+	}
+	blob := base64.StdEncoding.EncodeToString([]byte("user=" + mailbox + "\x01auth=Bearer " + token + "\x01\x01"))
+
+	// The token on the AUTH line: over the 512-byte limit, connection closed.
+	c, r := dial()
+	if l := ask(c, r, "AUTH XOAUTH2 "+blob); l != "-ERR Protocol error. Connection is closed. 10" {
+		t.Errorf("one-step XOAUTH2: %q", l)
+	}
+	if _, err := r.ReadByte(); err == nil {
+		t.Error("the connection stayed open")
+	}
+	// Basic authentication is off.
+	c, r = dial()
+	ask(c, r, "USER "+mailbox)
+	if l := ask(c, r, "PASS secret"); l != "-ERR Authentication failure: unknown user name or bad password." {
+		t.Errorf("PASS: %q", l)
+	}
+	// Two steps: accepted. A Graph token is not.
+	if l := ask(c, r, "AUTH XOAUTH2"); l != "+ " {
+		t.Errorf("continuation %q", l)
+	}
+	if l := ask(c, r, blob); l != "+OK User successfully authenticated." {
+		t.Errorf("two-step XOAUTH2: %q", l)
+	}
+	if l := ask(c, r, "QUIT"); l != "+OK Microsoft Exchange Server 2016 POP3 server signing off." {
+		t.Errorf("QUIT: %q", l)
+	}
+	graphToken, _ := upstream.NewTokenSources(upstream.NewHTTPClient(fake.CertPool())).Get(
+		upstream.Credentials{TokenURL: fake.TokenURL(), TenantID: tenant, ClientID: client, ClientSecret: secret}, upstream.GraphScope).Token(context.Background())
+	_, err = (&upstream.POP3Dialer{Addr: addr, RootCAs: fake.CertPool()}).Dial(context.Background(), mailbox, graphToken)
+	var authErr *upstream.POP3AuthError
+	if !errors.As(err, &authErr) || authErr.Reply != "-ERR Authentication failure: unknown user name or bad password." {
+		t.Errorf("Graph token on POP3: %v", err)
+	}
+	// The dialer verifies the certificate.
+	if _, err := (&upstream.POP3Dialer{Addr: addr}).Dial(context.Background(), mailbox, token); err == nil || errors.As(err, &authErr) {
+		t.Errorf("untrusted certificate: got %v, want a TLS error", err)
 	}
 }

@@ -40,6 +40,9 @@ type POP3Fault struct {
 	Delay time.Duration
 	// RefuseAuth refuses the next XOAUTH2 login even with a good token.
 	RefuseAuth bool
+	// StallRetr answers the next session's RETR with "+OK" and then
+	// nothing more, keeping the connection open.
+	StallRetr bool
 }
 
 // pop3State is the fake's POP3 side: mailboxes and faults.
@@ -424,6 +427,10 @@ func (p *popSession) transaction(cmd, arg string) bool {
 			maxBody = n
 		}
 		if p.reply("+OK") != nil {
+			return false
+		}
+		if cmd == "RETR" && p.fault.StallRetr {
+			io.Copy(io.Discard, p.conn) // until the client gives up
 			return false
 		}
 		var w io.Writer = p.w
