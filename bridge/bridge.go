@@ -55,6 +55,8 @@ type Bridge struct {
 	ordered    []*Account
 	throttle   *authThrottle
 	retry      retryPolicy
+	pacer      *uploadPacer
+	spoolDir   string
 	httpClient *http.Client
 
 	smtpServer *smtp.Server
@@ -84,6 +86,8 @@ func New(cfg *Config, opts Options) (*Bridge, error) {
 		accounts:   map[string]*Account{},
 		throttle:   newAuthThrottle(opts.AuthFailureDelay, 30*opts.AuthFailureDelay),
 		retry:      defaultRetry,
+		pacer:      newUploadPacer(cfg.SMTP.UploadBytesPer5Min, 5*time.Minute),
+		spoolDir:   cfg.SMTP.SpoolDir,
 		httpClient: httpClient,
 	}
 	for _, ac := range cfg.Accounts {

@@ -43,6 +43,12 @@ type SMTPConfig struct {
 	SendTimeout     Duration `toml:"send_timeout"`     // how long one message may take to reach Graph, retries included
 	IdleTimeout     Duration `toml:"idle_timeout"`     // how long a client may stay silent
 	ShutdownTimeout Duration `toml:"shutdown_timeout"` // how long a stop waits for messages being received
+	// SpoolDir holds messages over 4 MB while they are received and sent;
+	// "" is the system's temporary directory.
+	SpoolDir string `toml:"spool_dir"`
+	// UploadBytesPer5Min paces uploads per mailbox (Graph allows 150 MB per
+	// 5 minutes).
+	UploadBytesPer5Min int64 `toml:"upload_bytes_per_5min"`
 }
 
 // POP3Config is the [pop3] table: the local POP3 listener and the Outlook
@@ -75,6 +81,10 @@ type AccountConfig struct {
 	Protocols   []string `toml:"protocols"`
 	POP3Scope   string   `toml:"pop3_scope"`
 	POP3Mailbox string   `toml:"pop3_mailbox"` // "" means Mailbox
+	// LargeMessages sends messages over sendMail's limit as a draft with
+	// attachments (needs Mail.ReadWrite); nil means true.
+	LargeMessagesSetting *bool `toml:"large_messages"`
+	LargeMessages        bool  `toml:"-"`
 }
 
 // Uses reports whether the account may use protocol ("smtp" or "pop3").
@@ -122,6 +132,7 @@ func DefaultConfig() *Config {
 			SendTimeout:     Duration{60 * time.Second},
 			IdleTimeout:     Duration{5 * time.Minute},
 			ShutdownTimeout: Duration{30 * time.Second},
+			UploadBytesPer5Min: 150 << 20,
 		},
 		POP3: POP3Config{
 			Listen:   DefaultPOP3Listen,
@@ -187,6 +198,14 @@ func (c *Config) Complete(dir string) error {
 	}
 	if c.SMTP.MaxMessageBytes <= 0 {
 		bad("smtp.max_message_bytes", "must be a positive number of bytes")
+	}
+	if c.SMTP.UploadBytesPer5Min <= 0 {
+		bad("smtp.upload_bytes_per_5min", "must be a positive number of bytes")
+	}
+	if c.SMTP.SpoolDir != "" {
+		if st, err := os.Stat(c.SMTP.SpoolDir); err != nil || !st.IsDir() {
+			bad("smtp.spool_dir", "%q is not a directory", c.SMTP.SpoolDir)
+		}
 	}
 	if c.SMTP.MaxRecipients <= 0 {
 		bad("smtp.max_recipients", "must be positive")
@@ -288,6 +307,7 @@ func (c *Config) Complete(dir string) error {
 				bad(key(k), "%v", err)
 			}
 		}
+		a.LargeMessages = a.LargeMessagesSetting == nil || *a.LargeMessagesSetting
 		if a.POP3Scope == "" {
 			a.POP3Scope = upstream.OutlookScope
 		}

@@ -3,7 +3,6 @@ package bridge
 import (
 	"bytes"
 	"fmt"
-	"io"
 	"mime"
 	"net/mail"
 	"net/textproto"
@@ -194,47 +193,4 @@ func foldedField(name string, addrs []string) []byte {
 	}
 	b.WriteString("\r\n")
 	return b.Bytes()
-}
-
-// segments is an io.ReaderAt over byte slices laid end to end: the message
-// as Graph receives it, without copying the body.
-type segments [][]byte
-
-func (s segments) size() int64 {
-	var n int64
-	for _, seg := range s {
-		n += int64(len(seg))
-	}
-	return n
-}
-
-// ReadAt implements io.ReaderAt.
-func (s segments) ReadAt(p []byte, off int64) (int, error) {
-	n := 0
-	for _, seg := range s {
-		if off >= int64(len(seg)) {
-			off -= int64(len(seg))
-			continue
-		}
-		c := copy(p[n:], seg[off:])
-		n += c
-		off = 0
-		if n == len(p) {
-			return n, nil
-		}
-	}
-	return n, io.EOF
-}
-
-// WriteTo writes all segments to w.
-func (s segments) WriteTo(w io.Writer) (int64, error) {
-	var total int64
-	for _, seg := range s {
-		n, err := w.Write(seg)
-		total += int64(n)
-		if err != nil {
-			return total, err
-		}
-	}
-	return total, nil
 }

@@ -1,7 +1,6 @@
 package bridge
 
 import (
-	"bytes"
 	"io"
 	"slices"
 	"strings"
@@ -110,16 +109,16 @@ func TestFoldedField(t *testing.T) {
 	}
 }
 
-func TestSegmentsReadAt(t *testing.T) {
-	s := segments{[]byte("hello "), []byte(""), []byte("big "), []byte("world")}
+func TestViewReadAtAndSlice(t *testing.T) {
+	v := view{bytesPiece([]byte("hello ")), bytesPiece(nil), piece{r: strings.NewReader("xxbig yy"), off: 2, n: 4}, bytesPiece([]byte("world"))}
 	whole := "hello big world"
-	if s.size() != int64(len(whole)) {
-		t.Fatalf("size %d", s.size())
+	if v.size() != int64(len(whole)) {
+		t.Fatalf("size %d", v.size())
 	}
 	for off := 0; off <= len(whole); off++ {
 		for n := 0; n <= len(whole)-off+2; n++ {
 			p := make([]byte, n)
-			got, err := s.ReadAt(p, int64(off))
+			got, err := v.ReadAt(p, int64(off))
 			want := min(n, len(whole)-off)
 			if got != want || string(p[:got]) != whole[off:off+want] {
 				t.Fatalf("ReadAt(%d bytes at %d) = %d %q", n, off, got, p[:got])
@@ -129,10 +128,14 @@ func TestSegmentsReadAt(t *testing.T) {
 			}
 		}
 	}
-	var buf bytes.Buffer
-	s.WriteTo(&buf)
-	if buf.String() != whole {
-		t.Errorf("WriteTo wrote %q", buf.String())
+	for from := 0; from <= len(whole); from++ {
+		for to := from; to <= len(whole); to++ {
+			sl := v.slice(int64(from), int64(to))
+			b, err := io.ReadAll(io.NewSectionReader(sl, 0, sl.size()))
+			if err != nil || string(b) != whole[from:to] {
+				t.Fatalf("slice(%d, %d) = %q, %v", from, to, b, err)
+			}
+		}
 	}
 }
 

@@ -67,39 +67,48 @@ func noMailbox(err error) bool {
 
 // delivery is the outcome of sending one message, for the log.
 type delivery struct {
-	result    upstream.SendResult
-	user      string // the Graph user that finally sent (or last tried)
-	attempts  int
-	fellBack  bool // use_address_from_user fell back to the account mailbox
-	lastError error
+	result   upstream.SendResult
+	user     string // the Graph user that finally sent (or last tried)
+	attempts int
+	fellBack bool   // use_address_from_user fell back to the account mailbox
+	path     string // "sendMail", or "draft" for a large message
 }
 
-// deliver sends msg as user, retrying transient failures until ctx ends,
-// and falling back to fallbackUser (if not "") when Graph says user has no
-// mailbox.
-func deliver(ctx context.Context, sender MailSender, policy retryPolicy, user, fallbackUser string, msg io.ReaderAt, size int64) (delivery, error) {
-	d := delivery{user: user}
-	for {
-		d.attempts++
-		res, err := sender.SendMail(ctx, d.user, msg, size)
-		d.result = res
-		if err == nil {
-			return d, nil
+// retryOp runs op until it succeeds, fails for good, or the next try could
+// not happen before ctx ends. It returns the number of tries.
+func retryOp(ctx context.Context, policy retryPolicy, op func(ctx context.Context) error) (int, error) {
+	for n := 1; ; n++ {
+		err := op(ctx)
+		if err == nil || !retryable(err) {
+			return n, err
 		}
-		d.lastError = err
-		if fallbackUser != "" && d.user != fallbackUser && noMailbox(err) {
-			d.user, d.fellBack = fallbackUser, true
-			continue
-		}
-		if !retryable(err) {
-			return d, err
-		}
-		pause := policy.wait(d.attempts, err)
+		pause := policy.wait(n, err)
 		if deadline, ok := ctx.Deadline(); ok && time.Until(deadline) < pause {
-			return d, err // the next try could not happen in time: give the client Graph's reason now
+			return n, err // give the client Graph's reason now
 		}
 		if sleepCtx(ctx, pause) != nil {
-			return d, err
+			return n, err
 		}
 	}
+}
+
+// deliver sends msg as user through sendMail, retrying transient failures
+// until ctx ends, and falling back to fallbackUser (if not "") when Graph
+// says user has no mailbox.
+func deliver(ctx context.Context, sender MailSender, policy retryPolicy, user, fallbackUser string, msg io.ReaderAt, size int64) (delivery, error) {
+	d := delivery{user: user, path: "sendMail"}
+	n, err := retryOp(ctx, policy, func(ctx context.Context) error {
+		res, err := sender.SendMail(ctx, d.user, msg, size)
+		if err != nil && fallbackUser != "" && d.user != fallbackUser && noMailbox(err) {
+			d.user, d.fellBack = fallbackUser, true
+			res, err = sender.SendMail(ctx, d.user, msg, size)
+		}
+		d.result = res
+		return err
+	})
+	d.attempts = n
+	if d.fellBack {
+		d.attempts++
+	}
+	return d, err
 }

@@ -50,6 +50,9 @@ func smtpReply(err error) *smtp.SMTPError {
 		return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 7, 0},
 			Message: fmt.Sprintf("Microsoft 365 refused the bridge's sign-in (%s, AADSTS%d); the administrator must fix the app registration, see the bridge's log", tokErr.Code, tokErr.AADSTS)}
 	}
+	if errors.Is(err, errSpool) {
+		return &smtp.SMTPError{Code: 452, EnhancedCode: smtp.EnhancedCode{4, 3, 1}, Message: "Cannot store the message now, try again later"}
+	}
 	if errors.Is(err, context.DeadlineExceeded) {
 		return &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 4, 2},
 			Message: "Microsoft Graph did not accept the message in time, try again later"}
@@ -93,6 +96,9 @@ func adminHint(err error) string {
 	}
 	var e *upstream.APIError
 	if !errors.As(err, &e) {
+		if errors.Is(err, errSpool) {
+			return "the bridge cannot write to smtp.spool_dir (the temporary directory by default): check free space and permissions"
+		}
 		if errors.Is(err, context.DeadlineExceeded) {
 			return "Graph did not answer within smtp.send_timeout; check the network path to graph.microsoft.com"
 		}

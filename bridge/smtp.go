@@ -172,41 +172,41 @@ func (s *smtpSession) Data(r io.Reader) error {
 	s.state.setBusy(true)
 	defer s.state.setBusy(false)
 	start := time.Now()
-	buf := bufferPool.Get().(*bytes.Buffer)
-	buf.Reset()
-	defer func() {
-		if buf.Cap() <= 4<<20 {
-			bufferPool.Put(buf)
-		}
-	}()
-	n, err := buf.ReadFrom(io.LimitReader(r, upstream.MaxSendMailMIME+1))
+	sp := newSpool(s.bridge.spoolDir)
+	defer sp.Close()
+	n, err := io.Copy(sp, r)
 	if err != nil {
 		var se *smtp.SMTPError
 		if errors.As(err, &se) {
+			if se == smtp.ErrDataTooLarge {
+				s.log.Warn().Str("from", s.from).Int64("limit", s.bridge.cfg.SMTP.MaxMessageBytes).Msg("message refused: larger than smtp.max_message_bytes")
+			}
 			return se
+		}
+		if errors.Is(err, errSpool) {
+			s.log.Error().Err(err).Msg("message not received: cannot write the spool file")
+			return &smtp.SMTPError{Code: 452, EnhancedCode: smtp.EnhancedCode{4, 3, 1}, Message: "Cannot store the message now, try again later"}
 		}
 		s.log.Info().Err(err).Int64("bytes", n).Msg("message not received: client connection failed in DATA")
 		return err
 	}
-	if n > upstream.MaxSendMailMIME {
-		s.log.Warn().Str("from", s.from).Int("rcpt_count", len(s.rcpts)).Msg("message refused: larger than Graph sendMail takes")
-		return errTooLarge(upstream.MaxSendMailMIME)
-	}
-	msg, graphUser, err := s.prepare(buf.Bytes())
+	msg, graphUser, err := s.prepare(sp)
 	if err != nil {
 		return err
 	}
 	size := msg.size()
-	if size > upstream.MaxSendMailMIME {
-		return errTooLarge(upstream.MaxSendMailMIME)
-	}
 	fallback := ""
 	if s.account.Config.UseAddressFromUser {
 		fallback = s.account.Config.Mailbox
 	}
 	ctx, cancel := context.WithTimeout(s.ctx, s.bridge.cfg.SMTP.SendTimeout.Duration)
 	defer cancel()
-	d, err := deliver(ctx, s.account.Sender, s.bridge.retry, graphUser, fallback, msg, size)
+	var d delivery
+	if size <= upstream.MaxSendMailMIME {
+		d, err = deliver(ctx, s.account.Sender, s.bridge.retry, graphUser, fallback, msg, size)
+	} else {
+		d, err = s.bridge.deliverLarge(s.ctx, s.account, s.log, graphUser, fallback, msg)
+	}
 	s.messages++
 	ev := s.log.Info()
 	if err != nil {
@@ -217,7 +217,7 @@ func (s *smtpSession) Data(r io.Reader) error {
 	}
 	ev.Str("from", s.from).Int("rcpt_count", len(s.rcpts)).Int64("bytes", size).
 		Str("graph_user", d.user).Int("graph_status", graphStatus(d, err)).Str("request_id", d.result.RequestID).
-		Int("attempts", d.attempts).Bool("fell_back", d.fellBack).
+		Int("attempts", d.attempts).Bool("fell_back", d.fellBack).Str("path", d.path).
 		Int64("duration_ms", time.Since(start).Milliseconds())
 	if err != nil {
 		reply := smtpReply(err)
@@ -237,12 +237,22 @@ func graphStatus(d delivery, err error) int {
 	return d.result.Status
 }
 
+// maxHeaderBytes bounds the header section the bridge reads.
+const maxHeaderBytes = 1 << 20
+
 // prepare checks the message against the account's sender policy and
 // returns it as Graph must receive it (every envelope recipient in a To,
 // Cc or Bcc field) and the Graph user to send as.
-func (s *smtpSession) prepare(raw []byte) (segments, string, error) {
-	headerLen, bodyStart := splitHeader(raw)
-	header := parseHeader(raw[:headerLen])
+func (s *smtpSession) prepare(sp *spool) (view, string, error) {
+	headBuf := make([]byte, min(sp.Size(), maxHeaderBytes))
+	if _, err := sp.ReadAt(headBuf, 0); err != nil && err != io.EOF {
+		return nil, "", fmt.Errorf("read spool: %w", err)
+	}
+	headerLen, bodyStart := splitHeader(headBuf)
+	if headerLen == len(headBuf) && sp.Size() > maxHeaderBytes {
+		return nil, "", &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 6, 0}, Message: "Message header over 1 MB or without an end"}
+	}
+	header := parseHeader(headBuf[:headerLen])
 	for _, field := range []string{"From", "Sender"} {
 		for _, v := range header[field] {
 			addrs := parseAddressList(v)
@@ -285,13 +295,14 @@ func (s *smtpSession) prepare(raw []byte) (segments, string, error) {
 	if len(headerOnly) > 0 {
 		s.log.Warn().Strs("addresses", headerOnly).Msg("recipients in To/Cc/Bcc but not in RCPT TO: Graph sends to the header recipients too")
 	}
+	whole := piece{r: sp, n: sp.Size()}
 	if len(bcc) == 0 {
-		return segments{raw}, graphUser, nil
+		return view{whole}, graphUser, nil
 	}
 	// Keep the message as it came and add one Bcc field at the end of the
 	// header; a Bcc field the client wrote is merged into it, since a
 	// message may have only one (RFC 5322 §3.6).
-	head := raw[:headerLen]
+	head := headBuf[:headerLen]
 	if existing := header["Bcc"]; len(existing) > 0 {
 		head = removeField(head, "Bcc")
 		bcc = append(headerAddresses(header, "Bcc"), bcc...)
@@ -300,7 +311,8 @@ func (s *smtpSession) prepare(raw []byte) (segments, string, error) {
 		if len(head) > 0 && head[len(head)-1] != '\n' {
 			head = append(head[:len(head):len(head)], '\r', '\n')
 		}
-		return segments{head, foldedField("Bcc", bcc), []byte("\r\n")}, graphUser, nil
+		return view{bytesPiece(head), bytesPiece(foldedField("Bcc", bcc)), bytesPiece([]byte("\r\n"))}, graphUser, nil
 	}
-	return segments{head, foldedField("Bcc", bcc), raw[headerLen:]}, graphUser, nil
+	rest := piece{r: sp, off: int64(headerLen), n: sp.Size() - int64(headerLen)}
+	return view{bytesPiece(head), bytesPiece(foldedField("Bcc", bcc)), rest}, graphUser, nil
 }

@@ -4,11 +4,9 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
-	"net/url"
 	"strconv"
 	"strings"
 	"time"
@@ -46,40 +44,12 @@ type SendResult struct {
 // token is renewed and the request made once more. Graph's refusals are
 // *APIError, token failures *TokenError.
 func (g *GraphClient) SendMail(ctx context.Context, user string, mime io.ReaderAt, size int64) (SendResult, error) {
-	res, token, err := g.sendMailOnce(ctx, user, mime, size)
-	var apiErr *APIError
-	if errors.As(err, &apiErr) && apiErr.Status == http.StatusUnauthorized {
-		g.tokens.Invalidate(token)
-		res, _, err = g.sendMailOnce(ctx, user, mime, size)
-	}
-	return res, err
-}
-
-func (g *GraphClient) sendMailOnce(ctx context.Context, user string, mime io.ReaderAt, size int64) (SendResult, string, error) {
-	token, err := g.tokens.Token(ctx)
-	if err != nil {
-		return SendResult{}, "", err
-	}
-	u := g.baseURL + "/users/" + url.PathEscape(user) + "/sendMail"
 	body := func() io.Reader { return NewBase64Reader(io.NewSectionReader(mime, 0, size)) }
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, body())
+	res, err := g.call(ctx, http.MethodPost, g.userURL(user, "sendMail"), "text/plain", body, int64(base64.StdEncoding.EncodedLen(int(size))), http.StatusAccepted, nil)
 	if err != nil {
-		return SendResult{}, token, fmt.Errorf("graph sendMail: %w", err)
+		return res, fmt.Errorf("graph sendMail: %w", err)
 	}
-	req.ContentLength = int64(base64.StdEncoding.EncodedLen(int(size)))
-	req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(body()), nil }
-	req.Header.Set("Content-Type", "text/plain")
-	req.Header.Set("Authorization", "Bearer "+token)
-	resp, err := g.httpClient.Do(req)
-	if err != nil {
-		return SendResult{}, token, fmt.Errorf("graph sendMail: %w", err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode == http.StatusAccepted {
-		io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
-		return SendResult{Status: resp.StatusCode, RequestID: resp.Header.Get("request-id")}, token, nil
-	}
-	return SendResult{Status: resp.StatusCode, RequestID: resp.Header.Get("request-id")}, token, decodeAPIError(resp)
+	return res, nil
 }
 
 // APIError is an answer from Graph other than success.

@@ -40,13 +40,18 @@ type Server struct {
 	sent          []SentMessage
 	onSend        func(SentMessage)
 	tokenFaults   []Fault
-	graphFaults   []Fault
-	tokenRequests map[string]int // by scope
-	inflight      map[string]int // Graph requests in flight, by user
+	graphFaults   map[string][]Fault // by endpoint
+	tokenRequests map[string]int     // by scope
+	inflight      map[string]int     // Graph requests in flight, by user
 	maxInflight   map[string]int
 	tokenLifetime time.Duration
 
 	pop pop3State
+
+	drafts    map[string]*draft         // by id
+	uploads   map[string]*uploadSession // by the secret in the upload URL
+	uploadDir string
+	uploadMin int64 // smallest attachment an upload session takes
 }
 
 type tenant struct {
@@ -108,6 +113,9 @@ func Start() (*Server, error) {
 		signKey:       key,
 		tenants:       make(map[string]*tenant),
 		tokenRequests: make(map[string]int),
+		graphFaults:   make(map[string][]Fault),
+		drafts:        make(map[string]*draft),
+		uploads:       make(map[string]*uploadSession),
 		inflight:      make(map[string]int),
 		maxInflight:   make(map[string]int),
 		tokenLifetime: 3599 * time.Second,
@@ -115,7 +123,14 @@ func Start() (*Server, error) {
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /{tenant}/oauth2/v2.0/token", s.serveToken)
-	mux.HandleFunc("POST /v1.0/users/{user}/sendMail", s.serveSendMail)
+	mux.HandleFunc("POST /v1.0/users/{user}/sendMail", s.graph(EndpointSendMail, "Mail.Send", s.serveSendMail))
+	mux.HandleFunc("POST /v1.0/users/{user}/messages", s.graph(EndpointCreateDraft, "Mail.ReadWrite", s.serveCreateDraft))
+	mux.HandleFunc("POST /v1.0/users/{user}/messages/{id}/attachments", s.graph(EndpointAddAttachment, "Mail.ReadWrite", s.serveAddAttachment))
+	mux.HandleFunc("POST /v1.0/users/{user}/messages/{id}/attachments/createUploadSession", s.graph(EndpointCreateUploadSession, "Mail.ReadWrite", s.serveCreateUploadSession))
+	mux.HandleFunc("POST /v1.0/users/{user}/messages/{id}/send", s.graph(EndpointSendDraft, "Mail.Send", s.serveSendDraft))
+	mux.HandleFunc("DELETE /v1.0/users/{user}/messages/{id}", s.graph(EndpointDelete, "Mail.ReadWrite", s.serveDeleteDraft))
+	mux.HandleFunc("PUT /upload/{session}", s.serveUpload)
+	mux.HandleFunc("DELETE /upload/{session}", s.serveCancelUpload)
 	s.httpSrv = &http.Server{
 		Handler:           mux,
 		ReadHeaderTimeout: 10 * time.Second,
@@ -131,6 +146,7 @@ func Start() (*Server, error) {
 // Close stops the fake and closes its connections.
 func (s *Server) Close() error {
 	s.closePOP3()
+	s.removeUploads()
 	err := s.httpSrv.Close()
 	if errors.Is(err, http.ErrServerClosed) {
 		return nil
@@ -206,13 +222,38 @@ func (s *Server) FailToken(n int, f Fault) {
 	}
 }
 
-// FailGraph makes the next n Graph requests answer with f.
-func (s *Server) FailGraph(n int, f Fault) {
+// Graph endpoints, for FailEndpoint.
+const (
+	EndpointSendMail            = "sendMail"
+	EndpointCreateDraft         = "createDraft"
+	EndpointAddAttachment       = "addAttachment"
+	EndpointCreateUploadSession = "createUploadSession"
+	EndpointUpload              = "upload"
+	EndpointSendDraft           = "send"
+	EndpointDelete              = "delete"
+)
+
+// FailGraph makes the next n sendMail requests answer with f.
+func (s *Server) FailGraph(n int, f Fault) { s.FailEndpoint(EndpointSendMail, n, f) }
+
+// FailEndpoint makes the next n requests to a Graph endpoint answer with f.
+func (s *Server) FailEndpoint(endpoint string, n int, f Fault) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for range n {
-		s.graphFaults = append(s.graphFaults, f)
+		s.graphFaults[endpoint] = append(s.graphFaults[endpoint], f)
 	}
+}
+
+func (s *Server) takeEndpointFault(endpoint string) (Fault, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	q := s.graphFaults[endpoint]
+	if len(q) == 0 {
+		return Fault{}, false
+	}
+	s.graphFaults[endpoint] = q[1:]
+	return q[0], true
 }
 
 // OnSend calls fn (on the request's goroutine) for every message Graph

@@ -27,93 +27,121 @@ type SentMessage struct {
 	Subject    string   // decoded
 	RequestID  string
 	Received   time.Time
+	// Attachments are those added to the draft a message was sent from.
+	Attachments []SentAttachment
 }
 
-func (s *Server) serveSendMail(w http.ResponseWriter, r *http.Request) {
-	requestID := newGUID()
-	w.Header().Set("request-id", requestID)
-	if c := r.Header.Get("client-request-id"); c != "" {
-		w.Header().Set("client-request-id", c)
-	} else {
-		w.Header().Set("client-request-id", requestID)
-	}
-	user := strings.ToLower(r.PathValue("user"))
-	s.mu.Lock()
-	s.inflight[user]++
-	if s.inflight[user] > s.maxInflight[user] {
-		s.maxInflight[user] = s.inflight[user]
-	}
-	s.mu.Unlock()
-	defer func() {
+// graphRequest is one authenticated request to the fake Graph.
+type graphRequest struct {
+	w         http.ResponseWriter
+	r         *http.Request
+	requestID string
+	user      string // lower case, as in the path
+	claims    claims
+	mailbox   *mailbox
+}
+
+func (g *graphRequest) fail(status int, code, message string) {
+	writeGraphError(g.w, g.requestID, status, code, message)
+}
+
+// graph wraps a Graph endpoint: request-id headers, in-flight counting,
+// injected faults for endpoint, the bearer token (Graph audience, role)
+// and the user of the path (a primary address: /users/{id} takes the UPN,
+// not an alias).
+func (s *Server) graph(endpoint, role string, serve func(g *graphRequest)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		g := &graphRequest{w: w, r: r, requestID: newGUID(), user: strings.ToLower(r.PathValue("user"))}
+		w.Header().Set("request-id", g.requestID)
+		if c := r.Header.Get("client-request-id"); c != "" {
+			w.Header().Set("client-request-id", c)
+		} else {
+			w.Header().Set("client-request-id", g.requestID)
+		}
 		s.mu.Lock()
-		s.inflight[user]--
+		s.inflight[g.user]++
+		s.maxInflight[g.user] = max(s.maxInflight[g.user], s.inflight[g.user])
 		s.mu.Unlock()
-	}()
-	fail := func(status int, code, message string) { writeGraphError(w, requestID, status, code, message) }
-	if f, ok := s.takeFault(&s.graphFaults); ok {
-		if applyFault(w, r, f, func(f Fault) { fail(f.Status, f.Code, f.Message) }) {
+		defer func() {
+			s.mu.Lock()
+			s.inflight[g.user]--
+			s.mu.Unlock()
+		}()
+		if f, ok := s.takeEndpointFault(endpoint); ok {
+			if applyFault(w, r, f, func(f Fault) { g.fail(f.Status, f.Code, f.Message) }) {
+				return
+			}
+		}
+		tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		if !ok {
+			g.fail(http.StatusUnauthorized, "InvalidAuthenticationToken", "Access token is empty.")
 			return
 		}
+		c, err := s.verifyToken(tok, GraphAudience)
+		if err != nil {
+			g.fail(http.StatusUnauthorized, "InvalidAuthenticationToken", err.Error())
+			return
+		}
+		g.claims = c
+		if !slices.Contains(c.Roles, role) {
+			g.fail(http.StatusForbidden, "ErrorAccessDenied", "Access is denied. Check credentials and try again.")
+			return
+		}
+		s.mu.Lock()
+		if t := s.tenants[c.Tid]; t != nil {
+			g.mailbox = t.mailboxes[g.user]
+		}
+		s.mu.Unlock()
+		if g.mailbox == nil || g.mailbox.primary != g.user {
+			g.fail(http.StatusNotFound, "ErrorInvalidUser", fmt.Sprintf("The requested user '%s' is invalid.", r.PathValue("user")))
+			return
+		}
+		serve(g)
 	}
+}
 
-	tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	if !ok {
-		fail(http.StatusUnauthorized, "InvalidAuthenticationToken", "Access token is empty.")
-		return
-	}
-	c, err := s.verifyToken(tok, GraphAudience)
+// readMIME reads a base64 MIME request body as sendMail and draft
+// creation take it.
+func (g *graphRequest) readMIME() ([]byte, *mail.Message, bool) {
+	body, err := io.ReadAll(io.LimitReader(g.r.Body, maxRequestBody+1))
 	if err != nil {
-		fail(http.StatusUnauthorized, "InvalidAuthenticationToken", err.Error())
-		return
-	}
-	if !slices.Contains(c.Roles, "Mail.Send") {
-		fail(http.StatusForbidden, "ErrorAccessDenied", "Access is denied. Check credentials and try again.")
-		return
-	}
-	body, err := io.ReadAll(io.LimitReader(r.Body, maxRequestBody+1))
-	if err != nil {
-		return // the client went away
+		return nil, nil, false // the client went away
 	}
 	if len(body) > maxRequestBody {
-		w.Header().Set("Content-Type", "text/html")
-		w.WriteHeader(http.StatusRequestEntityTooLarge)
-		io.WriteString(w, "<html><head><title>413 Request Entity Too Large</title></head><body>Request Entity Too Large</body></html>")
-		return
+		g.w.Header().Set("Content-Type", "text/html")
+		g.w.WriteHeader(http.StatusRequestEntityTooLarge)
+		io.WriteString(g.w, "<html><head><title>413 Request Entity Too Large</title></head><body>Request Entity Too Large</body></html>")
+		return nil, nil, false
 	}
-	s.mu.Lock()
-	t := s.tenants[c.Tid]
-	var mb *mailbox
-	if t != nil {
-		mb = t.mailboxes[user]
-	}
-	s.mu.Unlock()
-	if mb == nil || mb.primary != user { // /users/{id} takes the UPN, not an alias
-		fail(http.StatusNotFound, "ErrorInvalidUser", fmt.Sprintf("The requested user '%s' is invalid.", r.PathValue("user")))
-		return
-	}
-	if ct, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); ct != "text/plain" {
-		fail(http.StatusBadRequest, "RequestBodyRead", "Cannot read the request body: a MIME message must be sent as text/plain.")
-		return
+	if ct, _, _ := mime.ParseMediaType(g.r.Header.Get("Content-Type")); ct != "text/plain" {
+		g.fail(http.StatusBadRequest, "RequestBodyRead", "Cannot read the request body: a MIME message must be sent as text/plain.")
+		return nil, nil, false
 	}
 	raw, err := base64.StdEncoding.DecodeString(string(stripLineBreaks(body)))
 	if err != nil {
-		fail(http.StatusBadRequest, "ErrorMimeContentInvalidBase64String", "Invalid base64 string for MIME content.")
-		return
+		g.fail(http.StatusBadRequest, "ErrorMimeContentInvalidBase64String", "Invalid base64 string for MIME content.")
+		return nil, nil, false
 	}
 	msg, err := mail.ReadMessage(bytes.NewReader(raw))
 	if err != nil || len(raw) == 0 {
-		fail(http.StatusBadRequest, "ErrorMimeContentInvalid", "MIME content does not contain all required information, malformed formatting, or empty.")
-		return
+		g.fail(http.StatusBadRequest, "ErrorMimeContentInvalid", "MIME content does not contain all required information, malformed formatting, or empty.")
+		return nil, nil, false
 	}
-	sent := SentMessage{User: user, Tenant: c.Tid, MIME: raw, RequestID: requestID, Received: time.Now()}
+	return raw, msg, true
+}
+
+// sentMessage checks a message about to be sent as Graph does (From, at
+// least one recipient) and describes it.
+func (g *graphRequest) sentMessage(raw []byte, msg *mail.Message) (SentMessage, bool) {
+	sent := SentMessage{User: g.user, Tenant: g.claims.Tid, MIME: raw, RequestID: g.requestID, Received: time.Now()}
 	if from, err := mail.ParseAddress(msg.Header.Get("From")); err == nil {
 		sent.From = strings.ToLower(from.Address)
-		if sent.From != mb.primary && !slices.Contains(mb.aliases, sent.From) {
-			fail(http.StatusForbidden, "ErrorSendAsDenied", "The user account which was used to submit this request does not have the right to send mail on behalf of the specified sending account., Cannot submit message.")
-			return
+		if sent.From != g.mailbox.primary && !slices.Contains(g.mailbox.aliases, sent.From) {
+			g.fail(http.StatusForbidden, "ErrorSendAsDenied", "The user account which was used to submit this request does not have the right to send mail on behalf of the specified sending account., Cannot submit message.")
+			return sent, false
 		}
 	} else {
-		sent.From = mb.primary
+		sent.From = g.mailbox.primary
 	}
 	for _, h := range []string{"To", "Cc", "Bcc"} {
 		if msg.Header.Get(h) == "" {
@@ -121,21 +149,27 @@ func (s *Server) serveSendMail(w http.ResponseWriter, r *http.Request) {
 		}
 		list, err := msg.Header.AddressList(h)
 		if err != nil {
-			fail(http.StatusBadRequest, "ErrorInvalidRecipients", "At least one recipient is not valid., Recipient address is not valid.")
-			return
+			g.fail(http.StatusBadRequest, "ErrorInvalidRecipients", "At least one recipient is not valid., Recipient address is not valid.")
+			return sent, false
 		}
 		for _, a := range list {
 			sent.Recipients = append(sent.Recipients, strings.ToLower(a.Address))
 		}
 	}
 	if len(sent.Recipients) == 0 {
-		fail(http.StatusBadRequest, "ErrorInvalidRecipients", "At least one recipient is not valid., A message can't be sent because it contains no recipients.")
-		return
+		g.fail(http.StatusBadRequest, "ErrorInvalidRecipients", "At least one recipient is not valid., A message can't be sent because it contains no recipients.")
+		return sent, false
 	}
 	dec := new(mime.WordDecoder)
 	if subj, err := dec.DecodeHeader(msg.Header.Get("Subject")); err == nil {
 		sent.Subject = subj
 	}
+	return sent, true
+}
+
+// record stores a sent message and delivers it to the fake mailboxes among
+// its recipients.
+func (s *Server) record(sent SentMessage) {
 	s.mu.Lock()
 	s.sent = append(s.sent, sent)
 	onSend := s.onSend
@@ -144,7 +178,19 @@ func (s *Server) serveSendMail(w http.ResponseWriter, r *http.Request) {
 	if onSend != nil {
 		onSend(sent)
 	}
-	w.WriteHeader(http.StatusAccepted)
+}
+
+func (s *Server) serveSendMail(g *graphRequest) {
+	raw, msg, ok := g.readMIME()
+	if !ok {
+		return
+	}
+	sent, ok := g.sentMessage(raw, msg)
+	if !ok {
+		return
+	}
+	s.record(sent)
+	g.w.WriteHeader(http.StatusAccepted)
 }
 
 func stripLineBreaks(b []byte) []byte {
