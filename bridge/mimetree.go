@@ -175,11 +175,24 @@ func (p *mimePart) attachmentInfo(index int) (name, contentType, contentID strin
 	contentID = strings.Trim(strings.TrimSpace(p.header.Get("Content-Id")), "<>")
 	inline = strings.EqualFold(disp, "inline") || (disp == "" && contentID != "")
 	contentType = p.mediaType
+	if name == "" && p.mediaType == "message/rfc822" && len(p.children) == 1 {
+		// Graph needs a name: a forwarded message is named by its subject,
+		// as Outlook does.
+		subject, _ := p.children[0].header.Text("Subject")
+		name = strings.Map(func(r rune) rune {
+			if strings.ContainsRune(`\/:*?"<>|`, r) || r < ' ' {
+				return '_'
+			}
+			return r
+		}, strings.TrimSpace(subject))
+		if name != "" {
+			name += ".eml"
+		}
+	}
 	if name == "" {
+		name = fmt.Sprintf("attachment-%d", index)
 		if p.mediaType == "message/rfc822" {
-			name = fmt.Sprintf("forwarded-message-%d.eml", index)
-		} else {
-			name = fmt.Sprintf("attachment-%d", index)
+			name += ".eml"
 		}
 	}
 	return name, contentType, contentID, inline
