@@ -126,12 +126,12 @@ func DefaultConfig() *Config {
 	return &Config{
 		Log: LogConfig{Level: "info", Format: "json"},
 		SMTP: SMTPConfig{
-			Listen:          DefaultSMTPListen,
-			MaxMessageBytes: DefaultMaxMessageBytes,
-			MaxRecipients:   DefaultMaxRecipients,
-			SendTimeout:     Duration{60 * time.Second},
-			IdleTimeout:     Duration{5 * time.Minute},
-			ShutdownTimeout: Duration{30 * time.Second},
+			Listen:             DefaultSMTPListen,
+			MaxMessageBytes:    DefaultMaxMessageBytes,
+			MaxRecipients:      DefaultMaxRecipients,
+			SendTimeout:        Duration{60 * time.Second},
+			IdleTimeout:        Duration{5 * time.Minute},
+			ShutdownTimeout:    Duration{30 * time.Second},
 			UploadBytesPer5Min: 150 << 20,
 		},
 		POP3: POP3Config{

@@ -87,7 +87,7 @@ func (p *mimePart) splitMultipart(r io.ReaderAt, depth int) error {
 	br := bufio.NewReaderSize(io.NewSectionReader(r, p.bodyStart, p.end-p.bodyStart), 64<<10)
 	pos := p.bodyStart
 	atLineStart := true
-	var delims []int64 // line starts of delimiter lines
+	var delims []int64  // line starts of delimiter lines
 	var breakLens []int // length of the line break before each
 	prevBreak := 0
 	closed := false
