@@ -58,6 +58,9 @@ func (b *Bridge) checkSMTP(ctx context.Context, a *Account, sendTestTo string) [
 		return []CheckResult{*fail}
 	}
 	results := []CheckResult{{Account: name, Check: "smtp-token", OK: true, Detail: "token with Mail.Send issued for " + a.Config.SendScope}}
+	if gc, ok := a.Sender.(LargeSender); ok && a.Config.LargeMessages {
+		results = append(results, b.checkDrafts(ctx, a, gc))
+	}
 	if sendTestTo == "" {
 		return results
 	}
@@ -75,6 +78,30 @@ func (b *Bridge) checkSMTP(ctx context.Context, a *Account, sendTestTo string) [
 	}
 	return append(results, CheckResult{Account: name, Check: "send-test", OK: true,
 		Detail: fmt.Sprintf("Graph accepted the test message to %s (HTTP %d, request-id %s)", sendTestTo, d.result.Status, d.result.RequestID)})
+}
+
+// checkDrafts creates and deletes a draft: what sending a message over
+// sendMail's limit needs (Mail.ReadWrite).
+func (b *Bridge) checkDrafts(ctx context.Context, a *Account, gc LargeSender) CheckResult {
+	res := CheckResult{Account: a.Config.Name, Check: "large-msgs"}
+	msg := testMessage(a.Config.Mailbox, a.Config.Mailbox)
+	sctx, cancel := context.WithTimeout(ctx, b.cfg.SMTP.SendTimeout.Duration)
+	defer cancel()
+	id, err := gc.CreateDraft(sctx, a.Config.Mailbox, bytes.NewReader(msg), int64(len(msg)))
+	if err != nil {
+		res.Detail = err.Error()
+		res.Hint = "grant Mail.ReadWrite as an Application permission (Microsoft Graph) and click 'Grant admin consent', or set large_messages = false (messages over 3 MB are then refused)"
+		if !isAccessDenied(err) {
+			res.Hint = adminHint(err)
+		}
+		return res
+	}
+	if err := gc.DeleteMessage(sctx, a.Config.Mailbox, id); err != nil {
+		res.Detail = "a test draft was created but could not be deleted: " + err.Error()
+		return res
+	}
+	res.OK, res.Detail = true, "created and deleted a draft: messages over sendMail's limit can be sent"
+	return res
 }
 
 func (b *Bridge) checkPOP3(ctx context.Context, a *Account) CheckResult {

@@ -39,11 +39,10 @@ const maxMIMEDepth = 20
 // delimiters (RFC 2046 §5.1.1); a message/rfc822 body is one child.
 func parseMIME(r io.ReaderAt, start, end int64, depth int) (*mimePart, error) {
 	p := &mimePart{start: start, end: end, delimStart: -1, nextDelim: -1}
-	headBuf := make([]byte, min(end-start, maxHeaderBytes))
-	if _, err := r.ReadAt(headBuf, start); err != nil && err != io.EOF {
+	headBuf, headerLen, bodyStart, err := readHeaderAt(r, start, end)
+	if err != nil {
 		return nil, err
 	}
-	headerLen, bodyStart := splitHeader(headBuf)
 	p.bodyStart = start + int64(bodyStart)
 	h, err := textproto.ReadHeader(bufio.NewReader(io.MultiReader(bytes.NewReader(headBuf[:headerLen]), strings.NewReader("\r\n"))))
 	if err != nil {
@@ -73,6 +72,25 @@ func parseMIME(r io.ReaderAt, start, end int64, depth int) (*mimePart, error) {
 		p.children = []*mimePart{child}
 	}
 	return p, nil
+}
+
+// readHeaderAt reads the header section of the entity at r[start:end),
+// reading more only while no empty line has been found, up to
+// maxHeaderBytes.
+func readHeaderAt(r io.ReaderAt, start, end int64) (buf []byte, headerLen, bodyStart int, err error) {
+	size := int64(16 << 10)
+	for {
+		n := min(end-start, size, maxHeaderBytes)
+		buf = make([]byte, n)
+		if _, err := r.ReadAt(buf, start); err != nil && err != io.EOF {
+			return nil, 0, 0, err
+		}
+		headerLen, bodyStart = splitHeader(buf)
+		if headerLen < len(buf) || n == end-start || n == maxHeaderBytes {
+			return buf, headerLen, bodyStart, nil
+		}
+		size *= 4
+	}
 }
 
 func isEncoded(h message.Header) bool {

@@ -244,11 +244,10 @@ const maxHeaderBytes = 1 << 20
 // returns it as Graph must receive it (every envelope recipient in a To,
 // Cc or Bcc field) and the Graph user to send as.
 func (s *smtpSession) prepare(sp *spool) (view, string, error) {
-	headBuf := make([]byte, min(sp.Size(), maxHeaderBytes))
-	if _, err := sp.ReadAt(headBuf, 0); err != nil && err != io.EOF {
-		return nil, "", fmt.Errorf("read spool: %w", err)
+	headBuf, headerLen, bodyStart, err := readHeaderAt(sp, 0, sp.Size())
+	if err != nil {
+		return nil, "", fmt.Errorf("%w: %v", errSpool, err)
 	}
-	headerLen, bodyStart := splitHeader(headBuf)
 	if headerLen == len(headBuf) && sp.Size() > maxHeaderBytes {
 		return nil, "", &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 6, 0}, Message: "Message header over 1 MB or without an end"}
 	}

@@ -57,7 +57,7 @@ func fakeAndConfig(t *testing.T, listen string, extra string) (*m365fake.Server,
 	}
 	t.Cleanup(func() { fake.Close() })
 	fake.AddTenant(tenant)
-	fake.AddApp(tenant, client, secret, "Mail.Send", "POP.AccessAsApp")
+	fake.AddApp(tenant, client, secret, "Mail.Send", "Mail.ReadWrite", "POP.AccessAsApp")
 	fake.AddMailbox(tenant, mailbox)
 	fake.GrantMailboxAccess(tenant, client, mailbox)
 	pop3Addr, err := fake.StartPOP3()
@@ -200,6 +200,7 @@ func TestCheck(t *testing.T) {
 	}
 	for _, want := range []string{
 		"ok    tm-master            smtp-token token with Mail.Send issued",
+		"ok    tm-master            large-msgs created and deleted a draft",
 		"ok    tm-master            send-test  Graph accepted the test message to it@example.org (HTTP 202, request-id ",
 		"ok    tm-master            pop3       logged in to orders@example.com at 127.0.0.1:",
 		": 1 messages, 23 bytes",
@@ -230,14 +231,20 @@ func TestCheck(t *testing.T) {
 		}
 	}
 
-	// POP3 consented but no mailbox permission: the login is refused.
+	if fake.Drafts() != 0 {
+		t.Error("check left a draft")
+	}
+
+	// POP3 consented but no mailbox permission: the login is refused;
+	// without Mail.ReadWrite no draft can be made.
 	fake.AddApp(tenant, client, secret, "Mail.Send", "POP.AccessAsApp")
 	fake.AddMailbox(tenant, "other@example.com")
 	path2 := filepath.Join(filepath.Dir(path), "other.toml")
 	data, _ := os.ReadFile(path)
 	os.WriteFile(path2, []byte(strings.Replace(string(data), "[[account]]", "[[account]]\npop3_mailbox = \"other@example.com\"", 1)), 0o600)
 	code, stdout, _ = runBinary(t, env, "", "check", "-config", path2)
-	if code != 1 || !strings.Contains(stdout, "FAIL  tm-master            pop3       outlook refused the XOAUTH2 login") || !strings.Contains(stdout, "Add-MailboxPermission") {
+	if code != 1 || !strings.Contains(stdout, "FAIL  tm-master            pop3       outlook refused the XOAUTH2 login") || !strings.Contains(stdout, "Add-MailboxPermission") ||
+		!strings.Contains(stdout, "FAIL  tm-master            large-msgs") || !strings.Contains(stdout, "grant Mail.ReadWrite") {
 		t.Errorf("status %d, output:\n%s", code, stdout)
 	}
 }
