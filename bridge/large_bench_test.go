@@ -20,7 +20,6 @@ func largeMessageReader(size int64) io.Reader {
 	return io.MultiReader(bytes.NewReader([]byte(head)), &base64Lines{left: raw}, bytes.NewReader([]byte(tail)))
 }
 
-
 // base64Lines produces left pseudo-random bytes as base64 lines of 76.
 type base64Lines struct {
 	left int64
