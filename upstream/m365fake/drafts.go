@@ -241,11 +241,14 @@ func (s *Server) serveUpload(w http.ResponseWriter, r *http.Request) {
 	to, _ := strconv.ParseInt(m[2], 10, 64)
 	total, _ := strconv.ParseInt(m[3], 10, 64)
 	n := to - from + 1
-	if total != us.att.Size || from != us.next || n <= 0 || to >= total || n > maxRequestBody || r.ContentLength != n {
+	s.mu.Lock()
+	next := us.next
+	s.mu.Unlock()
+	if total != us.att.Size || from != next || n <= 0 || to >= total || n > maxRequestBody || r.ContentLength != n {
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(http.StatusRequestedRangeNotSatisfiable)
 		json.NewEncoder(w).Encode(map[string]any{"error": map[string]any{"code": "InvalidRange",
-			"message": fmt.Sprintf("Expected bytes %d- of %d.", us.next, us.att.Size)}, "nextExpectedRanges": []string{fmt.Sprintf("%d-", us.next)}})
+			"message": fmt.Sprintf("Expected bytes %d- of %d.", next, us.att.Size)}, "nextExpectedRanges": []string{fmt.Sprintf("%d-", next)}})
 		return
 	}
 	// Streamed to disk, not held: benchmarks measure the heap of the
@@ -282,7 +285,7 @@ func (s *Server) serveUpload(w http.ResponseWriter, r *http.Request) {
 	json.NewEncoder(w).Encode(map[string]any{
 		"@odata.context":     "https://graph.microsoft.com/v1.0/$metadata#microsoft.graph.uploadSession",
 		"ExpirationDateTime": us.expires.UTC().Format(time.RFC3339),
-		"NextExpectedRanges": []string{strconv.FormatInt(us.next, 10)},
+		"NextExpectedRanges": []string{strconv.FormatInt(to+1, 10)},
 	})
 }
 
