@@ -66,6 +66,14 @@ type Bridge struct {
 	pop3Slots  chan struct{}
 	pop3Wg     sync.WaitGroup
 	conns      connTracker
+	smtpSlots  chan struct{}
+
+	outbox        *outboxStore
+	worker        *outboxWorker
+	stopWorker    context.CancelFunc
+	stopDelivery  context.CancelFunc
+	workerStopped chan struct{}
+
 	baseCtx    context.Context
 	cancelBase context.CancelFunc
 	served     sync.WaitGroup
@@ -117,12 +125,30 @@ func New(cfg *Config, opts Options) (*Bridge, error) {
 	}
 	b.pop3Dialer = &upstream.POP3Dialer{Addr: cfg.POP3.Upstream, RootCAs: opts.RootCAs, Timeout: cfg.POP3.UpstreamTimeout.Duration}
 	b.pop3Slots = make(chan struct{}, max(cfg.POP3.MaxSessions, 1))
+	b.smtpSlots = make(chan struct{}, max(cfg.SMTP.MaxSessions, 1))
+	if cfg.Outbox.Enabled {
+		store, err := OpenOutbox(cfg.Outbox.Dir)
+		if err != nil {
+			return nil, err
+		}
+		b.outbox = store
+		b.worker = newOutboxWorker(b, store, b.log.With().Str("proto", "outbox").Logger())
+	}
 	b.baseCtx, b.cancelBase = context.WithCancel(context.Background())
 	return b, nil
 }
 
 // Accounts returns the configured accounts in configuration order.
 func (b *Bridge) Accounts() []*Account { return b.ordered }
+
+func (b *Bridge) accountByName(name string) *Account {
+	for _, a := range b.ordered {
+		if a.Config.Name == name {
+			return a
+		}
+	}
+	return nil
+}
 
 // authenticate checks a local user name and password of an account that
 // may use protocol, and returns the account. Failures are slowed down per
@@ -166,10 +192,21 @@ func (b *Bridge) Start() error {
 	}
 	b.smtpLn = ln
 	b.smtpServer = b.newSMTPServer()
+	if b.worker != nil {
+		wctx, stop := context.WithCancel(context.Background())
+		dctx, stopDelivery := context.WithCancel(context.Background())
+		b.stopWorker, b.stopDelivery = stop, stopDelivery
+		b.workerStopped = make(chan struct{})
+		go func() {
+			defer close(b.workerStopped)
+			b.worker.run(wctx, dctx)
+		}()
+		b.log.Info().Str("proto", "outbox").Str("dir", b.cfg.Outbox.Dir).Msg("outbox open: queued messages will be delivered")
+	}
 	b.served.Add(1)
 	go func() {
 		defer b.served.Done()
-		if err := b.smtpServer.Serve(b.conns.wrap(ln)); err != nil && !errors.Is(err, smtp.ErrServerClosed) {
+		if err := b.smtpServer.Serve(b.conns.wrap(&sessionLimitListener{Listener: ln, slots: b.smtpSlots, log: b.log})); err != nil && !errors.Is(err, smtp.ErrServerClosed) {
 			b.log.Error().Err(err).Msg("smtp listener stopped")
 		}
 	}()
@@ -210,6 +247,7 @@ func (b *Bridge) Shutdown(ctx context.Context) error {
 		case err := <-done:
 			b.cancelBase()
 			b.served.Wait()
+			err = errors.Join(err, b.stopOutbox(ctx))
 			b.httpClient.CloseIdleConnections()
 			return err
 		case <-ctx.Done():
@@ -218,12 +256,34 @@ func (b *Bridge) Shutdown(ctx context.Context) error {
 			b.conns.closeAll()
 			<-done
 			b.served.Wait()
+			b.stopOutbox(ctx)
 			b.httpClient.CloseIdleConnections()
 			return fmt.Errorf("shutdown: sessions still busy were closed: %w", ctx.Err())
 		case <-tick.C:
 		}
 	}
 }
+
+// stopOutbox stops dispatching, lets deliveries in progress finish until
+// ctx ends, then interrupts them: an interrupted message stays queued.
+func (b *Bridge) stopOutbox(ctx context.Context) error {
+	if b.worker == nil || b.stopWorker == nil {
+		return nil
+	}
+	b.stopWorker()
+	select {
+	case <-b.workerStopped:
+		b.stopDelivery()
+		return nil
+	case <-ctx.Done():
+		b.stopDelivery()
+		<-b.workerStopped
+		return fmt.Errorf("outbox: deliveries in progress were interrupted and stay queued: %w", ctx.Err())
+	}
+}
+
+// Outbox returns the outbox, nil when it is off.
+func (b *Bridge) Outbox() *outboxStore { return b.outbox }
 
 // Run starts the bridge and serves until ctx ends, then shuts down within
 // the configured shutdown timeout.

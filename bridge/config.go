@@ -26,6 +26,7 @@ type Config struct {
 	Log      LogConfig       `toml:"log"`
 	SMTP     SMTPConfig      `toml:"smtp"`
 	POP3     POP3Config      `toml:"pop3"`
+	Outbox   OutboxConfig    `toml:"outbox"`
 	Accounts []AccountConfig `toml:"account"`
 }
 
@@ -41,6 +42,7 @@ type SMTPConfig struct {
 	MaxMessageBytes int64    `toml:"max_message_bytes"`
 	MaxRecipients   int      `toml:"max_recipients"`
 	SendTimeout     Duration `toml:"send_timeout"`     // how long one message may take to reach Graph, retries included
+	MaxSessions     int      `toml:"max_sessions"`     // concurrent SMTP sessions
 	IdleTimeout     Duration `toml:"idle_timeout"`     // how long a client may stay silent
 	ShutdownTimeout Duration `toml:"shutdown_timeout"` // how long a stop waits for messages being received
 	// SpoolDir holds messages over 4 MB while they are received and sent;
@@ -59,6 +61,21 @@ type POP3Config struct {
 	IdleTimeout     Duration `toml:"idle_timeout"`     // how long a client may stay silent
 	UpstreamTimeout Duration `toml:"upstream_timeout"` // how long Outlook may stay silent within an answer
 	MaxSessions     int      `toml:"max_sessions"`     // concurrent POP3 sessions
+}
+
+// OutboxConfig is the [outbox] table: the durable queue between the SMTP
+// side and Graph.
+type OutboxConfig struct {
+	// EnabledSetting: nil means true. With the outbox off, DATA is answered
+	// only after Graph took the message.
+	EnabledSetting *bool    `toml:"enabled"`
+	Enabled        bool     `toml:"-"`
+	Dir            string   `toml:"dir"`       // default: "outbox" next to the configuration file
+	MaxAge         Duration `toml:"max_age"`   // then a message goes to failed/
+	MaxBytes       int64    `toml:"max_bytes"` // disk bound; past it new mail gets 452 4.3.1
+	// RatePerSecond bounds Graph requests per account (Microsoft allows
+	// 10,000 per 10 minutes per mailbox).
+	RatePerSecond float64 `toml:"rate_per_second"`
 }
 
 // AccountConfig is one [[account]] table: a local user and the app
@@ -133,6 +150,12 @@ func DefaultConfig() *Config {
 			IdleTimeout:        Duration{5 * time.Minute},
 			ShutdownTimeout:    Duration{30 * time.Second},
 			UploadBytesPer5Min: 150 << 20,
+			MaxSessions:        100,
+		},
+		Outbox: OutboxConfig{
+			MaxAge:        Duration{72 * time.Hour},
+			MaxBytes:      1 << 30,
+			RatePerSecond: 16,
 		},
 		POP3: POP3Config{
 			Listen:   DefaultPOP3Listen,
@@ -207,6 +230,9 @@ func (c *Config) Complete(dir string) error {
 			bad("smtp.spool_dir", "%q is not a directory", c.SMTP.SpoolDir)
 		}
 	}
+	if c.SMTP.MaxSessions <= 0 {
+		bad("smtp.max_sessions", "must be positive")
+	}
 	if c.SMTP.MaxRecipients <= 0 {
 		bad("smtp.max_recipients", "must be positive")
 	}
@@ -229,6 +255,26 @@ func (c *Config) Complete(dir string) error {
 		}
 		if c.POP3.MaxSessions <= 0 {
 			bad("pop3.max_sessions", "must be positive")
+		}
+	}
+	c.Outbox.Enabled = c.Outbox.EnabledSetting == nil || *c.Outbox.EnabledSetting
+	if c.Outbox.Enabled {
+		switch {
+		case c.Outbox.Dir == "" && dir == "":
+			bad("outbox.dir", "required when the configuration has no file to be next to")
+		case c.Outbox.Dir == "":
+			c.Outbox.Dir = filepath.Join(dir, "outbox")
+		case !filepath.IsAbs(c.Outbox.Dir) && dir != "":
+			c.Outbox.Dir = filepath.Join(dir, c.Outbox.Dir)
+		}
+		if c.Outbox.MaxAge.Duration <= 0 {
+			bad("outbox.max_age", "must be a positive duration such as \"72h\"")
+		}
+		if c.Outbox.MaxBytes <= 0 {
+			bad("outbox.max_bytes", "must be a positive number of bytes")
+		}
+		if c.Outbox.RatePerSecond <= 0 {
+			bad("outbox.rate_per_second", "must be positive")
 		}
 	}
 	if len(c.Accounts) == 0 {

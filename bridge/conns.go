@@ -2,6 +2,8 @@ package bridge
 
 import (
 	"net"
+
+	"github.com/rs/zerolog"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -108,4 +110,42 @@ func (t *connTracker) closeAll() {
 	for _, c := range all {
 		c.Close()
 	}
+}
+
+// sessionLimitListener refuses connections over the session limit with a
+// 421 reply (RFC 5321 §3.8) instead of letting them queue.
+type sessionLimitListener struct {
+	net.Listener
+	slots chan struct{}
+	log   zerolog.Logger
+}
+
+func (l *sessionLimitListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		select {
+		case l.slots <- struct{}{}:
+			return &slotConn{Conn: c, release: func() { <-l.slots }}, nil
+		default:
+			c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+			c.Write([]byte("421 4.3.2 Too many sessions, try again later\r\n"))
+			c.Close()
+			l.log.Warn().Str("proto", "smtp").Str("remote", c.RemoteAddr().String()).Int("max_sessions", cap(l.slots)).Msg("session refused: smtp.max_sessions reached")
+		}
+	}
+}
+
+// slotConn gives its session slot back when closed.
+type slotConn struct {
+	net.Conn
+	once    sync.Once
+	release func()
+}
+
+func (c *slotConn) Close() error {
+	c.once.Do(c.release)
+	return c.Conn.Close()
 }

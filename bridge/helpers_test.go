@@ -88,6 +88,8 @@ func testConfig(fake *m365fake.Server) *Config {
 	cfg.POP3.Listen = "127.0.0.1:0"
 	cfg.POP3.Upstream = fake.POP3Addr()
 	cfg.POP3.UpstreamTimeout = Duration{testSendTimeout}
+	off := false
+	cfg.Outbox.EnabledSetting = &off // the outbox's own tests turn it on
 	cfg.Accounts = []AccountConfig{
 		{
 			Name: "tm-master", Username: userA, PasswordHash: ha, Mailbox: mailboxA,

@@ -98,17 +98,21 @@ func retryOp(ctx context.Context, policy retryPolicy, op func(ctx context.Contex
 func deliver(ctx context.Context, sender MailSender, policy retryPolicy, user, fallbackUser string, msg io.ReaderAt, size int64) (delivery, error) {
 	d := delivery{user: user, path: "sendMail"}
 	n, err := retryOp(ctx, policy, func(ctx context.Context) error {
-		res, err := sender.SendMail(ctx, d.user, msg, size)
-		if err != nil && fallbackUser != "" && d.user != fallbackUser && noMailbox(err) {
-			d.user, d.fellBack = fallbackUser, true
-			res, err = sender.SendMail(ctx, d.user, msg, size)
-		}
-		d.result = res
-		return err
+		return sendOnce(ctx, sender, &d, fallbackUser, msg, size)
 	})
-	d.attempts = n
-	if d.fellBack {
-		d.attempts++
-	}
+	d.attempts += n
 	return d, err
+}
+
+// sendOnce makes one sendMail request as d.user, and one more as
+// fallbackUser if Graph says d.user has no mailbox.
+func sendOnce(ctx context.Context, sender MailSender, d *delivery, fallbackUser string, msg io.ReaderAt, size int64) error {
+	res, err := sender.SendMail(ctx, d.user, msg, size)
+	if err != nil && fallbackUser != "" && d.user != fallbackUser && noMailbox(err) {
+		d.user, d.fellBack = fallbackUser, true
+		d.attempts++
+		res, err = sender.SendMail(ctx, d.user, msg, size)
+	}
+	d.result = res
+	return err
 }

@@ -199,6 +199,13 @@ func (s *smtpSession) Data(r io.Reader) error {
 	if s.account.Config.UseAddressFromUser {
 		fallback = s.account.Config.Mailbox
 	}
+	if size > upstream.MaxSendMailMIME && !s.account.Config.LargeMessages {
+		s.log.Warn().Str("from", s.from).Int64("bytes", size).Msg("message refused: over sendMail's limit and large_messages is off")
+		return errLargeNotAllowed("large_messages is off for this account")
+	}
+	if s.bridge.outbox != nil {
+		return s.queue(msg, graphUser, fallback, start)
+	}
 	ctx, cancel := context.WithTimeout(s.ctx, s.bridge.cfg.SMTP.SendTimeout.Duration)
 	defer cancel()
 	var d delivery
@@ -227,6 +234,29 @@ func (s *smtpSession) Data(r io.Reader) error {
 	ev.Msg("message sent")
 	return &smtp.SMTPError{Code: 250, EnhancedCode: smtp.EnhancedCode{2, 0, 0},
 		Message: "OK: accepted by Microsoft 365, request-id " + d.result.RequestID}
+}
+
+// queue writes the message to the outbox durably and answers 250 with its
+// queue ID; the outbox's worker delivers it.
+func (s *smtpSession) queue(msg view, graphUser, fallback string, start time.Time) error {
+	env := &Envelope{
+		Account: s.account.Config.Name, From: s.from, Recipients: append([]string(nil), s.rcpts...),
+		GraphUser: graphUser, FallbackUser: fallback, Size: msg.size(), Received: time.Now(), NextAttempt: time.Now(),
+	}
+	err := s.bridge.outbox.add(env, msg, s.bridge.cfg.Outbox.MaxBytes)
+	s.messages++
+	if errors.Is(err, errOutboxFull) {
+		s.log.Error().Int64("bytes", env.Size).Int64("max_bytes", s.bridge.cfg.Outbox.MaxBytes).Str("hint", "Graph has not taken messages for a while: see the outbox's log lines; raise outbox.max_bytes if the disk allows").Msg("message refused: the outbox is full")
+		return &smtp.SMTPError{Code: 452, EnhancedCode: smtp.EnhancedCode{4, 3, 1}, Message: "Outbox full, try again later"}
+	}
+	if err != nil {
+		s.log.Error().Err(err).Str("hint", adminHint(err)).Msg("message not queued")
+		return smtpReply(err)
+	}
+	s.bridge.worker.enqueue(env)
+	s.log.Info().Str("queue_id", env.ID).Str("from", s.from).Int("rcpt_count", len(s.rcpts)).Int64("bytes", env.Size).
+		Str("graph_user", graphUser).Int64("duration_ms", time.Since(start).Milliseconds()).Msg("message queued")
+	return &smtp.SMTPError{Code: 250, EnhancedCode: smtp.EnhancedCode{2, 0, 0}, Message: "OK: queued as " + env.ID}
 }
 
 func graphStatus(d delivery, err error) int {

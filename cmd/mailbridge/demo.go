@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"os"
 
 	"golang.org/x/crypto/bcrypt"
 
@@ -67,6 +68,13 @@ func demo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	cfg.SMTP.Listen = *listen
 	cfg.POP3.Listen = *pop3Listen
 	cfg.POP3.Upstream = pop3Upstream
+	outboxDir, err := os.MkdirTemp("", "mailbridge-demo-outbox-")
+	if err != nil {
+		log.Error().Err(err).Msg("cannot create the demo's outbox")
+		return 1
+	}
+	defer os.RemoveAll(outboxDir)
+	cfg.Outbox.Dir = outboxDir
 	cfg.Accounts = []bridge.AccountConfig{{
 		Name: "demo", Username: "demo", PasswordHash: string(hash), Mailbox: demoMailbox,
 		TenantID: demoTenant, ClientID: demoClient, ClientSecret: secret,

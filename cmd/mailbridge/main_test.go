@@ -141,8 +141,9 @@ func TestServeSendsAndStopsOnSIGTERM(t *testing.T) {
 		t.Fatalf("send: %v", err)
 	}
 	c.Quit()
-	if sent := fake.Sent(); len(sent) != 1 || sent[0].Subject != "via the binary" {
-		t.Fatalf("Graph received %d messages", len(sent))
+	waitSent(t, fake, 1)
+	if sent := fake.Sent(); sent[0].Subject != "via the binary" {
+		t.Fatalf("Graph received %q", sent[0].Subject)
 	}
 	cmd.Process.Signal(syscall.SIGTERM)
 	done := make(chan error, 1)
@@ -161,13 +162,28 @@ func TestServeSendsAndStopsOnSIGTERM(t *testing.T) {
 		t.Fatal("the bridge did not stop after SIGTERM")
 	}
 	out := logs.String()
-	for _, want := range []string{`"message":"message sent"`, `"message":"stopped"`} {
+	for _, want := range []string{`"message":"message queued"`, `"message":"message sent"`, `"message":"stopped"`} {
 		if !strings.Contains(out, want) {
 			t.Errorf("log lacks %s:\n%s", want, out)
 		}
 	}
 	if strings.Contains(out, secret) {
 		t.Error("the log contains the client secret")
+	}
+}
+
+// waitSent waits until the fake Graph has sent n messages.
+func waitSent(t *testing.T, fake *m365fake.Server, n int) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for len(fake.Sent()) < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("Graph sent %d messages, want %d", len(fake.Sent()), n)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := len(fake.Sent()); got != n {
+		t.Fatalf("Graph sent %d messages, want %d", got, n)
 	}
 }
 
@@ -305,12 +321,24 @@ func TestDemoServesTheWholeLoop(t *testing.T) {
 	c.Quit()
 	host, port, _ := net.SplitHostPort(popAddr)
 	pn, _ := strconv.Atoi(port)
-	pc, err := pop3.New(pop3.Opt{Host: host, Port: pn}).NewConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := pc.Auth("demo", "demo"); err != nil {
-		t.Fatalf("POP3 login: %v", err)
+	var pc *pop3.Conn
+	deadline := time.Now().Add(10 * time.Second)
+	for { // the outbox delivers in the background: wait for the message
+		var err error
+		if pc, err = pop3.New(pop3.Opt{Host: host, Port: pn}).NewConn(); err != nil {
+			t.Fatal(err)
+		}
+		if err := pc.Auth("demo", "demo"); err != nil {
+			t.Fatalf("POP3 login: %v", err)
+		}
+		if n, _, err := pc.Stat(); err == nil && n >= 2 {
+			break
+		}
+		pc.Quit()
+		if time.Now().After(deadline) {
+			t.Fatal("the message sent through the demo's SMTP never reached its mailbox")
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 	raw, err := pc.RetrRaw(2)
 	if err != nil || !strings.Contains(raw.String(), "Subject: demo") {

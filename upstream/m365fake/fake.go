@@ -12,6 +12,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
+	"log"
 	"net"
 	"net/http"
 	"strings"
@@ -137,7 +139,7 @@ func Start() (*Server, error) {
 		TLSConfig:         &tls.Config{Certificates: []tls.Certificate{pki.server}, MinVersion: tls.VersionTLS12},
 		// HTTP/1.1 only, so that Drop can hijack the connection.
 		TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){},
-		ErrorLog:     nil,
+		ErrorLog:     log.New(io.Discard, "", 0), // clients that hang up mid-handshake are not news
 	}
 	go s.httpSrv.ServeTLS(ln, "", "")
 	return s, nil
