@@ -1,12 +1,14 @@
 package bridge
 
 import (
+	"container/heap"
 	"context"
 	"errors"
 	"io"
 	"net/http"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -35,7 +37,9 @@ const (
 // when it gives one, else from 1 second doubling to 10 minutes, with jitter.
 var outboxRetry = retryPolicy{base: time.Second, max: 10 * time.Minute}
 
-// outboxWorker delivers queued messages through Graph.
+// outboxWorker delivers queued messages through Graph. Queued messages
+// known in memory wait in a heap by next attempt; those whose mailbox has
+// no free slot are parked until one of its deliveries ends.
 type outboxWorker struct {
 	b      *Bridge
 	store  *outboxStore
@@ -45,6 +49,8 @@ type outboxWorker struct {
 
 	mu       sync.Mutex
 	index    map[string]*indexed // queued messages known in memory, by ID
+	ready    schedule
+	parked   map[string][]*indexed // by Graph user
 	inflight int
 	perUser  map[string]int
 	limiters map[string]*rateLimiter // by account
@@ -58,12 +64,36 @@ type indexed struct {
 	env      *Envelope
 	modTime  time.Time
 	inflight bool
+	parked   bool
+	heapIdx  int // in ready; -1 when not there
+}
+
+// schedule is a min-heap of queued messages by next attempt.
+type schedule []*indexed
+
+func (h schedule) Len() int           { return len(h) }
+func (h schedule) Less(i, j int) bool { return h[i].env.NextAttempt.Before(h[j].env.NextAttempt) }
+func (h schedule) Swap(i, j int) {
+	h[i], h[j] = h[j], h[i]
+	h[i].heapIdx, h[j].heapIdx = i, j
+}
+func (h *schedule) Push(x any) {
+	ix := x.(*indexed)
+	ix.heapIdx = len(*h)
+	*h = append(*h, ix)
+}
+func (h *schedule) Pop() any {
+	old := *h
+	ix := old[len(old)-1]
+	*h = old[:len(old)-1]
+	ix.heapIdx = -1
+	return ix
 }
 
 func newOutboxWorker(b *Bridge, store *outboxStore, log zerolog.Logger) *outboxWorker {
 	return &outboxWorker{
 		b: b, store: store, log: log, maxAge: b.cfg.Outbox.MaxAge.Duration, retry: outboxRetry,
-		index: map[string]*indexed{}, perUser: map[string]int{}, limiters: map[string]*rateLimiter{},
+		index: map[string]*indexed{}, parked: map[string][]*indexed{}, perUser: map[string]int{}, limiters: map[string]*rateLimiter{},
 		wake: make(chan struct{}, 1),
 	}
 }
@@ -72,10 +102,16 @@ func newOutboxWorker(b *Bridge, store *outboxStore, log zerolog.Logger) *outboxW
 func (w *outboxWorker) enqueue(env *Envelope) {
 	w.mu.Lock()
 	if len(w.index) < maxIndexed {
-		w.index[env.ID] = &indexed{env: env}
+		w.track(&indexed{env: env})
 	}
 	w.mu.Unlock()
 	w.poke()
+}
+
+// track adds ix to the index and the schedule; w.mu is held.
+func (w *outboxWorker) track(ix *indexed) {
+	w.index[ix.env.ID] = ix
+	heap.Push(&w.ready, ix)
 }
 
 func (w *outboxWorker) poke() {
@@ -106,7 +142,8 @@ func (w *outboxWorker) run(ctx, deliverCtx context.Context) {
 }
 
 // rescan reads the queue directory: new entries (from start-up, from
-// `mailbridge queue retry`, or beyond maxIndexed) and changed envelopes.
+// `mailbridge queue retry`, or beyond maxIndexed), changed envelopes, and
+// entries deleted by `mailbridge queue delete`.
 func (w *outboxWorker) rescan() {
 	w.lastScan = time.Now()
 	entries, err := os.ReadDir(w.store.path("queue"))
@@ -116,11 +153,10 @@ func (w *outboxWorker) rescan() {
 	}
 	present := map[string]bool{}
 	for _, e := range entries {
-		name := e.Name()
-		if len(name) < 6 || name[len(name)-5:] != ".json" {
+		id, ok := strings.CutSuffix(e.Name(), ".json")
+		if !ok {
 			continue
 		}
-		id := name[:len(name)-5]
 		present[id] = true
 		info, err := e.Info()
 		if err != nil {
@@ -130,10 +166,7 @@ func (w *outboxWorker) rescan() {
 		known := w.index[id]
 		full := len(w.index) >= maxIndexed
 		w.mu.Unlock()
-		if known != nil && (known.inflight || known.modTime.Equal(info.ModTime())) {
-			continue
-		}
-		if known == nil && full {
+		if (known != nil && (known.inflight || known.modTime.Equal(info.ModTime()))) || (known == nil && full) {
 			continue
 		}
 		env, err := w.store.readEnvelope("queue", id)
@@ -141,15 +174,29 @@ func (w *outboxWorker) rescan() {
 			continue
 		}
 		w.mu.Lock()
-		if cur := w.index[id]; cur == nil || !cur.inflight {
-			w.index[id] = &indexed{env: env, modTime: info.ModTime()}
+		switch cur := w.index[id]; {
+		case cur == nil:
+			w.track(&indexed{env: env, modTime: info.ModTime()})
+		case !cur.inflight:
+			cur.env, cur.modTime = env, info.ModTime()
+			if cur.heapIdx >= 0 {
+				heap.Fix(&w.ready, cur.heapIdx)
+			}
 		}
 		w.mu.Unlock()
 	}
 	w.mu.Lock()
 	for id, ix := range w.index {
-		if !present[id] && !ix.inflight {
-			delete(w.index, id) // deleted by `mailbridge queue delete`
+		if present[id] || ix.inflight {
+			continue
+		}
+		delete(w.index, id)
+		if ix.heapIdx >= 0 {
+			heap.Remove(&w.ready, ix.heapIdx)
+		}
+		if ix.parked {
+			user := ix.env.GraphUser
+			w.parked[user] = slices.DeleteFunc(w.parked[user], func(p *indexed) bool { return p == ix })
 		}
 	}
 	w.mu.Unlock()
@@ -160,19 +207,13 @@ func (w *outboxWorker) rescan() {
 func (w *outboxWorker) dispatch(ctx context.Context) {
 	now := time.Now()
 	w.mu.Lock()
-	var due []*indexed
-	for _, ix := range w.index {
-		if !ix.inflight && !ix.env.NextAttempt.After(now) {
-			due = append(due, ix)
-		}
-	}
-	slices.SortFunc(due, func(a, b *indexed) int { return a.env.NextAttempt.Compare(b.env.NextAttempt) })
-	var start []*indexed
-	for _, ix := range due {
-		if w.inflight >= maxInFlight {
-			break
-		}
-		if w.perUser[ix.env.GraphUser] >= perMailboxInFlight {
+	var start, limited []*indexed
+	for w.ready.Len() > 0 && w.inflight < maxInFlight && !w.ready[0].env.NextAttempt.After(now) {
+		ix := heap.Pop(&w.ready).(*indexed)
+		user := ix.env.GraphUser
+		if w.perUser[user] >= perMailboxInFlight {
+			ix.parked = true
+			w.parked[user] = append(w.parked[user], ix)
 			continue
 		}
 		lim := w.limiters[ix.env.Account]
@@ -181,12 +222,16 @@ func (w *outboxWorker) dispatch(ctx context.Context) {
 			w.limiters[ix.env.Account] = lim
 		}
 		if !lim.allow(now) {
+			limited = append(limited, ix)
 			continue
 		}
 		ix.inflight = true
 		w.inflight++
-		w.perUser[ix.env.GraphUser]++
+		w.perUser[user]++
 		start = append(start, ix)
+	}
+	for _, ix := range limited {
+		heap.Push(&w.ready, ix)
 	}
 	w.mu.Unlock()
 	for _, ix := range start {
@@ -201,6 +246,17 @@ func (w *outboxWorker) dispatch(ctx context.Context) {
 			ix.inflight = false
 			if remove {
 				delete(w.index, ix.env.ID)
+			} else {
+				heap.Push(&w.ready, ix)
+			}
+			// The mailbox has a free slot: its oldest parked message
+			// competes again (one per freed slot keeps this O(log n)).
+			if q := w.parked[user]; len(q) > 0 {
+				q[0].parked = false
+				heap.Push(&w.ready, q[0])
+				if w.parked[user] = q[1:]; len(q) == 1 {
+					delete(w.parked, user)
+				}
 			}
 			w.mu.Unlock()
 			w.poke()

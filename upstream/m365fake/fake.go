@@ -247,6 +247,14 @@ func (s *Server) FailEndpoint(endpoint string, n int, f Fault) {
 	}
 }
 
+// ClearFaults drops every injected fault not yet used.
+func (s *Server) ClearFaults() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.tokenFaults = nil
+	clear(s.graphFaults)
+}
+
 func (s *Server) takeEndpointFault(endpoint string) (Fault, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
