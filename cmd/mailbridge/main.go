@@ -32,6 +32,8 @@ commands:
   demo                               run the bridge on an embedded fake Microsoft 365
   check -config FILE [-send-test ADDRESS]
                                      test every account's Microsoft 365 settings
+  queue list|retry ID|retry-failed|delete ID -config FILE
+                                     show and manage the outbox
   hash-password                      read a password on standard input, print its bcrypt hash
   version                            print the version
 `
@@ -57,6 +59,8 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		return demo(ctx, args, stdout, stderr)
 	case "check":
 		return check(ctx, args, stdout, stderr)
+	case "queue":
+		return queue(args, stdout, stderr)
 	case "hash-password":
 		return hashPassword(stdin, stdout, stderr)
 	case "version":
@@ -149,6 +153,71 @@ func check(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	if failed > 0 {
 		fmt.Fprintf(stdout, "%d check(s) failed\n", failed)
+		return 1
+	}
+	return 0
+}
+
+func queue(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, "usage: mailbridge queue list|retry ID|retry-failed|delete ID -config FILE\n")
+		return 2
+	}
+	action, args := args[0], args[1:]
+	var id string
+	if action == "retry" || action == "delete" {
+		if len(args) == 0 || strings.HasPrefix(args[0], "-") {
+			fmt.Fprintf(stderr, "mailbridge: queue %s needs a message ID (see mailbridge queue list)\n", action)
+			return 2
+		}
+		id, args = args[0], args[1:]
+	}
+	fs := flag.NewFlagSet("queue", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	cfg, status := loadConfig(fs, args, stderr)
+	if cfg == nil {
+		return status
+	}
+	if !cfg.Outbox.Enabled {
+		fmt.Fprintln(stderr, "mailbridge: the outbox is off in this configuration ([outbox] enabled = false)")
+		return 1
+	}
+	store, err := bridge.OpenOutbox(cfg.Outbox.Dir)
+	if err != nil {
+		fmt.Fprintln(stderr, "mailbridge:", err)
+		return 1
+	}
+	switch action {
+	case "list":
+		entries, err := store.List()
+		if err != nil {
+			fmt.Fprintln(stderr, "mailbridge:", err)
+			return 1
+		}
+		fmt.Fprintf(stdout, "%-34s %-7s %-12s %10s %8s %-8s %-20s %s\n", "ID", "STATE", "ACCOUNT", "BYTES", "AGE", "ATTEMPTS", "NEXT ATTEMPT", "LAST ERROR")
+		for _, e := range entries {
+			next, last := e.NextAttempt.Local().Format(time.DateTime), e.LastError
+			if e.State == "failed" {
+				next, last = "-", e.Failure.Reason
+			}
+			fmt.Fprintf(stdout, "%-34s %-7s %-12s %10d %8s %8d %-20s %s\n", e.ID, e.State, e.Account, e.Size,
+				time.Since(e.Received).Round(time.Second), e.Attempts, next, last)
+		}
+		fmt.Fprintf(stdout, "%d message(s)\n", len(entries))
+	case "retry":
+		err = store.Retry(id)
+	case "retry-failed":
+		var n int
+		n, err = store.RetryFailed()
+		fmt.Fprintf(stdout, "%d failed message(s) back in the queue\n", n)
+	case "delete":
+		err = store.Delete(id)
+	default:
+		fmt.Fprintf(stderr, "mailbridge: unknown queue action %q\n", action)
+		return 2
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "mailbridge:", err)
 		return 1
 	}
 	return 0

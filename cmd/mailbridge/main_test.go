@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -349,5 +350,88 @@ func TestDemoServesTheWholeLoop(t *testing.T) {
 	cmd.Wait()
 	if !strings.Contains(stderr.String(), `"message":"fake Graph received a message"`) || !strings.Contains(stderr.String(), `"subject":"demo"`) {
 		t.Errorf("the demo did not log the message the fake received:\n%s", stderr.String())
+	}
+}
+
+// TestKill9AfterAcceptance kills the bridge with SIGKILL right after it
+// answered 250 for messages Graph had not taken yet, starts it again, and
+// checks that every message arrives exactly once.
+func TestKill9AfterAcceptance(t *testing.T) {
+	fake, path, env := fakeAndConfig(t, "127.0.0.1:0", "")
+	fake.FailGraph(100000, m365fake.Unavailable()) // Graph is down while the bridge accepts
+	start := func() (*exec.Cmd, string, *bytes.Buffer) {
+		cmd := exec.Command(binary, "serve", "-config", path)
+		cmd.Env = env
+		stderr, _ := cmd.StderrPipe()
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		logs := &bytes.Buffer{}
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			l := sc.Text()
+			logs.WriteString(l + "\n")
+			if strings.Contains(l, `"message":"listening"`) && strings.Contains(l, `"proto":"smtp"`) {
+				i := strings.Index(l, `"listen":"`) + len(`"listen":"`)
+				go io.Copy(io.Discard, stderr)
+				return cmd, l[i : i+strings.IndexByte(l[i:], '"')], logs
+			}
+		}
+		t.Fatalf("no listening line:\n%s", logs)
+		return nil, "", nil
+	}
+	cmd, addr, _ := start()
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Auth(sasl.NewPlainClient("", "tm", "pw")); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 5 {
+		msg := fmt.Sprintf("From: orders@example.com\r\nTo: a@example.org\r\nMessage-ID: <k%d@test>\r\nSubject: kill %d\r\n\r\nx\r\n", i, i)
+		if err := c.SendMail(mailbox, []string{"a@example.org"}, strings.NewReader(msg)); err != nil {
+			t.Fatalf("message %d: %v", i, err)
+		}
+	}
+	cmd.Process.Signal(syscall.SIGKILL)
+	cmd.Wait()
+	if n := len(fake.Sent()); n != 0 {
+		t.Fatalf("%d messages got through while Graph was down", n)
+	}
+	code, stdout, _ := runBinary(t, env, "", "queue", "list", "-config", path)
+	if code != 0 || !strings.Contains(stdout, "5 message(s)") || !strings.Contains(stdout, "queued") {
+		t.Errorf("queue list after the kill: %d\n%s", code, stdout)
+	}
+	fake.ClearFaults()
+	start()
+	waitSent(t, fake, 5)
+	time.Sleep(300 * time.Millisecond) // a duplicate would show up now
+	seen := map[string]int{}
+	for _, m := range fake.Sent() {
+		seen[m.Subject]++
+	}
+	for i := range 5 {
+		if seen[fmt.Sprintf("kill %d", i)] != 1 {
+			t.Errorf("message %d arrived %d times", i, seen[fmt.Sprintf("kill %d", i)])
+		}
+	}
+}
+
+func TestQueueCommand(t *testing.T) {
+	fake, path, env := fakeAndConfig(t, "127.0.0.1:0", "")
+	_ = fake
+	if code, _, stderr := runBinary(t, env, "", "queue", "retry", "-config", path); code != 2 || !strings.Contains(stderr, "needs a message ID") {
+		t.Errorf("retry without ID: %d %q", code, stderr)
+	}
+	if code, _, stderr := runBinary(t, env, "", "queue", "delete", "nope", "-config", path); code != 1 || !strings.Contains(stderr, "no message nope") {
+		t.Errorf("delete unknown: %d %q", code, stderr)
+	}
+	if code, stdout, _ := runBinary(t, env, "", "queue", "list", "-config", path); code != 0 || !strings.Contains(stdout, "0 message(s)") {
+		t.Errorf("list: %d %q", code, stdout)
+	}
+	if code, stdout, _ := runBinary(t, env, "", "queue", "retry-failed", "-config", path); code != 0 || !strings.Contains(stdout, "0 failed message(s)") {
+		t.Errorf("retry-failed: %d %q", code, stdout)
 	}
 }
