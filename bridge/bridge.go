@@ -42,6 +42,7 @@ type Account struct {
 	Tokens     *upstream.TokenSource
 	POP3Tokens *upstream.TokenSource
 	Sender     MailSender
+	POP3Dialer MailboxDialer
 	password   *passwordChecker
 	senders    senderPolicy
 }
@@ -62,7 +63,6 @@ type Bridge struct {
 	smtpServer *smtp.Server
 	smtpLn     net.Listener
 	pop3Ln     net.Listener
-	pop3Dialer MailboxDialer
 	pop3Slots  chan struct{}
 	pop3Wg     sync.WaitGroup
 	conns      connTracker
@@ -116,6 +116,7 @@ func New(cfg *Config, opts Options) (*Bridge, error) {
 			Config:     ac,
 			Tokens:     ts,
 			POP3Tokens: tokens.Get(ac.Credentials(), ac.POP3Scope),
+			POP3Dialer: &upstream.POP3Dialer{Addr: ac.POP3Upstream, RootCAs: opts.RootCAs, Timeout: cfg.POP3.UpstreamTimeout.Duration},
 			Sender:     upstream.NewGraphClient(ac.GraphURL, httpClient, ts),
 			password:   newPasswordChecker(ac.PasswordHash, key),
 			senders:    policy,
@@ -123,7 +124,6 @@ func New(cfg *Config, opts Options) (*Bridge, error) {
 		b.accounts[strings.ToLower(ac.Username)] = a
 		b.ordered = append(b.ordered, a)
 	}
-	b.pop3Dialer = &upstream.POP3Dialer{Addr: cfg.POP3.Upstream, RootCAs: opts.RootCAs, Timeout: cfg.POP3.UpstreamTimeout.Duration}
 	b.pop3Slots = make(chan struct{}, max(cfg.POP3.MaxSessions, 1))
 	b.smtpSlots = make(chan struct{}, max(cfg.SMTP.MaxSessions, 1))
 	if cfg.Outbox.Enabled {

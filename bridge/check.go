@@ -112,7 +112,7 @@ func (b *Bridge) checkPOP3(ctx context.Context, a *Account) CheckResult {
 	}
 	pctx, cancel := context.WithTimeout(ctx, b.cfg.POP3.UpstreamTimeout.Duration)
 	defer cancel()
-	up, err := b.pop3Dialer.Dial(pctx, a.Config.POP3Mailbox, tok)
+	up, err := a.POP3Dialer.Dial(pctx, a.Config.POP3Mailbox, tok)
 	if err != nil {
 		var authErr *upstream.POP3AuthError
 		hint := "Outlook's POP3 service could not be reached: check the network, firewall (port 995) and DNS, and pop3.upstream"
@@ -127,7 +127,7 @@ func (b *Bridge) checkPOP3(ctx context.Context, a *Account) CheckResult {
 		return CheckResult{Account: name, Check: "pop3", Detail: err.Error()}
 	}
 	return CheckResult{Account: name, Check: "pop3", OK: true,
-		Detail: fmt.Sprintf("logged in to %s at %s: %d messages, %d bytes", a.Config.POP3Mailbox, b.cfg.POP3.Upstream, count, size)}
+		Detail: fmt.Sprintf("logged in to %s at %s: %d messages, %d bytes", a.Config.POP3Mailbox, a.Config.POP3Upstream, count, size)}
 }
 
 func testMessage(from, to string) []byte {

@@ -34,6 +34,12 @@ type Config struct {
 type LogConfig struct {
 	Level  string `toml:"level"`  // debug | info | warn | error
 	Format string `toml:"format"` // json | console
+	// File, if set, receives the log instead of standard error, rotated by
+	// size and age (for service mode, where standard error goes nowhere).
+	File       string `toml:"file"`
+	MaxSizeMB  int    `toml:"max_size_mb"`  // rotate past this size
+	MaxBackups int    `toml:"max_backups"`  // rotated files kept
+	MaxAgeDays int    `toml:"max_age_days"` // rotated files older than this are removed
 }
 
 // SMTPConfig is the [smtp] table: the local SMTP listener.
@@ -91,6 +97,9 @@ type AccountConfig struct {
 	ClientSecretFile   string   `toml:"client_secret_file"`
 	AllowedSenders     []string `toml:"allowed_senders"`
 	UseAddressFromUser bool     `toml:"use_address_from_user"`
+	// Cloud is "global" (the default), "usgov", "usgovdod" or "china": the
+	// defaults of the endpoints below.
+	Cloud              string   `toml:"cloud"`
 	TokenURL           string   `toml:"token_url"`
 	GraphURL           string   `toml:"graph_url"`
 	SendScope          string   `toml:"send_scope"`
@@ -98,6 +107,9 @@ type AccountConfig struct {
 	Protocols   []string `toml:"protocols"`
 	POP3Scope   string   `toml:"pop3_scope"`
 	POP3Mailbox string   `toml:"pop3_mailbox"` // "" means Mailbox
+	// POP3Upstream is Outlook's POP3 service for this account: by default
+	// [pop3] upstream, or the national cloud's.
+	POP3Upstream string `toml:"pop3_upstream"`
 	// LargeMessages sends messages over sendMail's limit as a draft with
 	// attachments (needs Mail.ReadWrite); nil means true.
 	LargeMessagesSetting *bool `toml:"large_messages"`
@@ -141,7 +153,7 @@ const (
 // accounts.
 func DefaultConfig() *Config {
 	return &Config{
-		Log: LogConfig{Level: "info", Format: "json"},
+		Log: LogConfig{Level: "info", Format: "json", MaxSizeMB: 50, MaxBackups: 10, MaxAgeDays: 30},
 		SMTP: SMTPConfig{
 			Listen:             DefaultSMTPListen,
 			MaxMessageBytes:    DefaultMaxMessageBytes,
@@ -215,6 +227,14 @@ func (c *Config) Complete(dir string) error {
 	case "json", "console":
 	default:
 		bad("log.format", "must be json or console, not %q", c.Log.Format)
+	}
+	if c.Log.File != "" {
+		if !filepath.IsAbs(c.Log.File) && dir != "" {
+			c.Log.File = filepath.Join(dir, c.Log.File)
+		}
+		if c.Log.MaxSizeMB <= 0 || c.Log.MaxBackups < 0 || c.Log.MaxAgeDays < 0 {
+			bad("log.max_size_mb", "max_size_mb must be positive, max_backups and max_age_days not negative")
+		}
 	}
 	if err := checkLoopbackListen(c.SMTP.Listen); err != nil {
 		bad("smtp.listen", "%v", err)
@@ -339,14 +359,28 @@ func (c *Config) Complete(dir string) error {
 				bad(key("allowed_senders"), "%v", err)
 			}
 		}
+		if a.Cloud == "" {
+			a.Cloud = "global"
+		}
+		cloud, ok := upstream.Clouds[a.Cloud]
+		if !ok {
+			bad(key("cloud"), "%q is not global, usgov, usgovdod or china", a.Cloud)
+			cloud = upstream.Clouds["global"]
+		}
 		if a.TokenURL == "" {
-			a.TokenURL = upstream.DefaultTokenURL
+			a.TokenURL = cloud.TokenURL
 		}
 		if a.GraphURL == "" {
-			a.GraphURL = upstream.DefaultGraphURL
+			a.GraphURL = cloud.GraphURL
 		}
 		if a.SendScope == "" {
-			a.SendScope = upstream.GraphScope
+			a.SendScope = cloud.GraphScope
+		}
+		if a.POP3Upstream == "" {
+			a.POP3Upstream = c.POP3.Upstream
+			if a.Cloud != "global" {
+				a.POP3Upstream = cloud.POP3Addr
+			}
 		}
 		for k, u := range map[string]string{"token_url": a.TokenURL, "graph_url": a.GraphURL} {
 			if err := checkUpstreamURL(u); err != nil {
@@ -355,7 +389,7 @@ func (c *Config) Complete(dir string) error {
 		}
 		a.LargeMessages = a.LargeMessagesSetting == nil || *a.LargeMessagesSetting
 		if a.POP3Scope == "" {
-			a.POP3Scope = upstream.OutlookScope
+			a.POP3Scope = cloud.OutlookScope
 		}
 		if a.POP3Mailbox == "" {
 			a.POP3Mailbox = a.Mailbox

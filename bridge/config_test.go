@@ -104,3 +104,74 @@ func TestConfigSyntaxErrorNamesLine(t *testing.T) {
 		t.Errorf("got %v, want the file and line", err)
 	}
 }
+
+func TestLogFileRotates(t *testing.T) {
+	dir := t.TempDir()
+	cfg := LogConfig{Level: "info", Format: "json", File: filepath.Join(dir, "mailbridge.log"), MaxSizeMB: 1, MaxBackups: 3}
+	out, closer := LogOutput(cfg, os.Stderr)
+	log := NewLogger(out, cfg)
+	line := strings.Repeat("x", 1000)
+	for range 1200 { // 1.2 MB of log past a 1 MB bound
+		log.Info().Str("filler", line).Msg("rotation test")
+	}
+	closer.Close()
+	entries, _ := os.ReadDir(dir)
+	if len(entries) < 2 {
+		t.Fatalf("%d log files, want a rotated one besides the current", len(entries))
+	}
+	data, _ := os.ReadFile(cfg.File)
+	if !strings.Contains(string(data), `"message":"rotation test"`) {
+		t.Error("the current log file has no JSON lines")
+	}
+}
+
+func TestNationalCloudDefaults(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "m.toml")
+	os.WriteFile(p, []byte(`
+[[account]]
+name = "gov"
+username = "gov"
+password_hash = "$2a$10$X.FmiwimM0FjfQl2Q48UhuOd9hztzcuSRK04xk4T0bEruuwmhLH66"
+mailbox = "x@agency.example"
+tenant_id = "t"
+client_id = "c"
+client_secret = "s"
+cloud = "usgov"
+
+[[account]]
+name = "cn"
+username = "cn"
+password_hash = "$2a$10$X.FmiwimM0FjfQl2Q48UhuOd9hztzcuSRK04xk4T0bEruuwmhLH66"
+mailbox = "x@example.cn"
+tenant_id = "t"
+client_id = "c"
+client_secret = "s"
+cloud = "china"
+graph_url = "https://graph-proxy.example.cn/v1.0"
+`), 0o600)
+	cfg, err := LoadConfig(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gov, cn := cfg.Accounts[0], cfg.Accounts[1]
+	if gov.TokenURL != "https://login.microsoftonline.us/{tenant}/oauth2/v2.0/token" || gov.GraphURL != "https://graph.microsoft.us/v1.0" ||
+		gov.SendScope != "https://graph.microsoft.us/.default" || gov.POP3Scope != "https://outlook.office365.us/.default" || gov.POP3Upstream != "outlook.office365.us:995" {
+		t.Errorf("usgov: %+v", gov)
+	}
+	if cn.TokenURL != "https://login.chinacloudapi.cn/{tenant}/oauth2/v2.0/token" || cn.GraphURL != "https://graph-proxy.example.cn/v1.0" || cn.POP3Upstream != "partner.outlook.cn:995" {
+		t.Errorf("china (graph_url overridden): %+v", cn)
+	}
+	os.WriteFile(p, []byte(strings.Replace(mustRead(t, p), `cloud = "usgov"`, `cloud = "mars"`, 1)), 0o600)
+	if _, err := LoadConfig(p); err == nil || !strings.Contains(err.Error(), `account[1] (gov).cloud: "mars" is not global, usgov, usgovdod or china`) {
+		t.Errorf("unknown cloud: %v", err)
+	}
+}
+
+func mustRead(t *testing.T, p string) string {
+	t.Helper()
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}

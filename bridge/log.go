@@ -5,7 +5,18 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"gopkg.in/natefinch/lumberjack.v2"
 )
+
+// LogOutput returns where the log goes: stderr, or the rotated file of
+// cfg.File. Close the closer at exit.
+func LogOutput(cfg LogConfig, stderr io.Writer) (io.Writer, io.Closer) {
+	if cfg.File == "" {
+		return stderr, io.NopCloser(nil)
+	}
+	lj := &lumberjack.Logger{Filename: cfg.File, MaxSize: cfg.MaxSizeMB, MaxBackups: cfg.MaxBackups, MaxAge: cfg.MaxAgeDays}
+	return lj, lj
+}
 
 // NewLogger returns the root logger for cfg, writing to w: one JSON object
 // per line, or aligned text for a human at a console.

@@ -125,7 +125,7 @@ func (s *pop3Session) finish() {
 	s.cancel()
 	ev := s.log.Info()
 	if s.account != nil {
-		ev = ev.Str("upstream", s.bridge.cfg.POP3.Upstream)
+		ev = ev.Str("upstream", s.account.Config.POP3Upstream)
 	}
 	ev.Int("commands", s.commands).Int("retr_count", s.retrCount).Int64("retr_bytes", s.retrBytes).
 		Int("dele_count", s.deleCount).Int64("duration_ms", time.Since(s.started).Milliseconds()).
@@ -310,7 +310,7 @@ func (s *pop3Session) login(username, password string) {
 	start := time.Now()
 	up, err := s.dialUpstream(ctx, a)
 	if err != nil {
-		ev := s.log.Error().Err(err).Str("mailbox", a.Config.POP3Mailbox).Str("upstream", s.bridge.cfg.POP3.Upstream)
+		ev := s.log.Error().Err(err).Str("mailbox", a.Config.POP3Mailbox).Str("upstream", s.account.Config.POP3Upstream)
 		if hint := s.pop3Hint(err, a); hint != "" {
 			ev = ev.Str("hint", hint)
 		}
@@ -320,7 +320,7 @@ func (s *pop3Session) login(username, password string) {
 		return
 	}
 	s.up = up
-	s.log.Info().Str("mailbox", a.Config.POP3Mailbox).Str("upstream", s.bridge.cfg.POP3.Upstream).Str("greeting", up.Greeting).
+	s.log.Info().Str("mailbox", a.Config.POP3Mailbox).Str("upstream", s.account.Config.POP3Upstream).Str("greeting", up.Greeting).
 		Int64("duration_ms", time.Since(start).Milliseconds()).Msg("logged in upstream")
 	s.reply(up.AuthReply)
 }
@@ -330,7 +330,7 @@ func (s *pop3Session) dialUpstream(ctx context.Context, a *Account) (*upstream.P
 	if err != nil {
 		return nil, err
 	}
-	return s.bridge.pop3Dialer.Dial(ctx, a.Config.POP3Mailbox, token)
+	return a.POP3Dialer.Dial(ctx, a.Config.POP3Mailbox, token)
 }
 
 // pop3Hint explains an upstream login failure for the log.
@@ -433,7 +433,7 @@ func (s *pop3Session) transaction(line string) {
 // client's connection is closed without an answer, so it never takes a
 // deletion for committed that Outlook did not commit.
 func (s *pop3Session) upstreamFailed(err error) {
-	s.log.Error().Err(err).Str("upstream", s.bridge.cfg.POP3.Upstream).Msg("upstream connection failed: closing the client's connection")
+	s.log.Error().Err(err).Str("upstream", s.account.Config.POP3Upstream).Msg("upstream connection failed: closing the client's connection")
 	s.ended = "upstream failed"
 }
 

@@ -108,7 +108,9 @@ func serve(ctx context.Context, args []string, stderr io.Writer) int {
 	if cfg == nil {
 		return status
 	}
-	log := bridge.NewLogger(stderr, cfg.Log)
+	out, closeLog := bridge.LogOutput(cfg.Log, stderr)
+	defer closeLog.Close()
+	log := bridge.NewLogger(out, cfg.Log)
 	log.Info().Str("version", versionString()).Str("config", cfg.Path).Msg("mailbridge starting")
 	b, err := bridge.New(cfg, bridge.Options{Logger: log})
 	if err != nil {
