@@ -138,6 +138,22 @@ func New(cfg *Config, opts Options) (*Bridge, error) {
 	return b, nil
 }
 
+// secretExpiryWarning says when an account's client secret expires within
+// 30 days, or has expired; "" otherwise.
+func secretExpiryWarning(a AccountConfig, now time.Time) string {
+	if a.ClientSecretExpires.IsZero() || a.ClientCertificateFile != "" {
+		return ""
+	}
+	left := a.ClientSecretExpires.Sub(now)
+	switch {
+	case left < 0:
+		return "the client secret has expired (client_secret_expires): create a new one under Certificates & secrets, put its Value in client_secret and its date in client_secret_expires"
+	case left < 30*24*time.Hour:
+		return fmt.Sprintf("the client secret expires in %d days (client_secret_expires): create a new one under Certificates & secrets before then, or switch to client_certificate_file", int(left.Hours()/24)+1)
+	}
+	return ""
+}
+
 // Accounts returns the configured accounts in configuration order.
 func (b *Bridge) Accounts() []*Account { return b.ordered }
 
@@ -211,6 +227,11 @@ func (b *Bridge) Start() error {
 		}
 	}()
 	b.log.Info().Str("proto", "smtp").Str("listen", ln.Addr().String()).Int("accounts", len(b.ordered)).Msg("listening")
+	for _, a := range b.ordered {
+		if w := secretExpiryWarning(a.Config, time.Now()); w != "" {
+			b.log.Warn().Str("account", a.Config.Name).Time("client_secret_expires", a.Config.ClientSecretExpires).Msg(w)
+		}
+	}
 	return nil
 }
 
@@ -233,6 +254,9 @@ func (b *Bridge) Shutdown(ctx context.Context) error {
 	if b.pop3Ln != nil {
 		b.pop3Ln.Close()
 	}
+	// go-smtp closes only the listeners its Serve has registered: one whose
+	// goroutine has not started yet would be missed.
+	b.smtpLn.Close()
 	done := make(chan error, 1)
 	go func() {
 		err := b.smtpServer.Shutdown(context.Background())

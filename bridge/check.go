@@ -17,6 +17,7 @@ type CheckResult struct {
 	Account string
 	Check   string // "token", "send-test"
 	OK      bool
+	Warn    bool   // OK, but something needs doing soon
 	Detail  string // what happened: a request ID, or the error
 	Hint    string // what to fix, for failures
 }
@@ -28,6 +29,10 @@ type CheckResult struct {
 func (b *Bridge) Check(ctx context.Context, sendTestTo string) []CheckResult {
 	var results []CheckResult
 	for _, a := range b.ordered {
+		if w := secretExpiryWarning(a.Config, time.Now()); w != "" {
+			results = append(results, CheckResult{Account: a.Config.Name, Check: "secret", OK: true, Warn: true,
+				Detail: "expires " + a.Config.ClientSecretExpires.Format(time.DateOnly), Hint: w})
+		}
 		if a.Config.Uses("smtp") {
 			results = append(results, b.checkSMTP(ctx, a, sendTestTo)...)
 		}

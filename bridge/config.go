@@ -95,6 +95,14 @@ type AccountConfig struct {
 	ClientID           string   `toml:"client_id"`
 	ClientSecret       string   `toml:"client_secret"`
 	ClientSecretFile   string   `toml:"client_secret_file"`
+	// ClientCertificateFile is a PEM file with a certificate and its RSA
+	// key, uploaded to the app registration: the credential Microsoft
+	// recommends over secrets.
+	ClientCertificateFile string `toml:"client_certificate_file"`
+	// ClientSecretExpires is the secret's expiry date from the portal: the
+	// bridge warns 30 days ahead.
+	ClientSecretExpires time.Time `toml:"client_secret_expires"`
+	certificate         *upstream.ClientCertificate
 	AllowedSenders     []string `toml:"allowed_senders"`
 	UseAddressFromUser bool     `toml:"use_address_from_user"`
 	// Cloud is "global" (the default), "usgov", "usgovdod" or "china": the
@@ -121,7 +129,7 @@ func (a *AccountConfig) Uses(protocol string) bool { return slices.Contains(a.Pr
 
 // Credentials returns the account's app registration for the token source.
 func (a *AccountConfig) Credentials() upstream.Credentials {
-	return upstream.Credentials{TokenURL: a.TokenURL, TenantID: a.TenantID, ClientID: a.ClientID, ClientSecret: a.ClientSecret}
+	return upstream.Credentials{TokenURL: a.TokenURL, TenantID: a.TenantID, ClientID: a.ClientID, ClientSecret: a.ClientSecret, Certificate: a.certificate}
 }
 
 // Duration is a time.Duration written as a string such as "30s" or "2m".
@@ -337,22 +345,36 @@ func (c *Config) Complete(dir string) error {
 		if a.ClientID == "" {
 			bad(key("client_id"), "required: Application (client) ID from the app registration's Overview page")
 		}
-		switch {
-		case a.ClientSecret != "" && a.ClientSecretFile != "":
-			bad(key("client_secret"), "give client_secret or client_secret_file, not both")
-		case a.ClientSecretFile != "":
-			p := a.ClientSecretFile
-			if !filepath.IsAbs(p) {
-				p = filepath.Join(dir, p)
+		credentials := 0
+		for _, set := range []bool{a.ClientSecret != "", a.ClientSecretFile != "", a.ClientCertificateFile != ""} {
+			if set {
+				credentials++
 			}
-			b, err := os.ReadFile(p)
+		}
+		abs := func(p string) string {
+			if !filepath.IsAbs(p) {
+				return filepath.Join(dir, p)
+			}
+			return p
+		}
+		switch {
+		case credentials > 1:
+			bad(key("client_secret"), "give one of client_secret, client_secret_file and client_certificate_file")
+		case a.ClientSecretFile != "":
+			b, err := os.ReadFile(abs(a.ClientSecretFile))
 			if err != nil {
 				bad(key("client_secret_file"), "cannot read it: %v", err)
 			} else if a.ClientSecret = strings.TrimSpace(string(b)); a.ClientSecret == "" {
-				bad(key("client_secret_file"), "%s is empty", p)
+				bad(key("client_secret_file"), "%s is empty", abs(a.ClientSecretFile))
 			}
+		case a.ClientCertificateFile != "":
+			cc, err := upstream.LoadClientCertificate(abs(a.ClientCertificateFile))
+			if err != nil {
+				bad(key("client_certificate_file"), "%v", err)
+			}
+			a.certificate = cc
 		case a.ClientSecret == "":
-			bad(key("client_secret"), "required (or client_secret_file): the secret's Value from Certificates & secrets")
+			bad(key("client_secret"), "required (or client_secret_file, or client_certificate_file): the secret's Value from Certificates & secrets")
 		}
 		for _, s := range a.AllowedSenders {
 			if _, err := parseSenderPattern(s); err != nil {

@@ -49,7 +49,7 @@ func TestConfigErrorsNameFileAndKey(t *testing.T) {
 		"bad.toml: account[1] (a).password_hash: not a bcrypt hash",
 		"bad.toml: account[1] (a).mailbox: \"not-an-address\" is not an email address",
 		"bad.toml: account[1] (a).client_id: required",
-		"bad.toml: account[1] (a).client_secret: give client_secret or client_secret_file, not both",
+		"bad.toml: account[1] (a).client_secret: give one of client_secret, client_secret_file and client_certificate_file",
 		"bad.toml: account[1] (a).allowed_senders: \"*@\" is not an address or *@domain",
 		"bad.toml: account[1] (a).graph_url: \"http://graph.example.com/v1.0\" must use https",
 		"bad.toml: account[2] (a).name: \"a\" is used by another account",

@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -41,6 +42,9 @@ type Credentials struct {
 	TenantID     string
 	ClientID     string
 	ClientSecret string
+	// Certificate, if set, replaces the secret: each token request carries
+	// a freshly signed client assertion.
+	Certificate *ClientCertificate
 }
 
 func (c Credentials) tokenURL() string {
@@ -69,7 +73,11 @@ func NewTokenSources(httpClient *http.Client) *TokenSources {
 
 // Get returns the token source for cred and scope, creating it on first use.
 func (t *TokenSources) Get(cred Credentials, scope string) *TokenSource {
-	key := sha256.Sum256([]byte(cred.tokenURL() + "\x00" + cred.ClientID + "\x00" + cred.ClientSecret + "\x00" + scope))
+	secret := cred.ClientSecret
+	if cred.Certificate != nil {
+		secret = "certificate:" + cred.Certificate.Thumbprint()
+	}
+	key := sha256.Sum256([]byte(cred.tokenURL() + "\x00" + cred.ClientID + "\x00" + secret + "\x00" + scope))
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if s, ok := t.sources[key]; ok {
@@ -84,6 +92,7 @@ func (t *TokenSources) Get(cred Credentials, scope string) *TokenSource {
 			AuthStyle:    oauth2.AuthStyleInParams,
 		},
 		httpClient: t.httpClient,
+		cert:       cred.Certificate,
 		lock:       make(chan struct{}, 1),
 	}
 	t.sources[key] = s
@@ -95,6 +104,7 @@ func (t *TokenSources) Get(cred Credentials, scope string) *TokenSource {
 type TokenSource struct {
 	conf       clientcredentials.Config
 	httpClient *http.Client
+	cert       *ClientCertificate
 	lock       chan struct{} // a mutex that can be abandoned when ctx ends
 
 	token    *oauth2.Token // guarded by lock
@@ -116,6 +126,16 @@ func (s *TokenSource) Token(ctx context.Context) (string, error) {
 		return s.token.AccessToken, nil
 	}
 	s.requests.Add(1)
+	if s.cert != nil {
+		assertion, err := s.cert.Assertion(s.conf.ClientID, s.conf.TokenURL, time.Now())
+		if err != nil {
+			return "", err
+		}
+		s.conf.EndpointParams = url.Values{
+			"client_assertion_type": {"urn:ietf:params:oauth:client-assertion-type:jwt-bearer"},
+			"client_assertion":      {assertion},
+		}
+	}
 	tok, err := s.conf.Token(context.WithValue(ctx, oauth2.HTTPClient, s.httpClient))
 	if err != nil {
 		err = decodeTokenError(err)
@@ -194,6 +214,10 @@ func (e *TokenError) Hint() string {
 		return "the scope must end in /.default for the client-credentials flow"
 	case 500011:
 		return "the resource of the scope is not in this tenant: check the scope's host and that the tenant has Exchange Online"
+	case 700027:
+		return "the client assertion was refused: upload the certificate of client_certificate_file under Certificates & secrets > Certificates, or check that it is the same one"
+	case 700024:
+		return "the client assertion is outside its valid time: check this machine's clock"
 	}
 	switch {
 	case e.Status == 0:

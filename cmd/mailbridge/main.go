@@ -144,6 +144,9 @@ func check(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	failed := 0
 	for _, r := range b.Check(ctx, *sendTest) {
 		mark := "ok  "
+		if r.Warn {
+			mark = "WARN"
+		}
 		if !r.OK {
 			mark = "FAIL"
 			failed++

@@ -435,3 +435,12 @@ func TestQueueCommand(t *testing.T) {
 		t.Errorf("retry-failed: %d %q", code, stdout)
 	}
 }
+
+func TestCheckWarnsOfExpiringSecret(t *testing.T) {
+	soon := time.Now().Add(10 * 24 * time.Hour).Format(time.DateOnly)
+	_, path, env := fakeAndConfig(t, "127.0.0.1:0", "client_secret_expires = "+soon)
+	code, stdout, _ := runBinary(t, env, "", "check", "-config", path)
+	if code != 0 || !strings.Contains(stdout, "WARN  tm-master            secret     expires "+soon) || !strings.Contains(stdout, "fix: the client secret expires in ") {
+		t.Errorf("status %d, output:\n%s", code, stdout)
+	}
+}

@@ -65,6 +65,7 @@ type tenant struct {
 type app struct {
 	clientID      string
 	secret        string
+	cert          *x509.Certificate
 	secretExpired bool
 	roles         []string
 }
@@ -184,6 +185,14 @@ func (s *Server) AddApp(tenantID, clientID, secret string, roles ...string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.mustTenant(tenantID).apps[clientID] = &app{clientID: clientID, secret: secret, roles: roles}
+}
+
+// AddAppCertificate registers an application whose credential is a
+// certificate (its public key checks the client assertions).
+func (s *Server) AddAppCertificate(tenantID, clientID string, cert *x509.Certificate, roles ...string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.mustTenant(tenantID).apps[clientID] = &app{clientID: clientID, cert: cert, roles: roles}
 }
 
 // ExpireSecret makes the app's client secret expired.

@@ -1,0 +1,103 @@
+package bridge
+
+import (
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-smtp"
+
+	"mailbridge/upstream"
+)
+
+// newCertificateFile makes an RSA certificate as an administrator would
+// for an app registration, and writes it with its key to a PEM file.
+func newCertificateFile(t *testing.T) (string, *x509.Certificate) {
+	t.Helper()
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(7), Subject: pkix.Name{CommonName: "mailbridge app"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	pk, _ := x509.MarshalPKCS8PrivateKey(key)
+	p := filepath.Join(t.TempDir(), "app.pem")
+	data := append(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: pk}), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})...)
+	if err := os.WriteFile(p, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p, cert
+}
+
+func TestCertificateCredential(t *testing.T) {
+	fake := startFake(t)
+	path, cert := newCertificateFile(t)
+	fake.AddAppCertificate(tenantA, clientA, cert, "Mail.Send")
+	cfg := testConfig(fake)
+	cfg.Accounts[0].ClientSecret = ""
+	cfg.Accounts[0].ClientCertificateFile = path
+	b, logs := startBridge(t, fake, cfg)
+	c := dialAuth(t, b.SMTPAddr(), userA, passwordA)
+	if _, err := send(c, mailboxA, []string{"x@example.org"}, crlf("From: orders@example.com\nTo: x@example.org\n\nhi\n")); err != nil {
+		t.Fatalf("send with a certificate credential: %v", err)
+	}
+	if fake.TokenRequests(upstream.GraphScope) != 1 {
+		t.Errorf("%d token requests", fake.TokenRequests(upstream.GraphScope))
+	}
+	// Another certificate than the one uploaded: refused, and explained.
+	otherPath, _ := newCertificateFile(t)
+	cfg2 := testConfig(fake)
+	cfg2.Accounts[0].ClientSecret = ""
+	cfg2.Accounts[0].ClientCertificateFile = otherPath
+	b2, logs2 := startBridge(t, fake, cfg2)
+	c2 := dialAuth(t, b2.SMTPAddr(), userA, passwordA)
+	_, err := send(c2, mailboxA, []string{"x@example.org"}, crlf("From: orders@example.com\nTo: x@example.org\n\nhi\n"))
+	if code, ec := smtpCode(err); code != 451 || ec != (smtp.EnhancedCode{4, 7, 0}) {
+		t.Fatalf("wrong certificate: %v", err)
+	}
+	if !strings.Contains(logs2.String(), "AADSTS700027") || !strings.Contains(logs2.String(), "upload the certificate of client_certificate_file") {
+		t.Errorf("the refusal is not explained:\n%s", logs2.String())
+	}
+	if strings.Contains(logs.String()+logs2.String(), "PRIVATE KEY") {
+		t.Error("the log contains the key")
+	}
+}
+
+func TestSecretExpiryWarning(t *testing.T) {
+	now := time.Date(2026, 11, 27, 12, 0, 0, 0, time.UTC)
+	for _, tc := range []struct {
+		expires time.Time
+		want    string
+	}{
+		{time.Time{}, ""},
+		{now.Add(90 * 24 * time.Hour), ""},
+		{now.Add(10*24*time.Hour + time.Hour), "expires in 11 days"},
+		{now.Add(-time.Hour), "has expired"},
+	} {
+		got := secretExpiryWarning(AccountConfig{ClientSecretExpires: tc.expires}, now)
+		if (tc.want == "") != (got == "") || !strings.Contains(got, tc.want) {
+			t.Errorf("expires %v: %q, want %q", tc.expires, got, tc.want)
+		}
+	}
+	fake := startFake(t)
+	cfg := testConfig(fake)
+	cfg.Accounts[1].ClientSecretExpires = time.Now().Add(5 * 24 * time.Hour)
+	_, logs := startBridge(t, fake, cfg)
+	line := findLogLine(t, logs.String(), "the client secret expires in 5 days (client_secret_expires): create a new one under Certificates & secrets before then, or switch to client_certificate_file")
+	if !strings.Contains(line, `"level":"warn"`) || !strings.Contains(line, `"account":"scanner"`) {
+		t.Errorf("warning line %s", line)
+	}
+}
