@@ -87,14 +87,14 @@ type OutboxConfig struct {
 // AccountConfig is one [[account]] table: a local user and the app
 // registration and mailbox it sends through.
 type AccountConfig struct {
-	Name               string   `toml:"name"`
-	Username           string   `toml:"username"`
-	PasswordHash       string   `toml:"password_hash"`
-	Mailbox            string   `toml:"mailbox"`
-	TenantID           string   `toml:"tenant_id"`
-	ClientID           string   `toml:"client_id"`
-	ClientSecret       string   `toml:"client_secret"`
-	ClientSecretFile   string   `toml:"client_secret_file"`
+	Name             string `toml:"name"`
+	Username         string `toml:"username"`
+	PasswordHash     string `toml:"password_hash"`
+	Mailbox          string `toml:"mailbox"`
+	TenantID         string `toml:"tenant_id"`
+	ClientID         string `toml:"client_id"`
+	ClientSecret     string `toml:"client_secret"`
+	ClientSecretFile string `toml:"client_secret_file"`
 	// ClientCertificateFile is a PEM file with a certificate and its RSA
 	// key, uploaded to the app registration: the credential Microsoft
 	// recommends over secrets.
@@ -103,14 +103,14 @@ type AccountConfig struct {
 	// bridge warns 30 days ahead.
 	ClientSecretExpires time.Time `toml:"client_secret_expires"`
 	certificate         *upstream.ClientCertificate
-	AllowedSenders     []string `toml:"allowed_senders"`
-	UseAddressFromUser bool     `toml:"use_address_from_user"`
+	AllowedSenders      []string `toml:"allowed_senders"`
+	UseAddressFromUser  bool     `toml:"use_address_from_user"`
 	// Cloud is "global" (the default), "usgov", "usgovdod" or "china": the
 	// defaults of the endpoints below.
-	Cloud              string   `toml:"cloud"`
-	TokenURL           string   `toml:"token_url"`
-	GraphURL           string   `toml:"graph_url"`
-	SendScope          string   `toml:"send_scope"`
+	Cloud     string `toml:"cloud"`
+	TokenURL  string `toml:"token_url"`
+	GraphURL  string `toml:"graph_url"`
+	SendScope string `toml:"send_scope"`
 	// Protocols the account may use: "smtp", "pop3" or both (the default).
 	Protocols   []string `toml:"protocols"`
 	POP3Scope   string   `toml:"pop3_scope"`
