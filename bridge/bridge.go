@@ -5,6 +5,7 @@ package bridge
 
 import (
 	"context"
+	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -62,7 +63,10 @@ type Bridge struct {
 
 	smtpServer *smtp.Server
 	smtpLn     net.Listener
+	smtpTLSLn  net.Listener
+	pop3TLSLn  net.Listener
 	pop3Ln     net.Listener
+	listeners  []net.Listener // every listener opened, closed at shutdown
 	pop3Slots  chan struct{}
 	pop3Wg     sync.WaitGroup
 	conns      connTracker
@@ -192,19 +196,37 @@ func (b *Bridge) Start() error {
 	if err != nil {
 		return fmt.Errorf("smtp listener: %w", err)
 	}
+	b.listeners = append(b.listeners, ln)
 	if b.cfg.POP3.Listen != "" {
-		pln, err := net.Listen("tcp", b.cfg.POP3.Listen)
+		pln, err := b.listen("pop3", b.cfg.POP3.Listen, nil)
 		if err != nil {
-			ln.Close()
-			return fmt.Errorf("pop3 listener: %w", err)
+			return err
 		}
-		b.pop3Ln = b.conns.wrap(pln)
+		b.pop3Ln = pln
 		b.served.Add(1)
 		go func() {
 			defer b.served.Done()
-			b.servePOP3(b.pop3Ln)
+			b.servePOP3(b.conns.wrap(pln))
 		}()
-		b.log.Info().Str("proto", "pop3").Str("listen", pln.Addr().String()).Str("upstream", b.cfg.POP3.Upstream).Msg("listening")
+		if tl := b.cfg.POP3.TLSListen; tl != "" {
+			tln, err := b.listen("pop3", tl, b.cfg.POP3.TLSConfig())
+			if err != nil {
+				return err
+			}
+			b.pop3TLSLn = tln
+			b.served.Add(1)
+			go func() {
+				defer b.served.Done()
+				b.servePOP3(tls.NewListener(b.conns.wrap(tln), b.cfg.POP3.TLSConfig()))
+			}()
+		}
+	}
+	if tl := b.cfg.SMTP.TLSListen; tl != "" {
+		tln, err := b.listen("smtp", tl, b.cfg.SMTP.TLSConfig())
+		if err != nil {
+			return err
+		}
+		b.smtpTLSLn = tln
 	}
 	b.smtpLn = ln
 	b.smtpServer = b.newSMTPServer()
@@ -219,13 +241,19 @@ func (b *Bridge) Start() error {
 		}()
 		b.log.Info().Str("proto", "outbox").Str("dir", b.cfg.Outbox.Dir).Msg("outbox open: queued messages will be delivered")
 	}
-	b.served.Add(1)
-	go func() {
-		defer b.served.Done()
-		if err := b.smtpServer.Serve(b.conns.wrap(&sessionLimitListener{Listener: ln, slots: b.smtpSlots, log: b.log})); err != nil && !errors.Is(err, smtp.ErrServerClosed) {
-			b.log.Error().Err(err).Msg("smtp listener stopped")
-		}
-	}()
+	serveSMTP := func(l net.Listener) {
+		b.served.Add(1)
+		go func() {
+			defer b.served.Done()
+			if err := b.smtpServer.Serve(l); err != nil && !errors.Is(err, smtp.ErrServerClosed) {
+				b.log.Error().Err(err).Msg("smtp listener stopped")
+			}
+		}()
+	}
+	serveSMTP(b.conns.wrap(&sessionLimitListener{Listener: ln, slots: b.smtpSlots, log: b.log}))
+	if b.smtpTLSLn != nil {
+		serveSMTP(tls.NewListener(b.conns.wrap(&sessionLimitListener{Listener: b.smtpTLSLn, slots: b.smtpSlots, log: b.log}), b.cfg.SMTP.TLSConfig()))
+	}
 	b.log.Info().Str("proto", "smtp").Str("listen", ln.Addr().String()).Int("accounts", len(b.ordered)).Msg("listening")
 	for _, a := range b.ordered {
 		if w := secretExpiryWarning(a.Config, time.Now()); w != "" {
@@ -233,6 +261,51 @@ func (b *Bridge) Start() error {
 		}
 	}
 	return nil
+}
+
+// listen opens a listener for proto and logs it; tlsConfig marks an
+// implicit-TLS one (the caller wraps it). A failure closes what Start
+// opened before.
+func (b *Bridge) listen(proto, addr string, tlsConfig *tls.Config) (net.Listener, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		for _, l := range b.listeners {
+			l.Close()
+		}
+		return nil, fmt.Errorf("%s listener: %w", proto, err)
+	}
+	b.listeners = append(b.listeners, ln)
+	ev := b.log.Info().Str("proto", proto).Str("listen", ln.Addr().String()).Bool("implicit_tls", tlsConfig != nil)
+	if proto == "pop3" {
+		ev = ev.Str("upstream", b.cfg.POP3.Upstream)
+	}
+	ev.Msg("listening")
+	if host, _, _ := net.SplitHostPort(addr); !isLoopbackHost(host) && tlsConfig == nil {
+		lt := b.cfg.SMTP.LocalTLS
+		if proto == "pop3" {
+			lt = b.cfg.POP3.LocalTLS
+		}
+		if lt.TLSConfig() == nil {
+			b.log.Warn().Str("proto", proto).Str("listen", addr).Msg("PLAINTEXT ON THE NETWORK: clients send their passwords unencrypted to this address (allow_plaintext_on_network = true); configure tls_cert and tls_key")
+		}
+	}
+	return ln, nil
+}
+
+// SMTPTLSAddr is the address of the implicit-TLS SMTP listener, "" if none.
+func (b *Bridge) SMTPTLSAddr() string {
+	if b.smtpTLSLn == nil {
+		return ""
+	}
+	return b.smtpTLSLn.Addr().String()
+}
+
+// POP3TLSAddr is the address of the implicit-TLS POP3 listener, "" if none.
+func (b *Bridge) POP3TLSAddr() string {
+	if b.pop3TLSLn == nil {
+		return ""
+	}
+	return b.pop3TLSLn.Addr().String()
 }
 
 // SMTPAddr is the address the SMTP listener is bound to.
@@ -251,12 +324,11 @@ func (b *Bridge) POP3Addr() string {
 // it closes what is left.
 func (b *Bridge) Shutdown(ctx context.Context) error {
 	b.log.Info().Msg("shutting down")
-	if b.pop3Ln != nil {
-		b.pop3Ln.Close()
-	}
 	// go-smtp closes only the listeners its Serve has registered: one whose
 	// goroutine has not started yet would be missed.
-	b.smtpLn.Close()
+	for _, l := range b.listeners {
+		l.Close()
+	}
 	done := make(chan error, 1)
 	go func() {
 		err := b.smtpServer.Shutdown(context.Background())

@@ -1,6 +1,7 @@
 package bridge
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -44,7 +45,8 @@ type LogConfig struct {
 
 // SMTPConfig is the [smtp] table: the local SMTP listener.
 type SMTPConfig struct {
-	Listen          string   `toml:"listen"`
+	Listen          string `toml:"listen"`
+	LocalTLS        `toml:",inline"`
 	MaxMessageBytes int64    `toml:"max_message_bytes"`
 	MaxRecipients   int      `toml:"max_recipients"`
 	SendTimeout     Duration `toml:"send_timeout"`     // how long one message may take to reach Graph, retries included
@@ -59,10 +61,75 @@ type SMTPConfig struct {
 	UploadBytesPer5Min int64 `toml:"upload_bytes_per_5min"`
 }
 
+// LocalTLS is the TLS the bridge offers its own clients, for those whose
+// "Enable SSL" box cannot be unticked: STARTTLS (SMTP) or STLS (POP3) on
+// the plain listener, and an implicit-TLS listener.
+type LocalTLS struct {
+	TLSCert   string `toml:"tls_cert"`   // PEM certificate (chain)
+	TLSKey    string `toml:"tls_key"`    // PEM private key
+	TLSListen string `toml:"tls_listen"` // implicit TLS, such as 127.0.0.1:465 or :995
+	// AllowPlaintextOnNetwork lets the plain listener take a non-loopback
+	// address without TLS: passwords then cross the network in clear.
+	AllowPlaintextOnNetwork bool `toml:"allow_plaintext_on_network"`
+	config                  *tls.Config
+}
+
+// TLSConfig is the server TLS configuration, nil when none is set.
+func (l *LocalTLS) TLSConfig() *tls.Config { return l.config }
+
+// plaintextAuthAllowed reports whether clients may send passwords on the
+// plain listener before TLS: on loopback, or when the administrator said so.
+func (l *LocalTLS) plaintextAuthAllowed(listen string) bool {
+	host, _, _ := net.SplitHostPort(listen)
+	return isLoopbackHost(host) || l.AllowPlaintextOnNetwork
+}
+
+// complete loads the certificate and checks the listeners; table is
+// "smtp" or "pop3".
+func (l *LocalTLS) complete(table, listen, dir string, bad func(key, format string, args ...any)) {
+	abs := func(p string) string {
+		if p != "" && !filepath.IsAbs(p) && dir != "" {
+			return filepath.Join(dir, p)
+		}
+		return p
+	}
+	l.TLSCert, l.TLSKey = abs(l.TLSCert), abs(l.TLSKey)
+	switch {
+	case (l.TLSCert == "") != (l.TLSKey == ""):
+		bad(table+".tls_cert", "give both tls_cert and tls_key (`mailbridge gen-cert` makes a pair)")
+	case l.TLSCert != "":
+		cert, err := tls.LoadX509KeyPair(l.TLSCert, l.TLSKey)
+		if err != nil {
+			bad(table+".tls_cert", "cannot load the certificate and key: %v", err)
+		} else {
+			l.config = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+		}
+	}
+	if l.TLSListen != "" {
+		if l.TLSCert == "" {
+			bad(table+".tls_listen", "needs tls_cert and tls_key")
+		}
+		if _, _, err := net.SplitHostPort(l.TLSListen); err != nil {
+			bad(table+".tls_listen", "%q is not host:port", l.TLSListen)
+		}
+	}
+	if listen == "" {
+		return
+	}
+	host, port, err := net.SplitHostPort(listen)
+	switch {
+	case err != nil || port == "":
+		bad(table+".listen", "%q is not host:port, such as %q", listen, "127.0.0.1:2525")
+	case !isLoopbackHost(host) && l.TLSCert == "" && !l.AllowPlaintextOnNetwork:
+		bad(table+".listen", "%q is not a loopback address: clients send their passwords, so a network listener needs tls_cert and tls_key (STARTTLS), or allow_plaintext_on_network = true", listen)
+	}
+}
+
 // POP3Config is the [pop3] table: the local POP3 listener and the Outlook
 // service it proxies to.
 type POP3Config struct {
-	Listen          string   `toml:"listen"`           // "" turns POP3 off
+	Listen          string `toml:"listen"` // "" turns POP3 off
+	LocalTLS        `toml:",inline"`
 	Upstream        string   `toml:"upstream"`         // host:port, implicit TLS
 	IdleTimeout     Duration `toml:"idle_timeout"`     // how long a client may stay silent
 	UpstreamTimeout Duration `toml:"upstream_timeout"` // how long Outlook may stay silent within an answer
@@ -244,9 +311,7 @@ func (c *Config) Complete(dir string) error {
 			bad("log.max_size_mb", "max_size_mb must be positive, max_backups and max_age_days not negative")
 		}
 	}
-	if err := checkLoopbackListen(c.SMTP.Listen); err != nil {
-		bad("smtp.listen", "%v", err)
-	}
+	c.SMTP.LocalTLS.complete("smtp", c.SMTP.Listen, dir, bad)
 	if c.SMTP.MaxMessageBytes <= 0 {
 		bad("smtp.max_message_bytes", "must be a positive number of bytes")
 	}
@@ -270,9 +335,7 @@ func (c *Config) Complete(dir string) error {
 		}
 	}
 	if c.POP3.Listen != "" {
-		if err := checkLoopbackListen(c.POP3.Listen); err != nil {
-			bad("pop3.listen", "%v", err)
-		}
+		c.POP3.LocalTLS.complete("pop3", c.POP3.Listen, dir, bad)
 		if _, port, err := net.SplitHostPort(c.POP3.Upstream); err != nil || port == "" {
 			bad("pop3.upstream", "%q is not host:port, such as %q", c.POP3.Upstream, upstream.DefaultPOP3Addr)
 		}
@@ -437,22 +500,6 @@ func (c *Config) Complete(dir string) error {
 		}
 	}
 	return errors.Join(errs...)
-}
-
-// checkLoopbackListen accepts host:port addresses on a loopback address:
-// the bridge speaks plaintext with passwords, so it stays on this machine.
-func checkLoopbackListen(addr string) error {
-	host, port, err := net.SplitHostPort(addr)
-	if err != nil {
-		return fmt.Errorf("%q is not host:port, such as %q", addr, DefaultSMTPListen)
-	}
-	if port == "" {
-		return fmt.Errorf("%q has no port", addr)
-	}
-	if !isLoopbackHost(host) {
-		return fmt.Errorf("%q is not a loopback address: the bridge accepts passwords in plaintext, so it listens on 127.0.0.1 only", addr)
-	}
-	return nil
 }
 
 func isLoopbackHost(host string) bool {

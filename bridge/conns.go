@@ -1,6 +1,7 @@
 package bridge
 
 import (
+	"crypto/tls"
 	"net"
 
 	"github.com/rs/zerolog"
@@ -45,6 +46,9 @@ func (t *connTracker) add(c net.Conn) *trackedConn {
 }
 
 func (t *connTracker) state(c net.Conn) *connState {
+	if tc, ok := c.(*tls.Conn); ok {
+		c = tc.NetConn() // implicit TLS and STARTTLS wrap the tracked connection
+	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if st := t.conns[c]; st != nil {

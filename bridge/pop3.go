@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/base64"
 	"errors"
 	"fmt"
@@ -75,6 +76,7 @@ type pop3Session struct {
 	remote  string
 	started time.Time
 
+	isTLS   bool   // implicit TLS, or after STLS
 	user    string // from USER
 	account *Account
 	up      *upstream.POP3Conn
@@ -87,7 +89,9 @@ type pop3Session struct {
 func (b *Bridge) newPOP3Session(c net.Conn) *pop3Session {
 	ctx, cancel := context.WithCancel(b.baseCtx)
 	remote := c.RemoteAddr().String()
+	_, isTLS := c.(*tls.Conn)
 	return &pop3Session{
+		isTLS:  isTLS,
 		bridge: b, conn: c, state: b.conns.state(c), ctx: ctx, cancel: cancel, remote: remote, started: time.Now(),
 		r:   bufio.NewReaderSize(c, 4096),
 		w:   bufio.NewWriterSize(c, 64<<10),
@@ -182,9 +186,44 @@ func (s *pop3Session) authorization(line string) {
 	} else {
 		s.log.Debug().Str("command", cmd).Str("arg", arg).Msg("command")
 	}
+	tlsConfig := s.bridge.cfg.POP3.TLSConfig()
+	if !s.isTLS && !s.bridge.cfg.POP3.plaintextAuthAllowed(s.bridge.cfg.POP3.Listen) && (cmd == "USER" || cmd == "PASS" || cmd == "AUTH") {
+		s.reply("-ERR [AUTH] TLS required: send STLS first")
+		return
+	}
 	switch cmd {
 	case "CAPA":
-		s.reply(slices.Concat([]string{"+OK Capability list follows"}, pop3Capabilities, []string{"."})...)
+		caps := pop3Capabilities
+		if tlsConfig != nil && !s.isTLS {
+			caps = append(slices.Clone(caps), "STLS")
+		}
+		s.reply(slices.Concat([]string{"+OK Capability list follows"}, caps, []string{"."})...)
+	case "STLS":
+		if tlsConfig == nil || s.isTLS {
+			s.reply("-ERR STLS not available")
+			return
+		}
+		if s.r.Buffered() > 0 {
+			s.reply("-ERR Nothing may follow STLS before the TLS negotiation")
+			return
+		}
+		if s.reply("+OK Begin TLS negotiation") != nil {
+			s.ended = "client gone"
+			return
+		}
+		// RFC 2595 §4: a new TLS session, and the client starts over
+		// (a USER given before it is forgotten).
+		tc := tls.Server(s.conn, tlsConfig)
+		tc.SetDeadline(time.Now().Add(30 * time.Second))
+		if err := tc.Handshake(); err != nil {
+			s.log.Warn().Err(err).Msg("STLS handshake failed")
+			s.ended = "TLS handshake failed"
+			return
+		}
+		tc.SetDeadline(time.Time{})
+		s.conn, s.isTLS, s.user = tc, true, ""
+		s.r.Reset(tc)
+		s.w.Reset(tc)
 	case "USER":
 		if arg == "" {
 			s.reply("-ERR USER needs a user name")

@@ -23,7 +23,10 @@ import (
 func (b *Bridge) newSMTPServer() *smtp.Server {
 	s := smtp.NewServer(smtp.BackendFunc(b.newSMTPSession))
 	s.Domain = "mailbridge"
-	s.AllowInsecureAuth = true // loopback only, enforced by the configuration
+	s.TLSConfig = b.cfg.SMTP.TLSConfig() // STARTTLS when a certificate is configured
+	// Passwords in plaintext only on loopback, unless the administrator
+	// allowed it on the network; with TLS, go-smtp offers AUTH after it.
+	s.AllowInsecureAuth = b.cfg.SMTP.plaintextAuthAllowed(b.cfg.SMTP.Listen)
 	s.MaxMessageBytes = b.cfg.SMTP.MaxMessageBytes
 	s.MaxRecipients = b.cfg.SMTP.MaxRecipients
 	// Message lines may be as long as a message Graph takes (a client may

@@ -34,6 +34,7 @@ commands:
                                      test every account's Microsoft 365 settings
   queue list|retry ID|retry-failed|delete ID -config FILE
                                      show and manage the outbox
+  gen-cert -host NAME [-out DIR]     write a self-signed certificate for the local TLS listeners
   hash-password                      read a password on standard input, print its bcrypt hash
   version                            print the version
 `
@@ -61,6 +62,8 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		return check(ctx, args, stdout, stderr)
 	case "queue":
 		return queue(args, stdout, stderr)
+	case "gen-cert":
+		return genCert(args, stdout, stderr)
 	case "hash-password":
 		return hashPassword(stdin, stdout, stderr)
 	case "version":

@@ -3,6 +3,8 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"io"
 	"net"
@@ -442,5 +444,33 @@ func TestCheckWarnsOfExpiringSecret(t *testing.T) {
 	code, stdout, _ := runBinary(t, env, "", "check", "-config", path)
 	if code != 0 || !strings.Contains(stdout, "WARN  tm-master            secret     expires "+soon) || !strings.Contains(stdout, "fix: the client secret expires in ") {
 		t.Errorf("status %d, output:\n%s", code, stdout)
+	}
+}
+
+func TestGenCert(t *testing.T) {
+	dir := t.TempDir()
+	code, stdout, stderr := runBinary(t, os.Environ(), "", "gen-cert", "-host", "bridge-pc", "-out", dir)
+	if code != 0 {
+		t.Fatalf("status %d: %s", code, stderr)
+	}
+	pair, err := tls.LoadX509KeyPair(filepath.Join(dir, "mailbridge.crt"), filepath.Join(dir, "mailbridge.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(pair.Certificate[0])
+	if err := cert.VerifyHostname("bridge-pc"); err != nil {
+		t.Error(err)
+	}
+	if err := cert.VerifyHostname("127.0.0.1"); err != nil {
+		t.Error(err)
+	}
+	if !strings.Contains(stdout, "certutil -addstore -f Root") {
+		t.Errorf("no Windows instructions:\n%s", stdout)
+	}
+	if code, _, stderr := runBinary(t, os.Environ(), "", "gen-cert", "-host", "bridge-pc", "-out", dir); code != 1 || !strings.Contains(stderr, "exists") {
+		t.Errorf("overwrite: status %d %q", code, stderr)
+	}
+	if code, _, _ := runBinary(t, os.Environ(), "", "gen-cert"); code != 2 {
+		t.Errorf("without -host: status %d", code)
 	}
 }
