@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/emersion/go-smtp"
@@ -78,6 +79,10 @@ type Bridge struct {
 	stopDelivery  context.CancelFunc
 	workerStopped chan struct{}
 
+	metrics *bridgeMetrics
+	serving atomic.Bool
+	adminLn net.Listener
+
 	baseCtx    context.Context
 	cancelBase context.CancelFunc
 	served     sync.WaitGroup
@@ -138,6 +143,8 @@ func New(cfg *Config, opts Options) (*Bridge, error) {
 		b.outbox = store
 		b.worker = newOutboxWorker(b, store, b.log.With().Str("proto", "outbox").Logger())
 	}
+	b.metrics = newBridgeMetrics(b)
+	upstream.Observe(httpClient, b.metrics.observeUpstream)
 	b.baseCtx, b.cancelBase = context.WithCancel(context.Background())
 	return b, nil
 }
@@ -254,6 +261,15 @@ func (b *Bridge) Start() error {
 	if b.smtpTLSLn != nil {
 		serveSMTP(tls.NewListener(b.conns.wrap(&sessionLimitListener{Listener: b.smtpTLSLn, slots: b.smtpSlots, log: b.log}), b.cfg.SMTP.TLSConfig()))
 	}
+	if b.cfg.Admin.Listen != "" {
+		aln, err := b.listen("admin", b.cfg.Admin.Listen, nil)
+		if err != nil {
+			return err
+		}
+		b.adminLn = aln
+		go b.serveAdmin(aln)
+	}
+	b.serving.Store(true)
 	b.log.Info().Str("proto", "smtp").Str("listen", ln.Addr().String()).Int("accounts", len(b.ordered)).Msg("listening")
 	for _, a := range b.ordered {
 		if w := secretExpiryWarning(a.Config, time.Now()); w != "" {
@@ -280,7 +296,7 @@ func (b *Bridge) listen(proto, addr string, tlsConfig *tls.Config) (net.Listener
 		ev = ev.Str("upstream", b.cfg.POP3.Upstream)
 	}
 	ev.Msg("listening")
-	if host, _, _ := net.SplitHostPort(addr); !isLoopbackHost(host) && tlsConfig == nil {
+	if host, _, _ := net.SplitHostPort(addr); proto != "admin" && !isLoopbackHost(host) && tlsConfig == nil {
 		lt := b.cfg.SMTP.LocalTLS
 		if proto == "pop3" {
 			lt = b.cfg.POP3.LocalTLS
@@ -308,6 +324,15 @@ func (b *Bridge) POP3TLSAddr() string {
 	return b.pop3TLSLn.Addr().String()
 }
 
+// AdminAddr is the address of the /metrics and /healthz listener, "" if
+// none.
+func (b *Bridge) AdminAddr() string {
+	if b.adminLn == nil {
+		return ""
+	}
+	return b.adminLn.Addr().String()
+}
+
 // SMTPAddr is the address the SMTP listener is bound to.
 func (b *Bridge) SMTPAddr() string { return b.smtpLn.Addr().String() }
 
@@ -324,6 +349,7 @@ func (b *Bridge) POP3Addr() string {
 // it closes what is left.
 func (b *Bridge) Shutdown(ctx context.Context) error {
 	b.log.Info().Msg("shutting down")
+	b.serving.Store(false)
 	// go-smtp closes only the listeners its Serve has registered: one whose
 	// goroutine has not started yet would be missed.
 	for _, l := range b.listeners {
@@ -332,6 +358,9 @@ func (b *Bridge) Shutdown(ctx context.Context) error {
 	done := make(chan error, 1)
 	go func() {
 		err := b.smtpServer.Shutdown(context.Background())
+		if errors.Is(err, net.ErrClosed) {
+			err = nil // closed above already
+		}
 		b.pop3Wg.Wait()
 		done <- err
 	}()

@@ -28,6 +28,7 @@ type Config struct {
 	SMTP     SMTPConfig      `toml:"smtp"`
 	POP3     POP3Config      `toml:"pop3"`
 	Outbox   OutboxConfig    `toml:"outbox"`
+	Admin    AdminConfig     `toml:"admin"`
 	Accounts []AccountConfig `toml:"account"`
 }
 
@@ -149,6 +150,11 @@ type OutboxConfig struct {
 	// RatePerSecond bounds Graph requests per account (Microsoft allows
 	// 10,000 per 10 minutes per mailbox).
 	RatePerSecond float64 `toml:"rate_per_second"`
+}
+
+// AdminConfig is the [admin] table: /metrics (Prometheus) and /healthz.
+type AdminConfig struct {
+	Listen string `toml:"listen"` // "" turns it off; such as 127.0.0.1:9925
 }
 
 // AccountConfig is one [[account]] table: a local user and the app
@@ -366,6 +372,11 @@ func (c *Config) Complete(dir string) error {
 		}
 		if c.Outbox.RatePerSecond <= 0 {
 			bad("outbox.rate_per_second", "must be positive")
+		}
+	}
+	if c.Admin.Listen != "" {
+		if _, port, err := net.SplitHostPort(c.Admin.Listen); err != nil || port == "" {
+			bad("admin.listen", "%q is not host:port, such as \"127.0.0.1:9925\"", c.Admin.Listen)
 		}
 	}
 	if len(c.Accounts) == 0 {

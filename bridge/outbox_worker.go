@@ -98,6 +98,23 @@ func newOutboxWorker(b *Bridge, store *outboxStore, log zerolog.Logger) *outboxW
 	}
 }
 
+// depth returns the number of queued messages known in memory and the age
+// of the oldest.
+func (w *outboxWorker) depth() (int, time.Duration) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var oldest time.Time
+	for _, ix := range w.index {
+		if oldest.IsZero() || ix.env.Received.Before(oldest) {
+			oldest = ix.env.Received
+		}
+	}
+	if oldest.IsZero() {
+		return 0, 0
+	}
+	return len(w.index), time.Since(oldest)
+}
+
 // enqueue makes a message just added to the store known to the worker.
 func (w *outboxWorker) enqueue(env *Envelope) {
 	w.mu.Lock()
@@ -307,6 +324,7 @@ func (w *outboxWorker) deliver(ctx context.Context, env *Envelope) bool {
 			ev.Error().Err(err).Msg("outbox: delivered, but the entry could not be removed")
 		}
 		ev.Info().Msg("message sent")
+		w.b.metrics.message(env.Account, "sent", nil, env.Size)
 		return true
 	}
 	if ctx.Err() != nil {
@@ -349,6 +367,7 @@ func (w *outboxWorker) giveUp(log zerolog.Logger, env *Envelope, f *Failure) {
 		ev = ev.Str("hint", f.Hint)
 	}
 	ev.Msg("message failed for good: moved to outbox/failed")
+	w.b.metrics.message(env.Account, "failed", errors.New(f.Reason), env.Size)
 	if err := w.store.fail(env, f); err != nil {
 		log.Error().Err(err).Msg("outbox: cannot move the message to failed/")
 	}

@@ -102,6 +102,9 @@ func (b *Bridge) newPOP3Session(c net.Conn) *pop3Session {
 func (s *pop3Session) serve() {
 	defer s.finish()
 	s.log.Info().Msg("session started")
+	s.bridge.metrics.sessions.WithLabelValues("pop3").Inc()
+	s.bridge.metrics.activeSessions.WithLabelValues("pop3").Inc()
+	defer s.bridge.metrics.activeSessions.WithLabelValues("pop3").Dec()
 	if s.reply("+OK mailbridge POP3 ready") != nil {
 		s.ended = "client gone"
 		return
@@ -443,6 +446,7 @@ func (s *pop3Session) transaction(line string) {
 		if cmd == "RETR" {
 			s.retrCount++
 			s.retrBytes += n
+			s.bridge.metrics.retrBytes.WithLabelValues(s.account.Config.Name).Add(float64(n))
 		}
 		if err != nil {
 			if errors.Is(err, errClientWrite) {

@@ -85,6 +85,8 @@ func (b *Bridge) newSMTPSession(c *smtp.Conn) (smtp.Session, error) {
 		log:     b.log.With().Str("proto", "smtp").Str("session", newSessionID()).Str("remote", remote).Logger(),
 	}
 	s.log.Info().Str("helo", c.Hostname()).Msg("session started")
+	b.metrics.sessions.WithLabelValues("smtp").Inc()
+	b.metrics.activeSessions.WithLabelValues("smtp").Inc()
 	return s, nil
 }
 
@@ -163,6 +165,7 @@ func (s *smtpSession) Reset() {
 // Logout implements smtp.Session.
 func (s *smtpSession) Logout() error {
 	s.cancel()
+	s.bridge.metrics.activeSessions.WithLabelValues("smtp").Dec()
 	s.log.Info().Int("messages", s.messages).Int64("duration_ms", time.Since(s.started).Milliseconds()).Msg("session ended")
 	return nil
 }
@@ -232,9 +235,11 @@ func (s *smtpSession) Data(r io.Reader) error {
 	if err != nil {
 		reply := smtpReply(err)
 		ev.Int("reply", reply.Code).Msg("message not sent")
+		s.bridge.metrics.message(s.account.Config.Name, "refused", err, size)
 		return reply
 	}
 	ev.Msg("message sent")
+	s.bridge.metrics.message(s.account.Config.Name, "sent", nil, size)
 	return &smtp.SMTPError{Code: 250, EnhancedCode: smtp.EnhancedCode{2, 0, 0},
 		Message: "OK: accepted by Microsoft 365, request-id " + d.result.RequestID}
 }
@@ -257,6 +262,7 @@ func (s *smtpSession) queue(msg view, graphUser, fallback string, start time.Tim
 		return smtpReply(err)
 	}
 	s.bridge.worker.enqueue(env)
+	s.bridge.metrics.message(s.account.Config.Name, "queued", nil, env.Size)
 	s.log.Info().Str("queue_id", env.ID).Str("from", s.from).Int("rcpt_count", len(s.rcpts)).Int64("bytes", env.Size).
 		Str("graph_user", graphUser).Int64("duration_ms", time.Since(start).Milliseconds()).Msg("message queued")
 	return &smtp.SMTPError{Code: 250, EnhancedCode: smtp.EnhancedCode{2, 0, 0}, Message: "OK: queued as " + env.ID}

@@ -1,0 +1,95 @@
+package bridge
+
+import (
+	"encoding/json"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+
+	"mailbridge/upstream/m365fake"
+)
+
+func scrape(t *testing.T, url string) (int, string) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+func TestMetricsAndHealth(t *testing.T) {
+	fake := startFake(t)
+	cfg := testConfig(fake)
+	cfg.Admin.Listen = "127.0.0.1:0"
+	cfg.Accounts[1].ClientSecret = "wrong" // account B's sign-in will fail
+	b, _ := startBridge(t, fake, cfg)
+	base := "http://" + b.AdminAddr()
+
+	if code, body := scrape(t, base+"/healthz"); code != 200 || !strings.Contains(body, `"status":"ok"`) {
+		t.Fatalf("healthz before any token request: %d %s", code, body)
+	}
+	c := dialAuth(t, b.SMTPAddr(), userA, passwordA)
+	for range 2 {
+		if _, err := send(c, mailboxA, []string{"x@example.org"}, crlf("From: orders@example.com\nTo: x@example.org\n\n0123456789\n")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	send(c, "ceo@example.com", []string{"x@example.org"}, nil) // refused at MAIL FROM: not a message
+	fake.AddMessage(mailboxA, crlf("Subject: m\n\n0123456789\n"))
+	p := dialPOP3(t, b.POP3Addr())
+	p.login(userA, passwordA)
+	p.retr(1)
+	p.cmd("QUIT")
+	cB := dialAuth(t, b.SMTPAddr(), userB, passwordB)
+	send(cB, mailboxB, []string{"x@example.org"}, crlf("From: ops@fleet.example.net\nTo: x@example.org\n\nx\n"))
+
+	_, m := scrape(t, base+"/metrics")
+	for _, want := range []string{
+		`mailbridge_messages_total{account="tm-master",reason="",result="sent"} 2`,
+		`mailbridge_messages_total{account="scanner",reason="token",result="refused"} 1`,
+		`mailbridge_message_bytes_total{account="tm-master"} 118`,
+		`mailbridge_upstream_responses_total{op="sendMail",status="202"} 2`,
+		`mailbridge_upstream_responses_total{op="token",status="200"} 2`,
+		`mailbridge_upstream_responses_total{op="token",status="401"} 1`,
+		`mailbridge_upstream_request_duration_seconds_count{op="sendMail"} 2`,
+		`mailbridge_sessions_total{proto="smtp"} 2`,
+		`mailbridge_sessions_total{proto="pop3"} 1`,
+		`mailbridge_pop3_retr_bytes_total{account="tm-master"} 29`,
+	} {
+		if !strings.Contains(m, want+"\n") {
+			t.Errorf("/metrics lacks %s", want)
+		}
+	}
+	code, body := scrape(t, base+"/healthz")
+	var h struct {
+		Status  string   `json:"status"`
+		Reasons []string `json:"reasons"`
+	}
+	json.Unmarshal([]byte(body), &h)
+	if code != 503 || h.Status != "unhealthy" || len(h.Reasons) != 1 || !strings.Contains(h.Reasons[0], "account scanner: token request refused: invalid_client") || !strings.Contains(h.Reasons[0], "fix: the client secret is wrong") {
+		t.Errorf("healthz with a refused secret: %d %s", code, body)
+	}
+}
+
+func TestOutboxMetrics(t *testing.T) {
+	fake := startFake(t)
+	cfg := outboxConfig(t, fake)
+	cfg.Admin.Listen = "127.0.0.1:0"
+	b, _ := startOutboxBridge(t, fake, cfg)
+	fake.FailGraph(100000, m365fake.Unavailable())
+	c := dialAuth(t, b.SMTPAddr(), userA, passwordA)
+	send(c, mailboxA, []string{"x@example.org"}, numberedMessage(1))
+	_, m := scrape(t, "http://"+b.AdminAddr()+"/metrics")
+	for _, want := range []string{`mailbridge_outbox_messages 1`, `mailbridge_messages_total{account="tm-master",reason="",result="queued"} 1`} {
+		if !strings.Contains(m, want+"\n") {
+			t.Errorf("/metrics lacks %s", want)
+		}
+	}
+	if !strings.Contains(m, "mailbridge_outbox_oldest_age_seconds ") {
+		t.Error("no outbox age")
+	}
+}
