@@ -424,9 +424,7 @@ func TestPOP3UpstreamDropClosesClientWithoutOK(t *testing.T) {
 	if len(fake.MailboxUIDs(mailboxA)) != 2 {
 		t.Fatal("a deletion was committed")
 	}
-	if !strings.Contains(logs.String(), `"ended":"upstream failed"`) {
-		t.Error("the session's end is not logged as an upstream failure")
-	}
+	waitFor(t, "the session's end logged as an upstream failure", func() bool { return strings.Contains(logs.String(), `"ended":"upstream failed"`) })
 }
 
 func TestPOP3UpstreamRefusalMapsToSysTemp(t *testing.T) {
@@ -498,6 +496,7 @@ func TestPOP3OneTokenManySessionsAndNoSecretsLogged(t *testing.T) {
 		t.Errorf("%d upstream logins, want 20", n)
 	}
 	token, _ := b.Accounts()[0].POP3Tokens.Token(context.Background())
+	waitFor(t, "20 sessions logged as ended", func() bool { return strings.Count(logs.String(), `"message":"session ended"`) >= 20 })
 	out := logs.String()
 	for what, s := range map[string]string{
 		"password": passwordA, "secret": secretA, "token": token,
