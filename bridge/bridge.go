@@ -11,6 +11,8 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -54,8 +56,10 @@ type Account struct {
 type Bridge struct {
 	cfg        *Config
 	log        zerolog.Logger
-	accounts   map[string]*Account // by lower-case user name
-	ordered    []*Account
+	accountSet atomic.Pointer[accounts]
+	tokens     *upstream.TokenSources
+	rootCAs    *x509.CertPool
+	key        *[32]byte
 	throttle   *authThrottle
 	retry      retryPolicy
 	pacer      *uploadPacer
@@ -95,44 +99,23 @@ func New(cfg *Config, opts Options) (*Bridge, error) {
 		opts.AuthFailureDelay = time.Second
 	}
 	httpClient := upstream.NewHTTPClient(opts.RootCAs)
-	tokens := upstream.NewTokenSources(httpClient)
-	key := newProcessKey()
 	b := &Bridge{
 		cfg:        cfg,
 		log:        opts.Logger,
-		accounts:   map[string]*Account{},
 		throttle:   newAuthThrottle(opts.AuthFailureDelay, 30*opts.AuthFailureDelay),
 		retry:      defaultRetry,
 		pacer:      newUploadPacer(cfg.SMTP.UploadBytesPer5Min, 5*time.Minute),
 		spoolDir:   cfg.SMTP.SpoolDir,
 		httpClient: httpClient,
+		tokens:     upstream.NewTokenSources(httpClient),
+		rootCAs:    opts.RootCAs,
+		key:        newProcessKey(),
 	}
-	for _, ac := range cfg.Accounts {
-		patterns := []string{ac.Mailbox}
-		if len(ac.AllowedSenders) > 0 {
-			patterns = ac.AllowedSenders
-		}
-		var policy senderPolicy
-		for _, p := range patterns {
-			sp, err := parseSenderPattern(p)
-			if err != nil {
-				return nil, fmt.Errorf("account %s: allowed_senders: %w", ac.Name, err)
-			}
-			policy = append(policy, sp)
-		}
-		ts := tokens.Get(ac.Credentials(), ac.SendScope)
-		a := &Account{
-			Config:     ac,
-			Tokens:     ts,
-			POP3Tokens: tokens.Get(ac.Credentials(), ac.POP3Scope),
-			POP3Dialer: &upstream.POP3Dialer{Addr: ac.POP3Upstream, RootCAs: opts.RootCAs, Timeout: cfg.POP3.UpstreamTimeout.Duration},
-			Sender:     upstream.NewGraphClient(ac.GraphURL, httpClient, ts),
-			password:   newPasswordChecker(ac.PasswordHash, key),
-			senders:    policy,
-		}
-		b.accounts[strings.ToLower(ac.Username)] = a
-		b.ordered = append(b.ordered, a)
+	set, err := b.buildAccounts(cfg)
+	if err != nil {
+		return nil, err
 	}
+	b.accountSet.Store(set)
 	b.pop3Slots = make(chan struct{}, max(cfg.POP3.MaxSessions, 1))
 	b.smtpSlots = make(chan struct{}, max(cfg.SMTP.MaxSessions, 1))
 	if cfg.Outbox.Enabled {
@@ -165,11 +148,51 @@ func secretExpiryWarning(a AccountConfig, now time.Time) string {
 	return ""
 }
 
+// accounts is the set of accounts in force: replaced whole by a reload,
+// while sessions keep the *Account they logged in with.
+type accounts struct {
+	byUser  map[string]*Account // by lower-case user name
+	ordered []*Account
+}
+
+// buildAccounts makes the accounts of cfg, sharing token sources (and so
+// cached tokens) with those that came before.
+func (b *Bridge) buildAccounts(cfg *Config) (*accounts, error) {
+	set := &accounts{byUser: map[string]*Account{}}
+	for _, ac := range cfg.Accounts {
+		patterns := []string{ac.Mailbox}
+		if len(ac.AllowedSenders) > 0 {
+			patterns = ac.AllowedSenders
+		}
+		var policy senderPolicy
+		for _, p := range patterns {
+			sp, err := parseSenderPattern(p)
+			if err != nil {
+				return nil, fmt.Errorf("account %s: allowed_senders: %w", ac.Name, err)
+			}
+			policy = append(policy, sp)
+		}
+		ts := b.tokens.Get(ac.Credentials(), ac.SendScope)
+		a := &Account{
+			Config:     ac,
+			Tokens:     ts,
+			POP3Tokens: b.tokens.Get(ac.Credentials(), ac.POP3Scope),
+			POP3Dialer: &upstream.POP3Dialer{Addr: ac.POP3Upstream, RootCAs: b.rootCAs, Timeout: cfg.POP3.UpstreamTimeout.Duration},
+			Sender:     upstream.NewGraphClient(ac.GraphURL, b.httpClient, ts),
+			password:   newPasswordChecker(ac.PasswordHash, b.key),
+			senders:    policy,
+		}
+		set.byUser[strings.ToLower(ac.Username)] = a
+		set.ordered = append(set.ordered, a)
+	}
+	return set, nil
+}
+
 // Accounts returns the configured accounts in configuration order.
-func (b *Bridge) Accounts() []*Account { return b.ordered }
+func (b *Bridge) Accounts() []*Account { return b.accountSet.Load().ordered }
 
 func (b *Bridge) accountByName(name string) *Account {
-	for _, a := range b.ordered {
+	for _, a := range b.Accounts() {
 		if a.Config.Name == name {
 			return a
 		}
@@ -181,7 +204,7 @@ func (b *Bridge) accountByName(name string) *Account {
 // may use protocol, and returns the account. Failures are slowed down per
 // remote address.
 func (b *Bridge) authenticate(ctx context.Context, protocol, remoteIP, username, password string) (*Account, error) {
-	a := b.accounts[strings.ToLower(username)]
+	a := b.accountSet.Load().byUser[strings.ToLower(username)]
 	if a != nil && !a.Config.Uses(protocol) {
 		a = nil
 	}
@@ -270,8 +293,8 @@ func (b *Bridge) Start() error {
 		go b.serveAdmin(aln)
 	}
 	b.serving.Store(true)
-	b.log.Info().Str("proto", "smtp").Str("listen", ln.Addr().String()).Int("accounts", len(b.ordered)).Msg("listening")
-	for _, a := range b.ordered {
+	b.log.Info().Str("proto", "smtp").Str("listen", ln.Addr().String()).Int("accounts", len(b.Accounts())).Msg("listening")
+	for _, a := range b.Accounts() {
 		if w := secretExpiryWarning(a.Config, time.Now()); w != "" {
 			b.log.Warn().Str("account", a.Config.Name).Time("client_secret_expires", a.Config.ClientSecretExpires).Msg(w)
 		}
@@ -409,6 +432,56 @@ func (b *Bridge) stopOutbox(ctx context.Context) error {
 
 // Outbox returns the outbox, nil when it is off.
 func (b *Bridge) Outbox() *outboxStore { return b.outbox }
+
+// Reload puts the accounts of cfg (already loaded and validated) in force
+// for new sessions; sessions already logged in go on with theirs. Settings
+// other than the accounts need a restart: the ones that changed are named
+// in the log.
+func (b *Bridge) Reload(cfg *Config) error {
+	set, err := b.buildAccounts(cfg)
+	if err != nil {
+		return err
+	}
+	b.accountSet.Store(set)
+	var restart []string
+	old := b.cfg
+	oldSMTP, newSMTP, oldPOP3, newPOP3 := old.SMTP, cfg.SMTP, old.POP3, cfg.POP3
+	oldSMTP.config, newSMTP.config, oldPOP3.config, newPOP3.config = nil, nil, nil, nil // loaded anew each time
+	for key, changed := range map[string]bool{
+		"smtp":   !reflect.DeepEqual(oldSMTP, newSMTP),
+		"pop3":   !reflect.DeepEqual(oldPOP3, newPOP3),
+		"outbox": !reflect.DeepEqual(old.Outbox, cfg.Outbox),
+		"admin":  old.Admin != cfg.Admin,
+		"log":    old.Log != cfg.Log,
+	} {
+		if changed {
+			restart = append(restart, "["+key+"]")
+		}
+	}
+	slices.Sort(restart)
+	ev := b.log.Info().Int("accounts", len(set.ordered))
+	if len(restart) > 0 {
+		ev = ev.Strs("need_restart", restart)
+	}
+	ev.Msg("configuration reloaded: accounts apply to new sessions")
+	for _, a := range set.ordered {
+		if w := secretExpiryWarning(a.Config, time.Now()); w != "" {
+			b.log.Warn().Str("account", a.Config.Name).Time("client_secret_expires", a.Config.ClientSecretExpires).Msg(w)
+		}
+	}
+	return nil
+}
+
+// ReloadFrom reads the configuration file at path and applies its
+// accounts; an invalid file changes nothing.
+func (b *Bridge) ReloadFrom(path string) error {
+	cfg, err := LoadConfig(path)
+	if err != nil {
+		b.log.Error().Err(err).Str("config", path).Msg("reload refused: the running configuration stays in force")
+		return err
+	}
+	return b.Reload(cfg)
+}
 
 // Run starts the bridge and serves until ctx ends, then shuts down within
 // the configured shutdown timeout.

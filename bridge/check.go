@@ -28,7 +28,7 @@ type CheckResult struct {
 // POP.AccessAsApp role, a login to Outlook and STAT.
 func (b *Bridge) Check(ctx context.Context, sendTestTo string) []CheckResult {
 	var results []CheckResult
-	for _, a := range b.ordered {
+	for _, a := range b.Accounts() {
 		if w := secretExpiryWarning(a.Config, time.Now()); w != "" {
 			results = append(results, CheckResult{Account: a.Config.Name, Check: "secret", OK: true, Warn: true,
 				Detail: "expires " + a.Config.ClientSecretExpires.Format(time.DateOnly), Hint: w})

@@ -120,6 +120,16 @@ func serve(ctx context.Context, args []string, stderr io.Writer) int {
 		log.Error().Err(err).Msg("cannot start")
 		return 1
 	}
+	// SIGHUP (Linux: kill -HUP, systemctl kill -s HUP) reloads the accounts.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	go func() {
+		for range hup {
+			log.Info().Str("config", cfg.Path).Msg("SIGHUP: reloading the configuration")
+			b.ReloadFrom(cfg.Path)
+		}
+	}()
 	if err := b.Run(ctx); err != nil {
 		log.Error().Err(err).Msg("stopped with an error")
 		return 1

@@ -474,3 +474,59 @@ func TestGenCert(t *testing.T) {
 		t.Errorf("without -host: status %d", code)
 	}
 }
+
+func TestSIGHUPReloads(t *testing.T) {
+	_, path, env := fakeAndConfig(t, "127.0.0.1:0", "")
+	cmd := exec.Command(binary, "serve", "-config", path)
+	cmd.Env = env
+	stderr, _ := cmd.StderrPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	lines := make(chan string, 100)
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+		close(lines)
+	}()
+	waitLine := func(substr string) string {
+		t.Helper()
+		timeout := time.After(10 * time.Second)
+		for {
+			select {
+			case l, ok := <-lines:
+				if !ok {
+					t.Fatalf("the bridge exited before logging %q", substr)
+				}
+				if strings.Contains(l, substr) {
+					return l
+				}
+			case <-timeout:
+				t.Fatalf("no log line with %q", substr)
+			}
+		}
+	}
+	l := waitLine(`"proto":"smtp","listen":"`)
+	i := strings.Index(l, `"listen":"`) + len(`"listen":"`)
+	addr := l[i : i+strings.IndexByte(l[i:], '"')]
+
+	data, _ := os.ReadFile(path)
+	newHash, _ := bcrypt.GenerateFromPassword([]byte("rotated"), bcrypt.MinCost)
+	cfg := string(data)
+	start := strings.Index(cfg, "password_hash = ")
+	end := start + strings.IndexByte(cfg[start:], '\n')
+	os.WriteFile(path, []byte(cfg[:start]+fmt.Sprintf("password_hash = %q", newHash)+cfg[end:]), 0o600)
+	cmd.Process.Signal(syscall.SIGHUP)
+	waitLine("configuration reloaded")
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Auth(sasl.NewPlainClient("", "tm", "rotated")); err != nil {
+		t.Fatalf("the new password after SIGHUP: %v", err)
+	}
+}
