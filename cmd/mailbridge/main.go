@@ -11,11 +11,13 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime"
 	"runtime/debug"
 	"strings"
 	"syscall"
 	"time"
 
+	"github.com/kardianos/service"
 	"golang.org/x/crypto/bcrypt"
 	"golang.org/x/term"
 
@@ -32,6 +34,8 @@ commands:
   demo                               run the bridge on an embedded fake Microsoft 365
   check -config FILE [-send-test ADDRESS]
                                      test every account's Microsoft 365 settings
+  service install|uninstall|start|stop|restart|reload|status -config FILE
+                                     run as a Windows service or systemd unit
   queue list|retry ID|retry-failed|delete ID -config FILE
                                      show and manage the outbox
   gen-cert -host NAME [-out DIR]     write a self-signed certificate for the local TLS listeners
@@ -60,6 +64,8 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		return demo(ctx, args, stdout, stderr)
 	case "check":
 		return check(ctx, args, stdout, stderr)
+	case "service":
+		return serviceCommand(args, stdout, stderr)
 	case "queue":
 		return queue(args, stdout, stderr)
 	case "gen-cert":
@@ -111,6 +117,18 @@ func serve(ctx context.Context, args []string, stderr io.Writer) int {
 	if cfg == nil {
 		return status
 	}
+	if !service.Interactive() {
+		// Started by the Windows Service Control Manager or systemd.
+		if cfg.Log.File == "" && runtime.GOOS == "windows" {
+			cfg.Log.File = defaultServiceLog(cfg.Path)
+		}
+		return runAsService(cfg.Path, func(ctx context.Context) int { return runBridge(ctx, cfg, stderr) })
+	}
+	return runBridge(ctx, cfg, stderr)
+}
+
+// runBridge runs the bridge until ctx ends; SIGHUP reloads its accounts.
+func runBridge(ctx context.Context, cfg *bridge.Config, stderr io.Writer) int {
 	out, closeLog := bridge.LogOutput(cfg.Log, stderr)
 	defer closeLog.Close()
 	log := bridge.NewLogger(out, cfg.Log)
@@ -120,7 +138,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) int {
 		log.Error().Err(err).Msg("cannot start")
 		return 1
 	}
-	// SIGHUP (Linux: kill -HUP, systemctl kill -s HUP) reloads the accounts.
+	// SIGHUP (Linux: kill -HUP, systemctl reload) reloads the accounts.
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)

@@ -1,0 +1,165 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+
+	"github.com/kardianos/service"
+)
+
+// serviceName is the name under which the bridge is registered with the
+// Windows Service Control Manager and systemd.
+const serviceName = "mailbridge"
+
+// serviceConfig describes the bridge as a service running `serve` with the
+// configuration file at cfgPath (made absolute: services start elsewhere).
+func serviceConfig(cfgPath string) (*service.Config, error) {
+	abs, err := filepath.Abs(cfgPath)
+	if err != nil {
+		return nil, err
+	}
+	return &service.Config{
+		Name:             serviceName,
+		DisplayName:      "mailbridge (SMTP and POP3 to Microsoft 365)",
+		Description:      "Lets legacy SMTP and POP3 clients use Microsoft 365 through Graph and OAuth2.",
+		Arguments:        []string{"serve", "-config", abs},
+		WorkingDirectory: filepath.Dir(abs),
+		Dependencies:     []string{"After=network-online.target", "Wants=network-online.target"},
+		Option: service.KeyValue{
+			// Windows: start with the machine, restart after a crash.
+			"StartType":              "automatic",
+			"OnFailure":              "restart",
+			"OnFailureDelayDuration": "10s",
+			"OnFailureResetPeriod":   3600,
+			// systemd: restart on failure, `systemctl reload` sends SIGHUP.
+			"Restart":      "on-failure",
+			"ReloadSignal": "HUP",
+		},
+	}, nil
+}
+
+// program runs `serve` under a service manager: Stop cancels it as SIGTERM
+// would, so messages being received finish first.
+type program struct {
+	run    func(ctx context.Context) int
+	cancel context.CancelFunc
+	done   chan int
+}
+
+func (p *program) Start(service.Service) error {
+	ctx, cancel := context.WithCancel(context.Background())
+	p.cancel, p.done = cancel, make(chan int, 1)
+	go func() { p.done <- p.run(ctx) }()
+	return nil
+}
+
+func (p *program) Stop(service.Service) error {
+	p.cancel()
+	if code := <-p.done; code != 0 {
+		return fmt.Errorf("mailbridge stopped with status %d", code)
+	}
+	return nil
+}
+
+// runAsService runs serve under the service manager that started the
+// process.
+func runAsService(cfgPath string, run func(ctx context.Context) int) int {
+	sc, err := serviceConfig(cfgPath)
+	if err != nil {
+		return 1
+	}
+	prog := &program{run: run}
+	s, err := service.New(prog, sc)
+	if err != nil {
+		return 1
+	}
+	if err := s.Run(); err != nil {
+		return 1
+	}
+	return 0
+}
+
+// serviceCommand carries out `mailbridge service ACTION -config FILE`.
+func serviceCommand(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, "usage: mailbridge service install|uninstall|start|stop|restart|reload|status -config FILE\n")
+		return 2
+	}
+	action := args[0]
+	fs := flag.NewFlagSet("service", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	cfg, status := loadConfig(fs, args[1:], stderr)
+	if cfg == nil {
+		return status
+	}
+	sc, err := serviceConfig(cfg.Path)
+	if err != nil {
+		fmt.Fprintln(stderr, "mailbridge:", err)
+		return 1
+	}
+	s, err := service.New(&program{}, sc)
+	if err != nil {
+		fmt.Fprintln(stderr, "mailbridge:", err)
+		return 1
+	}
+	switch action {
+	case "status":
+		st, err := s.Status()
+		if err != nil {
+			fmt.Fprintf(stdout, "%s: not installed (%v)\n", serviceName, err)
+			return 1
+		}
+		fmt.Fprintf(stdout, "%s: %s\n", serviceName, map[service.Status]string{service.StatusRunning: "running", service.StatusStopped: "stopped"}[st])
+		return 0
+	case "reload":
+		if runtime.GOOS == "windows" {
+			fmt.Fprintln(stderr, "mailbridge: Windows services cannot be reloaded: use `mailbridge service restart` (sessions in progress finish first)")
+			return 1
+		}
+		if out, err := exec.Command("systemctl", "reload", serviceName).CombinedOutput(); err != nil {
+			fmt.Fprintf(stderr, "mailbridge: systemctl reload %s: %v\n%s", serviceName, err, out)
+			return 1
+		}
+		fmt.Fprintln(stdout, "reloaded")
+		return 0
+	case "install", "uninstall", "start", "stop", "restart":
+		if err := service.Control(s, action); err != nil {
+			fmt.Fprintf(stderr, "mailbridge: service %s: %v\n", action, err)
+			if action == "install" {
+				fmt.Fprintln(stderr, "(installing a service needs an Administrator prompt on Windows, root on Linux)")
+			}
+			return 1
+		}
+		fmt.Fprintf(stdout, "service %s: done\n", action)
+		if action == "install" {
+			fmt.Fprintf(stdout, "It runs %q with the arguments %q, starts with the machine and restarts after a failure.\nStart it now with `mailbridge service start -config %s`.\n", executable(), sc.Arguments, cfg.Path)
+			if cfg.Log.File == "" && runtime.GOOS == "windows" {
+				fmt.Fprintf(stdout, "Its log goes to %s (set [log] file to change it).\n", defaultServiceLog(cfg.Path))
+			}
+		}
+		return 0
+	}
+	fmt.Fprintf(stderr, "mailbridge: unknown service action %q\n", action)
+	return 2
+}
+
+func executable() string {
+	p, err := os.Executable()
+	if err != nil {
+		return "mailbridge"
+	}
+	return p
+}
+
+// defaultServiceLog is where a Windows service logs when [log] file is not
+// set: standard error goes nowhere there.
+func defaultServiceLog(cfgPath string) string {
+	abs, _ := filepath.Abs(cfgPath)
+	return filepath.Join(filepath.Dir(abs), "mailbridge.log")
+}
