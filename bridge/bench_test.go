@@ -15,6 +15,7 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"mailbridge/upstream"
+	"mailbridge/upstream/m365fake"
 )
 
 // benchMessage is a 10 KB message, as a legacy client sends a typical
@@ -30,17 +31,9 @@ func benchMessage() []byte {
 
 const benchClients = 16
 
-// BenchmarkRelay relays 10 KB messages from 16 concurrent SMTP clients
-// through the bridge to the fake Graph and reports messages/s, and the
-// median latency of a message under that load (p50-loaded-ms). Before the
-// timed part it measures, one message at a time, the median latency through
-// the bridge (MAIL FROM to the reply to DATA) and of the same MIME posted
-// straight to the fake with the bridge's Graph client: their difference is
-// what the bridge adds (p50-added-ms). token-requests counts the token
-// requests of the whole run.
-func BenchmarkRelay(b *testing.B) {
-	fake := startFake(b)
-	cfg := testConfig(fake)
+// startBenchBridge starts a bridge logging at info level to nowhere, as a
+// production bridge logs, stopped when the benchmark ends.
+func startBenchBridge(b *testing.B, fake *m365fake.Server, cfg *Config) *Bridge {
 	cfg.Log.Level = "info"
 	if err := cfg.Complete(""); err != nil {
 		b.Fatal(err)
@@ -52,7 +45,22 @@ func BenchmarkRelay(b *testing.B) {
 	if err := br.Start(); err != nil {
 		b.Fatal(err)
 	}
-	defer br.Shutdown(context.Background())
+	b.Cleanup(func() { br.Shutdown(context.Background()) })
+	return br
+}
+
+// BenchmarkRelay relays 10 KB messages from 16 concurrent SMTP clients
+// through the bridge to the fake Graph and reports messages/s, and the
+// median latency of a message under that load (p50-loaded-ms). Before the
+// timed part it measures, one message at a time, the median latency through
+// the bridge (MAIL FROM to the reply to DATA) and of the same MIME posted
+// straight to the fake with the bridge's Graph client: their difference is
+// what the bridge adds (p50-added-ms). token-requests counts the token
+// requests of the whole run.
+func BenchmarkRelay(b *testing.B) {
+	fake := startFake(b)
+	cfg := testConfig(fake)
+	br := startBenchBridge(b, fake, cfg)
 	msg := benchMessage()
 
 	// Latency, unloaded: one message at a time, straight to the fake Graph
@@ -158,19 +166,8 @@ func median(d []time.Duration) time.Duration {
 func BenchmarkOutbox(b *testing.B) {
 	fake := startFake(b)
 	cfg := outboxConfig(b, fake)
-	cfg.Log.Level = "info"
 	cfg.Outbox.RatePerSecond = 1e6
-	if err := cfg.Complete(""); err != nil {
-		b.Fatal(err)
-	}
-	br, err := New(cfg, Options{Logger: NewLogger(io.Discard, cfg.Log), RootCAs: fake.CertPool()})
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := br.Start(); err != nil {
-		b.Fatal(err)
-	}
-	defer br.Shutdown(context.Background())
+	br := startBenchBridge(b, fake, cfg)
 	msg := benchMessage()
 	clients := make([]*smtp.Client, benchClients)
 	for i := range clients {

@@ -61,15 +61,22 @@ func (t *connTracker) state(c net.Conn) *connState {
 // grace (long enough for the reply to the last message to be written).
 func (t *connTracker) closeIdle(grace time.Duration) {
 	cutoff := time.Now().Add(-grace).UnixNano()
+	t.closeWhere(func(st *connState) bool { return !st.busy.Load() && st.idleSince.Load() < cutoff })
+}
+
+// closeAll closes every connection, busy or not.
+func (t *connTracker) closeAll() { t.closeWhere(func(*connState) bool { return true }) }
+
+func (t *connTracker) closeWhere(match func(*connState) bool) {
 	t.mu.Lock()
-	var idle []net.Conn
+	var conns []net.Conn
 	for c, st := range t.conns {
-		if !st.busy.Load() && st.idleSince.Load() < cutoff {
-			idle = append(idle, c)
+		if match(st) {
+			conns = append(conns, c)
 		}
 	}
 	t.mu.Unlock()
-	for _, c := range idle {
+	for _, c := range conns {
 		c.Close()
 	}
 }
@@ -101,19 +108,6 @@ func (c *trackedConn) Close() error {
 		c.t.mu.Unlock()
 	})
 	return c.Conn.Close()
-}
-
-// closeAll closes every connection, busy or not.
-func (t *connTracker) closeAll() {
-	t.mu.Lock()
-	var all []net.Conn
-	for c := range t.conns {
-		all = append(all, c)
-	}
-	t.mu.Unlock()
-	for _, c := range all {
-		c.Close()
-	}
 }
 
 // sessionLimitListener refuses connections over the session limit with a
