@@ -275,7 +275,7 @@ func (b *Bridge) Start() error {
 		b.served.Add(1)
 		go func() {
 			defer b.served.Done()
-			if err := b.smtpServer.Serve(l); err != nil && !errors.Is(err, smtp.ErrServerClosed) {
+			if err := b.smtpServer.Serve(l); err != nil && !errors.Is(err, smtp.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
 				b.log.Error().Err(err).Msg("smtp listener stopped")
 			}
 		}()

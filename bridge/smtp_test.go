@@ -1,9 +1,11 @@
 package bridge
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/base64"
+	"net"
 	"os"
 	"slices"
 	"strings"
@@ -563,5 +565,27 @@ func TestShutdownLetsDataFinishAndClosesIdle(t *testing.T) {
 	}
 	if err := idle.Noop(); err == nil {
 		t.Fatal("the idle session is still open after shutdown")
+	}
+}
+
+func TestSMTPSessionLimit(t *testing.T) {
+	fake := startFake(t)
+	cfg := testConfig(fake)
+	cfg.SMTP.MaxSessions = 2
+	b, logs := startBridge(t, fake, cfg)
+	dialAuth(t, b.SMTPAddr(), userA, passwordA)
+	dialAuth(t, b.SMTPAddr(), userB, passwordB)
+	r, err := net.Dial("tcp", b.SMTPAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	r.SetDeadline(time.Now().Add(5 * time.Second))
+	line, _ := bufio.NewReader(r).ReadString('\n')
+	if !strings.HasPrefix(line, "421 4.3.2 ") {
+		t.Errorf("third session greeted with %q, want 421 4.3.2", line)
+	}
+	if !strings.Contains(logs.String(), "smtp.max_sessions reached") {
+		t.Error("the refusal is not logged")
 	}
 }

@@ -4,12 +4,17 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/rand"
+	"crypto/rsa"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/base64"
 	"errors"
 	"io"
-	"math/rand/v2"
+	"math/big"
+	mrand "math/rand/v2"
 	"net/http"
+	"net/url"
 	"slices"
 	"strings"
 	"sync"
@@ -225,7 +230,7 @@ func TestBase64Reader(t *testing.T) {
 	for _, n := range []int{0, 1, 2, 3, 4, 3071, 3072, 3073, 100000} {
 		raw := make([]byte, n)
 		for i := range raw {
-			raw[i] = byte(rand.N(256))
+			raw[i] = byte(mrand.N(256))
 		}
 		want := base64.StdEncoding.EncodeToString(raw)
 		got, err := io.ReadAll(iotest.OneByteReader(upstream.NewBase64Reader(iotest.HalfReader(bytes.NewReader(raw)))))
@@ -349,5 +354,49 @@ func TestFakeOutlookPOP3BehavesAsOutlook(t *testing.T) {
 	// The dialer verifies the certificate.
 	if _, err := (&upstream.POP3Dialer{Addr: addr}).Dial(context.Background(), mailbox, token); err == nil || errors.As(err, &authErr) {
 		t.Errorf("untrusted certificate: got %v, want a TLS error", err)
+	}
+}
+
+func TestFakeChecksClientAssertions(t *testing.T) {
+	fake := startFake(t)
+	key, _ := rsa.GenerateKey(rand.Reader, 2048)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
+	der, _ := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	cert, _ := x509.ParseCertificate(der)
+	fake.AddAppCertificate(tenant, "cert-app", cert, "Mail.Send")
+	cc := &upstream.ClientCertificate{Key: key, Cert: cert}
+	tokenURL := strings.ReplaceAll(fake.TokenURL(), "{tenant}", tenant)
+	hc := upstream.NewHTTPClient(fake.CertPool())
+	ask := func(assertion string) (int, string) {
+		form := url.Values{"grant_type": {"client_credentials"}, "client_id": {"cert-app"}, "scope": {upstream.GraphScope},
+			"client_assertion_type": {"urn:ietf:params:oauth:client-assertion-type:jwt-bearer"}, "client_assertion": {assertion}}
+		resp, err := hc.PostForm(tokenURL, form)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	good, _ := cc.Assertion("cert-app", tokenURL, time.Now())
+	if code, body := ask(good); code != 200 || !strings.Contains(body, "access_token") {
+		t.Errorf("a good assertion: %d %s", code, body)
+	}
+	expired, _ := cc.Assertion("cert-app", tokenURL, time.Now().Add(-time.Hour))
+	if code, body := ask(expired); code != 401 || !strings.Contains(body, "AADSTS700024") {
+		t.Errorf("an expired assertion: %d %s", code, body)
+	}
+	elsewhere, _ := cc.Assertion("cert-app", "https://login.microsoftonline.com/"+tenant+"/oauth2/v2.0/token", time.Now())
+	if code, body := ask(elsewhere); code != 401 || !strings.Contains(body, "AADSTS700027") || !strings.Contains(body, "audience") {
+		t.Errorf("an assertion for another audience: %d %s", code, body)
+	}
+	parts := strings.Split(good, ".")
+	if code, body := ask(parts[0] + "." + parts[1] + ".AAAA"); code != 401 || !strings.Contains(body, "signature") {
+		t.Errorf("a forged signature: %d %s", code, body)
+	}
+	other, _ := rsa.GenerateKey(rand.Reader, 2048)
+	forged, _ := (&upstream.ClientCertificate{Key: other, Cert: cert}).Assertion("cert-app", tokenURL, time.Now())
+	if code, _ := ask(forged); code != 401 {
+		t.Errorf("signed with another key: %d", code)
 	}
 }
