@@ -190,8 +190,8 @@ func (s *smtpSession) Data(r io.Reader) error {
 			return se
 		}
 		if errors.Is(err, errSpool) {
-			s.log.Error().Err(err).Msg("message not received: cannot write the spool file")
-			return &smtp.SMTPError{Code: 452, EnhancedCode: smtp.EnhancedCode{4, 3, 1}, Message: "Cannot store the message now, try again later"}
+			s.log.Error().Err(err).Str("hint", adminHint(err)).Msg("message not received: cannot write the spool file")
+			return smtpReply(err)
 		}
 		s.log.Info().Err(err).Int64("bytes", n).Msg("message not received: client connection failed in DATA")
 		return err
