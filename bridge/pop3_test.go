@@ -520,8 +520,7 @@ func TestPOP3LimitsAndTimeouts(t *testing.T) {
 	cfg.POP3.MaxSessions = 2
 	cfg.POP3.IdleTimeout = Duration{300 * time.Millisecond}
 	b, _ := startBridge(t, fake, cfg)
-	p1, p2 := dialPOP3(t, b.POP3Addr()), dialPOP3(t, b.POP3Addr())
-	_ = p2
+	p1, p2 := dialPOP3(t, b.POP3Addr()), dialPOP3(t, b.POP3Addr()) // both slots taken
 	c, err := net.Dial("tcp", b.POP3Addr())
 	if err != nil {
 		t.Fatal(err)

@@ -422,8 +422,7 @@ func TestKill9AfterAcceptance(t *testing.T) {
 }
 
 func TestQueueCommand(t *testing.T) {
-	fake, path, env := fakeAndConfig(t, "127.0.0.1:0", "")
-	_ = fake
+	_, path, env := fakeAndConfig(t, "127.0.0.1:0", "")
 	if code, _, stderr := runBinary(t, env, "", "queue", "retry", "-config", path); code != 2 || !strings.Contains(stderr, "needs a message ID") {
 		t.Errorf("retry without ID: %d %q", code, stderr)
 	}
