@@ -114,9 +114,9 @@ func (b *Bridge) deliverLarge(ctx context.Context, a *Account, log zerolog.Logge
 		}
 		return d, err
 	}
-	ok = false
+	sent := false
 	defer func() {
-		if ok {
+		if sent {
 			return
 		}
 		// Never leave a stray draft behind, even when the session's
@@ -140,7 +140,7 @@ func (b *Bridge) deliverLarge(ctx context.Context, a *Account, log zerolog.Logge
 	if err != nil {
 		return d, err
 	}
-	ok = true
+	sent = true
 	return d, nil
 }
 
