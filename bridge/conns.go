@@ -128,10 +128,10 @@ func (l *sessionLimitListener) Accept() (net.Conn, error) {
 		case l.slots <- struct{}{}:
 			return &slotConn{Conn: c, release: func() { <-l.slots }}, nil
 		default:
+			l.log.Warn().Str("proto", "smtp").Str("remote", c.RemoteAddr().String()).Int("max_sessions", cap(l.slots)).Msg("session refused: smtp.max_sessions reached")
 			c.SetWriteDeadline(time.Now().Add(5 * time.Second))
 			c.Write([]byte("421 4.3.2 Too many sessions, try again later\r\n"))
 			c.Close()
-			l.log.Warn().Str("proto", "smtp").Str("remote", c.RemoteAddr().String()).Int("max_sessions", cap(l.slots)).Msg("session refused: smtp.max_sessions reached")
 		}
 	}
 }

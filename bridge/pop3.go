@@ -46,10 +46,10 @@ func (b *Bridge) servePOP3(ln net.Listener) {
 		select {
 		case b.pop3Slots <- struct{}{}:
 		default:
+			b.log.Warn().Str("proto", "pop3").Str("remote", c.RemoteAddr().String()).Int("max_sessions", cap(b.pop3Slots)).Msg("session refused: pop3.max_sessions reached")
 			c.SetWriteDeadline(time.Now().Add(5 * time.Second))
 			io.WriteString(c, "-ERR [SYS/TEMP] Too many POP3 sessions, try again later\r\n")
 			c.Close()
-			b.log.Warn().Str("proto", "pop3").Str("remote", c.RemoteAddr().String()).Int("max_sessions", cap(b.pop3Slots)).Msg("session refused: pop3.max_sessions reached")
 			continue
 		}
 		b.pop3Wg.Add(1)
