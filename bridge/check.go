@@ -43,6 +43,12 @@ func (b *Bridge) Check(ctx context.Context, sendTestTo string) []CheckResult {
 	return results
 }
 
+// roleHint tells how to grant an application permission that a token
+// lacks.
+func roleHint(role, api string) string {
+	return fmt.Sprintf("add %s as an Application permission (%s) and click 'Grant admin consent'", role, api)
+}
+
 // checkToken fetches a token and checks that it carries role.
 func checkToken(ctx context.Context, a *Account, ts *upstream.TokenSource, check, role, api string) (string, *CheckResult) {
 	tok, err := ts.Token(ctx)
@@ -52,7 +58,7 @@ func checkToken(ctx context.Context, a *Account, ts *upstream.TokenSource, check
 	if roles, ok := upstream.TokenRoles(tok); ok && !slices.Contains(roles, role) {
 		return "", &CheckResult{Account: a.Config.Name, Check: check,
 			Detail: fmt.Sprintf("token issued, but without the %s role (roles: %v)", role, roles),
-			Hint:   fmt.Sprintf("add %s as an Application permission (%s) and click 'Grant admin consent'", role, api)}
+			Hint:   roleHint(role, api)}
 	}
 	return tok, nil
 }
@@ -95,7 +101,7 @@ func (b *Bridge) checkDrafts(ctx context.Context, a *Account, gc LargeSender) Ch
 	id, err := gc.CreateDraft(sctx, a.Config.Mailbox, bytes.NewReader(msg), int64(len(msg)))
 	if err != nil {
 		res.Detail = err.Error()
-		res.Hint = "grant Mail.ReadWrite as an Application permission (Microsoft Graph) and click 'Grant admin consent', or set large_messages = false (messages over 3 MB are then refused)"
+		res.Hint = readWriteHint
 		if !isAccessDenied(err) {
 			res.Hint = adminHint(err)
 		}
@@ -119,12 +125,7 @@ func (b *Bridge) checkPOP3(ctx context.Context, a *Account) CheckResult {
 	defer cancel()
 	up, err := a.POP3Dialer.Dial(pctx, a.Config.POP3Mailbox, tok)
 	if err != nil {
-		var authErr *upstream.POP3AuthError
-		hint := "Outlook's POP3 service could not be reached: check the network, firewall (port 995) and DNS, and pop3.upstream"
-		if errors.As(err, &authErr) {
-			hint = authErr.Hint()
-		}
-		return CheckResult{Account: name, Check: "pop3", Detail: err.Error(), Hint: hint}
+		return CheckResult{Account: name, Check: "pop3", Detail: err.Error(), Hint: pop3Hint(err, tok)}
 	}
 	count, size, err := up.Stat()
 	up.Quit()

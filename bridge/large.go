@@ -31,6 +31,9 @@ type LargeSender interface {
 	DeleteMessage(ctx context.Context, user, messageID string) error
 }
 
+// readWriteHint tells how to allow messages over sendMail's limit.
+const readWriteHint = "grant Mail.ReadWrite as an Application permission (Microsoft Graph) and click 'Grant admin consent', or set large_messages = false (messages over 3 MB are then refused)"
+
 // draftTarget is how much MIME the draft keeps at most: well under
 // sendMail's limit, so that Graph's own additions never push it over.
 const draftTarget = 2_500_000
@@ -109,7 +112,7 @@ func (b *Bridge) deliverLarge(ctx context.Context, a *Account, log zerolog.Logge
 	})
 	if err != nil {
 		if isAccessDenied(err) {
-			log.Error().Err(err).Str("hint", "grant Mail.ReadWrite as an Application permission (Microsoft Graph) and click 'Grant admin consent', or set large_messages = false").Msg("cannot create a draft")
+			log.Error().Err(err).Str("hint", readWriteHint).Msg("cannot create a draft")
 			return d, errLargeNotAllowed("the app lacks the Mail.ReadWrite permission; the administrator must grant it")
 		}
 		return d, err

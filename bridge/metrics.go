@@ -12,6 +12,7 @@ import (
 
 	"github.com/emersion/go-smtp"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"mailbridge/upstream"
@@ -52,7 +53,7 @@ func newBridgeMetrics(b *Bridge) *bridgeMetrics {
 			Help: "Bytes of messages downloaded with RETR through the bridge."}, []string{"account"}),
 	}
 	m.reg.MustRegister(m.sessions, m.activeSessions, m.messages, m.messageBytes, m.upstreamTime, m.upstreamStatus, m.retrBytes,
-		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if b.worker != nil {
 		w := b.worker
 		m.reg.MustRegister(

@@ -243,7 +243,7 @@ func (s *outboxStore) fail(env *Envelope, f *Failure) error {
 
 // ids lists the message IDs in sub, oldest first (IDs start with the time
 // they were accepted), reading the directory in batches.
-func (s *outboxStore) ids(sub string, limit int) ([]string, error) {
+func (s *outboxStore) ids(sub string) ([]string, error) {
 	d, err := os.Open(s.path(sub))
 	if err != nil {
 		return nil, err
@@ -265,9 +265,6 @@ func (s *outboxStore) ids(sub string, limit int) ([]string, error) {
 		}
 	}
 	slices.Sort(out)
-	if limit > 0 && len(out) > limit {
-		out = out[:limit]
-	}
 	return out, nil
 }
 
@@ -283,7 +280,7 @@ type QueueEntry struct {
 func (s *outboxStore) List() ([]QueueEntry, error) {
 	var out []QueueEntry
 	for _, sub := range []string{"queue", "failed"} {
-		ids, err := s.ids(sub, 0)
+		ids, err := s.ids(sub)
 		if err != nil {
 			return nil, err
 		}
@@ -325,7 +322,7 @@ func (s *outboxStore) Retry(id string) error {
 
 // RetryFailed puts every failed message back in the queue.
 func (s *outboxStore) RetryFailed() (int, error) {
-	ids, err := s.ids("failed", 0)
+	ids, err := s.ids("failed")
 	if err != nil {
 		return 0, err
 	}

@@ -320,8 +320,10 @@ func TestQueueManagement(t *testing.T) {
 func TestRateLimiter(t *testing.T) {
 	l := newRateLimiter(2)
 	now := time.Unix(100, 0)
-	if !l.allow(now) || !l.allow(now) || l.allow(now) {
-		t.Fatal("a burst of 2 at rate 2/s")
+	for i, want := range []bool{true, true, false} { // a burst of 2 at rate 2/s
+		if got := l.allow(now); got != want {
+			t.Fatalf("request %d at once: allowed %v, want %v", i+1, got, want)
+		}
 	}
 	if l.allow(now.Add(400 * time.Millisecond)) {
 		t.Fatal("a token after 0.4 s at 2/s")

@@ -4,7 +4,7 @@ import (
 	"container/heap"
 	"context"
 	"errors"
-	"io"
+	"net"
 	"net/http"
 	"os"
 	"slices"
@@ -398,12 +398,17 @@ func permanent(err error) bool {
 }
 
 // unknownOutcome reports whether Graph may have taken the message although
-// no answer came: a retry may then send it twice.
+// no answer came: a retry may then send it twice. An answer, a token that
+// could not be had, or a connection never made rule that out.
 func unknownOutcome(err error) bool {
 	var apiErr *upstream.APIError
 	var tokErr *upstream.TokenError
 	var se *smtp.SMTPError
-	return !errors.As(err, &apiErr) && !errors.As(err, &tokErr) && !errors.As(err, &se) && !errors.Is(err, errSpool) && !errors.Is(err, io.ErrUnexpectedEOF)
+	var opErr *net.OpError
+	if errors.As(err, &opErr) && opErr.Op == "dial" {
+		return false
+	}
+	return !errors.As(err, &apiErr) && !errors.As(err, &tokErr) && !errors.As(err, &se) && !errors.Is(err, errSpool)
 }
 
 // rateLimiter is a token bucket: rate requests per second, bursts of rate.

@@ -350,39 +350,31 @@ func (s *pop3Session) login(username, password string) {
 	ctx, cancel := context.WithTimeout(s.ctx, s.bridge.cfg.POP3.UpstreamTimeout.Duration)
 	defer cancel()
 	start := time.Now()
-	up, err := s.dialUpstream(ctx, a)
+	token, err := a.POP3Tokens.Token(ctx)
+	var up *upstream.POP3Conn
+	if err == nil {
+		up, err = a.POP3Dialer.Dial(ctx, a.Config.POP3Mailbox, token)
+	}
 	if err != nil {
-		ev := s.log.Error().Err(err).Str("mailbox", a.Config.POP3Mailbox).Str("upstream", s.account.Config.POP3Upstream)
-		if hint := s.pop3Hint(err, a); hint != "" {
-			ev = ev.Str("hint", hint)
-		}
+		ev := s.log.Error().Err(err).Str("mailbox", a.Config.POP3Mailbox).Str("upstream", a.Config.POP3Upstream).Str("hint", pop3Hint(err, token))
 		ev.Int64("duration_ms", time.Since(start).Milliseconds()).Msg("upstream login failed")
 		s.reply(pop3Reply(err))
 		s.account = nil
 		return
 	}
 	s.up = up
-	s.log.Info().Str("mailbox", a.Config.POP3Mailbox).Str("upstream", s.account.Config.POP3Upstream).Str("greeting", up.Greeting).
+	s.log.Info().Str("mailbox", a.Config.POP3Mailbox).Str("upstream", a.Config.POP3Upstream).Str("greeting", up.Greeting).
 		Int64("duration_ms", time.Since(start).Milliseconds()).Msg("logged in upstream")
 	s.reply(up.AuthReply)
 }
 
-func (s *pop3Session) dialUpstream(ctx context.Context, a *Account) (*upstream.POP3Conn, error) {
-	token, err := a.POP3Tokens.Token(ctx)
-	if err != nil {
-		return nil, err
-	}
-	return a.POP3Dialer.Dial(ctx, a.Config.POP3Mailbox, token)
-}
-
-// pop3Hint explains an upstream login failure for the log.
-func (s *pop3Session) pop3Hint(err error, a *Account) string {
+// pop3Hint explains a failed login to Outlook's POP3 service for the log
+// and for `check`; token is the one the login used ("" if none was had).
+func pop3Hint(err error, token string) string {
 	var authErr *upstream.POP3AuthError
 	if errors.As(err, &authErr) {
-		if tok, terr := a.POP3Tokens.Token(s.ctx); terr == nil {
-			if roles, ok := upstream.TokenRoles(tok); ok && !slices.Contains(roles, "POP.AccessAsApp") {
-				return "the token has no POP.AccessAsApp role: add it under API permissions > Office 365 Exchange Online > Application permissions and click 'Grant admin consent'"
-			}
+		if roles, ok := upstream.TokenRoles(token); ok && !slices.Contains(roles, "POP.AccessAsApp") {
+			return roleHint("POP.AccessAsApp", "Office 365 Exchange Online")
 		}
 		return authErr.Hint()
 	}

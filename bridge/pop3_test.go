@@ -439,7 +439,7 @@ func TestPOP3UpstreamRefusalMapsToSysTemp(t *testing.T) {
 	cfg.Accounts[1].POP3Mailbox = "other@fleet.example.net" // B has no access to it
 	b, logs := startBridge(t, fake, cfg)
 	for _, tc := range []struct{ user, pass, hint string }{
-		{"nopop", passwordA, "the token has no POP.AccessAsApp role"},
+		{"nopop", passwordA, "add POP.AccessAsApp as an Application permission (Office 365 Exchange Online)"},
 		{userB, passwordB, "FullAccess on the mailbox (Add-MailboxPermission)"},
 	} {
 		p := dialPOP3(t, b.POP3Addr())

@@ -290,8 +290,8 @@ func TestGraphOutageGivesTemporaryFailure(t *testing.T) {
 	if code, ec := smtpCode(err); code != 451 || ec != (smtp.EnhancedCode{4, 4, 5}) {
 		t.Fatalf("got %v, want 451 4.4.5", err)
 	}
-	if time.Since(start) > testSendTimeout {
-		t.Errorf("the client waited for a Retry-After longer than send_timeout")
+	if waited := time.Since(start); waited > 2*time.Second {
+		t.Errorf("the client waited %v for a Retry-After longer than send_timeout, want the answer at once", waited)
 	}
 }
 

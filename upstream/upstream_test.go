@@ -46,6 +46,13 @@ func startFake(t *testing.T) *m365fake.Server {
 	return fake
 }
 
+// tokenSource returns a token source of the test app for scope, on a
+// client that trusts the fake.
+func tokenSource(fake *m365fake.Server, scope string) *upstream.TokenSource {
+	return upstream.NewTokenSources(upstream.NewHTTPClient(fake.CertPool())).Get(
+		upstream.Credentials{TokenURL: fake.TokenURL(), TenantID: tenant, ClientID: client, ClientSecret: secret}, scope)
+}
+
 func TestTokenErrorsAreDecoded(t *testing.T) {
 	fake := startFake(t)
 	fake.AddApp(tenant, "expired-app", "old", "Mail.Send")
@@ -139,8 +146,7 @@ func TestTokenIsSharedCachedAndRenewed(t *testing.T) {
 func TestTokenRenewedBeforeExpiry(t *testing.T) {
 	fake := startFake(t)
 	fake.SetTokenLifetime(4 * time.Minute) // shorter than the renewal margin: every call renews
-	ts := upstream.NewTokenSources(upstream.NewHTTPClient(fake.CertPool())).Get(
-		upstream.Credentials{TokenURL: fake.TokenURL(), TenantID: tenant, ClientID: client, ClientSecret: secret}, upstream.GraphScope)
+	ts := tokenSource(fake, upstream.GraphScope)
 	for range 3 {
 		if _, err := ts.Token(context.Background()); err != nil {
 			t.Fatal(err)
@@ -154,8 +160,7 @@ func TestTokenRenewedBeforeExpiry(t *testing.T) {
 func TestTokenWaitHonoursContext(t *testing.T) {
 	fake := startFake(t)
 	fake.FailToken(1, m365fake.Fault{Delay: 2 * time.Second})
-	ts := upstream.NewTokenSources(upstream.NewHTTPClient(fake.CertPool())).Get(
-		upstream.Credentials{TokenURL: fake.TokenURL(), TenantID: tenant, ClientID: client, ClientSecret: secret}, upstream.GraphScope)
+	ts := tokenSource(fake, upstream.GraphScope)
 	go ts.Token(context.Background()) // holds the request
 	time.Sleep(50 * time.Millisecond)
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
@@ -168,7 +173,7 @@ func TestTokenWaitHonoursContext(t *testing.T) {
 func TestSendMailRenewsRefusedToken(t *testing.T) {
 	fake := startFake(t)
 	hc := upstream.NewHTTPClient(fake.CertPool())
-	ts := upstream.NewTokenSources(hc).Get(upstream.Credentials{TokenURL: fake.TokenURL(), TenantID: tenant, ClientID: client, ClientSecret: secret}, upstream.GraphScope)
+	ts := tokenSource(fake, upstream.GraphScope)
 	g := upstream.NewGraphClient(fake.GraphURL(), hc, ts)
 	msg := []byte("From: orders@example.com\r\nTo: a@example.org\r\n\r\nhello\r\n")
 	fake.FailGraph(1, m365fake.Fault{Status: 401, Code: "InvalidAuthenticationToken", Message: "Access token has expired or is not yet valid."})
@@ -190,7 +195,7 @@ func TestSendMailRenewsRefusedToken(t *testing.T) {
 func TestSendMailErrors(t *testing.T) {
 	fake := startFake(t)
 	hc := upstream.NewHTTPClient(fake.CertPool())
-	ts := upstream.NewTokenSources(hc).Get(upstream.Credentials{TokenURL: fake.TokenURL(), TenantID: tenant, ClientID: client, ClientSecret: secret}, upstream.GraphScope)
+	ts := tokenSource(fake, upstream.GraphScope)
 	g := upstream.NewGraphClient(fake.GraphURL(), hc, ts)
 	msg := []byte("From: orders@example.com\r\nTo: a@example.org\r\n\r\nhello\r\n")
 	send := func(user string, m []byte) error {
@@ -250,12 +255,12 @@ func TestBase64Reader(t *testing.T) {
 func TestFakeGraphRefusesBadBase64AndBadTokens(t *testing.T) {
 	fake := startFake(t)
 	hc := upstream.NewHTTPClient(fake.CertPool())
-	ts := upstream.NewTokenSources(hc).Get(upstream.Credentials{TokenURL: fake.TokenURL(), TenantID: tenant, ClientID: client, ClientSecret: secret}, upstream.GraphScope)
+	ts := tokenSource(fake, upstream.GraphScope)
 	graphToken, err := ts.Token(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
-	outlookToken, err := upstream.NewTokenSources(hc).Get(upstream.Credentials{TokenURL: fake.TokenURL(), TenantID: tenant, ClientID: client, ClientSecret: secret}, upstream.OutlookScope).Token(context.Background())
+	outlookToken, err := tokenSource(fake, upstream.OutlookScope).Token(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -294,8 +299,7 @@ func TestFakeOutlookPOP3BehavesAsOutlook(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	token, err := upstream.NewTokenSources(upstream.NewHTTPClient(fake.CertPool())).Get(
-		upstream.Credentials{TokenURL: fake.TokenURL(), TenantID: tenant, ClientID: client, ClientSecret: secret}, upstream.OutlookScope).Token(context.Background())
+	token, err := tokenSource(fake, upstream.OutlookScope).Token(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -344,8 +348,7 @@ func TestFakeOutlookPOP3BehavesAsOutlook(t *testing.T) {
 	if l := ask(c, r, "QUIT"); l != "+OK Microsoft Exchange Server 2016 POP3 server signing off." {
 		t.Errorf("QUIT: %q", l)
 	}
-	graphToken, _ := upstream.NewTokenSources(upstream.NewHTTPClient(fake.CertPool())).Get(
-		upstream.Credentials{TokenURL: fake.TokenURL(), TenantID: tenant, ClientID: client, ClientSecret: secret}, upstream.GraphScope).Token(context.Background())
+	graphToken, _ := tokenSource(fake, upstream.GraphScope).Token(context.Background())
 	_, err = (&upstream.POP3Dialer{Addr: addr, RootCAs: fake.CertPool()}).Dial(context.Background(), mailbox, graphToken)
 	var authErr *upstream.POP3AuthError
 	if !errors.As(err, &authErr) || authErr.Reply != "-ERR Authentication failure: unknown user name or bad password." {

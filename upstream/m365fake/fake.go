@@ -53,7 +53,6 @@ type Server struct {
 	drafts    map[string]*draft         // by id
 	uploads   map[string]*uploadSession // by the secret in the upload URL
 	uploadDir string
-	uploadMin int64 // smallest attachment an upload session takes
 }
 
 type tenant struct {

@@ -194,7 +194,7 @@ func (s *Server) serveSendMail(g *graphRequest) {
 }
 
 func stripLineBreaks(b []byte) []byte {
-	if bytes.IndexAny(b, "\r\n") < 0 {
+	if !bytes.ContainsAny(b, "\r\n") {
 		return b
 	}
 	out := make([]byte, 0, len(b))

@@ -211,11 +211,15 @@ func (s *Server) signToken(c claims) string {
 	return signed + "." + base64.RawURLEncoding.EncodeToString(mac.Sum(nil))
 }
 
-// errTokenExpired and errTokenInvalid are the two ways Graph and Outlook
-// refuse a bearer token.
-var (
-	errTokenExpired = fmt.Errorf("Access token has expired or is not yet valid.")
-	errTokenInvalid = fmt.Errorf("Access token validation failure. Invalid audience.")
+// tokenRefusal is Graph's message refusing a bearer token, word for word.
+type tokenRefusal string
+
+func (r tokenRefusal) Error() string { return string(r) }
+
+// The two ways Graph and Outlook refuse a bearer token.
+const (
+	errTokenExpired tokenRefusal = "Access token has expired or is not yet valid."
+	errTokenInvalid tokenRefusal = "Access token validation failure. Invalid audience."
 )
 
 // verifyToken checks a token's signature, expiry and audience.
