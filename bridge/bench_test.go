@@ -1,4 +1,4 @@
-package bridge
+package bridge_test
 
 import (
 	"bytes"
@@ -14,6 +14,8 @@ import (
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
 
+	"mailbridge/bridge"
+	"mailbridge/bridge/config"
 	"mailbridge/upstream"
 	"mailbridge/upstream/m365fake"
 )
@@ -33,12 +35,12 @@ const benchClients = 16
 
 // startBenchBridge starts a bridge logging at info level to nowhere, as a
 // production bridge logs, stopped when the benchmark ends.
-func startBenchBridge(b *testing.B, fake *m365fake.Server, cfg *Config) *Bridge {
+func startBenchBridge(b *testing.B, fake *m365fake.Server, cfg *config.Config) *bridge.Bridge {
 	cfg.Log.Level = "info"
 	if err := cfg.Complete(""); err != nil {
 		b.Fatal(err)
 	}
-	br, err := New(cfg, Options{Logger: NewLogger(io.Discard, cfg.Log), RootCAs: fake.CertPool()})
+	br, err := bridge.New(cfg, bridge.Options{Logger: bridge.NewLogger(io.Discard, cfg.Log), RootCAs: fake.CertPool()})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -65,7 +67,7 @@ func BenchmarkRelay(b *testing.B) {
 
 	// Latency, unloaded: one message at a time, straight to the fake Graph
 	// with the bridge's own Graph client, then through the bridge.
-	direct := br.Accounts()[0].Sender
+	direct := br.Accounts()[0].Graph
 	one := dialAuth(b, br.SMTPAddr(), userA, passwordA)
 	const latencySamples = 300
 	var directLat, bridgeLat []time.Duration

@@ -1,6 +1,11 @@
-// Package bridge is the local side of mailbridge: the SMTP server that
-// legacy clients talk to on loopback, their accounts and the configuration.
-// It hands messages to Microsoft Graph through the upstream package.
+// Package bridge is a running mailbridge: New wires the packages below it
+// (accounts, delivery, the outbox, the SMTP and POP3 servers, the admin
+// endpoint) from a configuration; Start opens the listeners; Shutdown lets
+// busy sessions and deliveries finish; Reload puts new accounts in force;
+// Check tests every account as the legacy clients' Test buttons would.
+//
+// It holds wiring only: each job lives in a package of its own under
+// bridge/. Only cmd imports this package.
 package bridge
 
 import (
@@ -13,7 +18,6 @@ import (
 	"net/http"
 	"reflect"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -21,6 +25,14 @@ import (
 	"github.com/emersion/go-smtp"
 	"github.com/rs/zerolog"
 
+	"mailbridge/bridge/account"
+	"mailbridge/bridge/admin"
+	"mailbridge/bridge/config"
+	"mailbridge/bridge/conntrack"
+	"mailbridge/bridge/deliver"
+	"mailbridge/bridge/outbox"
+	"mailbridge/bridge/pop3server"
+	"mailbridge/bridge/smtpserver"
 	"mailbridge/upstream"
 )
 
@@ -35,254 +47,159 @@ type Options struct {
 	// from an address; it doubles with each further failure, up to 30
 	// times itself. Zero means one second.
 	AuthFailureDelay time.Duration
+	// Retry spaces the retries within one SMTP transaction (and one step
+	// of a large message); zero means deliver.DefaultRetry.
+	Retry deliver.RetryPolicy
+	// OutboxRetry spaces the outbox's attempts at a message; zero means
+	// outbox.DefaultRetry.
+	OutboxRetry deliver.RetryPolicy
 }
 
-// Account is a configured local user with its sending policy and Graph
-// client.
-type Account struct {
-	Config AccountConfig
-	// Tokens are for Graph (send_scope), POP3Tokens for Outlook's POP3
-	// service (pop3_scope): two audiences, two tokens.
-	Tokens     *upstream.TokenSource
-	POP3Tokens *upstream.TokenSource
-	Sender     MailSender
-	POP3Dialer MailboxDialer
-	password   *passwordChecker
-	senders    senderPolicy
-}
-
-// Bridge is a configured mailbridge: its accounts, upstream clients and
-// local SMTP server.
+// Bridge is a configured mailbridge.
 type Bridge struct {
-	cfg        *Config
+	cfg        *config.Config
+	res        *config.Resolved
 	log        zerolog.Logger
-	accountSet atomic.Pointer[accounts]
-	tokens     *upstream.TokenSources
-	rootCAs    *x509.CertPool
-	key        *[32]byte
-	throttle   *authThrottle
-	retry      retryPolicy
-	pacer      *uploadPacer
-	spoolDir   string
+	accounts   *account.Registry
 	httpClient *http.Client
+	deliverer  *deliver.Deliverer
+	outbox     *outbox.Outbox // nil when the outbox is off
+	metrics    *admin.Metrics
+	conns      conntrack.Tracker
 
-	smtpServer *smtp.Server
-	smtpLn     net.Listener
-	smtpTLSLn  net.Listener
-	pop3TLSLn  net.Listener
-	pop3Ln     net.Listener
-	listeners  []net.Listener // every listener opened, closed at shutdown
-	pop3Slots  chan struct{}
-	pop3Wg     sync.WaitGroup
-	conns      connTracker
-	smtpSlots  chan struct{}
+	smtp      *smtpserver.Server
+	pop3      *pop3server.Server
+	smtpSlots chan struct{}
+	smtpLn    net.Listener
+	smtpTLSLn net.Listener
+	pop3Ln    net.Listener
+	pop3TLSLn net.Listener
+	adminLn   net.Listener
+	listeners []net.Listener // every listener opened, closed at shutdown
 
-	outbox        *outboxStore
-	worker        *outboxWorker
 	stopWorker    context.CancelFunc
 	stopDelivery  context.CancelFunc
 	workerStopped chan struct{}
 
-	metrics *bridgeMetrics
-	serving atomic.Bool
-	adminLn net.Listener
-
+	serving    atomic.Bool
 	baseCtx    context.Context
 	cancelBase context.CancelFunc
 	served     sync.WaitGroup
 }
 
-// New builds a bridge from a completed configuration. It opens no
-// connection yet.
-func New(cfg *Config, opts Options) (*Bridge, error) {
-	if opts.AuthFailureDelay <= 0 {
-		opts.AuthFailureDelay = time.Second
-	}
-	httpClient := upstream.NewHTTPClient(opts.RootCAs)
-	b := &Bridge{
-		cfg:        cfg,
-		log:        opts.Logger,
-		throttle:   newAuthThrottle(opts.AuthFailureDelay, 30*opts.AuthFailureDelay),
-		retry:      defaultRetry,
-		pacer:      newUploadPacer(cfg.SMTP.UploadBytesPer5Min, 5*time.Minute),
-		spoolDir:   cfg.SMTP.SpoolDir,
-		httpClient: httpClient,
-		tokens:     upstream.NewTokenSources(httpClient),
-		rootCAs:    opts.RootCAs,
-		key:        newProcessKey(),
-	}
-	set, err := b.buildAccounts(cfg)
+// New builds a bridge from a completed configuration, reading the files it
+// names. It opens no connection yet.
+func New(cfg *config.Config, opts Options) (*Bridge, error) {
+	res, err := cfg.Resolve()
 	if err != nil {
 		return nil, err
 	}
-	b.accountSet.Store(set)
-	b.pop3Slots = make(chan struct{}, max(cfg.POP3.MaxSessions, 1))
-	b.smtpSlots = make(chan struct{}, max(cfg.SMTP.MaxSessions, 1))
+	if opts.AuthFailureDelay <= 0 {
+		opts.AuthFailureDelay = time.Second
+	}
+	b := &Bridge{
+		cfg:        cfg,
+		res:        res,
+		log:        opts.Logger,
+		httpClient: upstream.NewHTTPClient(opts.RootCAs),
+		metrics:    admin.NewMetrics(),
+	}
+	b.baseCtx, b.cancelBase = context.WithCancel(context.Background())
+	b.accounts = account.NewRegistry(b.httpClient, opts.RootCAs, opts.AuthFailureDelay)
+	b.accounts.Load(cfg, res)
+	upstream.Observe(b.httpClient, b.metrics.ObserveUpstream)
+	b.deliverer = deliver.New(deliver.Options{
+		Retry:              opts.Retry,
+		SendTimeout:        cfg.SMTP.SendTimeout.Duration,
+		UploadBytesPer5Min: cfg.SMTP.UploadBytesPer5Min,
+		SpoolDir:           cfg.SMTP.SpoolDir,
+	})
+	var submit deliver.Submitter = b.deliverer
 	if cfg.Outbox.Enabled {
-		store, err := OpenOutbox(cfg.Outbox.Dir)
+		store, err := outbox.Open(cfg.Outbox.Dir)
 		if err != nil {
 			return nil, err
 		}
-		b.outbox = store
-		b.worker = newOutboxWorker(b, store, b.log.With().Str("proto", "outbox").Logger())
+		b.outbox = outbox.New(store, outbox.Options{
+			Deliver:       b.deliverer.Attempt,
+			Account:       b.accounts.ByName,
+			Metrics:       b.metrics,
+			Log:           b.log.With().Str("proto", "outbox").Logger(),
+			MaxAge:        cfg.Outbox.MaxAge.Duration,
+			MaxBytes:      cfg.Outbox.MaxBytes,
+			RatePerSecond: cfg.Outbox.RatePerSecond,
+			Retry:         opts.OutboxRetry,
+		})
+		b.metrics.RegisterQueue(b.outbox)
+		submit = b.outbox
 	}
-	b.metrics = newBridgeMetrics(b)
-	upstream.Observe(httpClient, b.metrics.observeUpstream)
-	b.baseCtx, b.cancelBase = context.WithCancel(context.Background())
+	b.smtpSlots = make(chan struct{}, max(cfg.SMTP.MaxSessions, 1))
+	b.smtp = smtpserver.New(smtpserver.Options{
+		Config: cfg.SMTP, TLS: res.SMTPTLS, Accounts: b.accounts, Submit: submit,
+		Conns: &b.conns, Metrics: b.metrics, Log: b.log, Context: b.baseCtx,
+	})
+	b.pop3 = pop3server.New(pop3server.Options{
+		Config: cfg.POP3, TLS: res.POP3TLS, Accounts: b.accounts,
+		Conns: &b.conns, Metrics: b.metrics, Log: b.log, Context: b.baseCtx,
+	})
 	return b, nil
 }
 
-// secretExpiryWarning says when an account's client secret expires within
-// 30 days, or has expired; "" otherwise.
-func secretExpiryWarning(a AccountConfig, now time.Time) string {
-	if a.ClientSecretExpires.IsZero() || a.ClientCertificateFile != "" {
-		return ""
-	}
-	left := a.ClientSecretExpires.Sub(now)
-	switch {
-	case left < 0:
-		return "the client secret has expired (client_secret_expires): create a new one under Certificates & secrets, put its Value in client_secret and its date in client_secret_expires"
-	case left < 30*24*time.Hour:
-		return fmt.Sprintf("the client secret expires in %d days (client_secret_expires): create a new one under Certificates & secrets before then, or switch to client_certificate_file", int(left.Hours()/24)+1)
-	}
-	return ""
-}
-
-// accounts is the set of accounts in force: replaced whole by a reload,
-// while sessions keep the *Account they logged in with.
-type accounts struct {
-	byUser  map[string]*Account // by lower-case user name
-	ordered []*Account
-}
-
-// buildAccounts makes the accounts of cfg, sharing token sources (and so
-// cached tokens) with those that came before.
-func (b *Bridge) buildAccounts(cfg *Config) (*accounts, error) {
-	set := &accounts{byUser: map[string]*Account{}}
-	for _, ac := range cfg.Accounts {
-		patterns := []string{ac.Mailbox}
-		if len(ac.AllowedSenders) > 0 {
-			patterns = ac.AllowedSenders
-		}
-		var policy senderPolicy
-		for _, p := range patterns {
-			sp, err := parseSenderPattern(p)
-			if err != nil {
-				return nil, fmt.Errorf("account %s: allowed_senders: %w", ac.Name, err)
-			}
-			policy = append(policy, sp)
-		}
-		ts := b.tokens.Get(ac.Credentials(), ac.SendScope)
-		a := &Account{
-			Config:     ac,
-			Tokens:     ts,
-			POP3Tokens: b.tokens.Get(ac.Credentials(), ac.POP3Scope),
-			POP3Dialer: &upstream.POP3Dialer{Addr: ac.POP3Upstream, RootCAs: b.rootCAs, Timeout: cfg.POP3.UpstreamTimeout.Duration},
-			Sender:     upstream.NewGraphClient(ac.GraphURL, b.httpClient, ts),
-			password:   newPasswordChecker(ac.PasswordHash, b.key),
-			senders:    policy,
-		}
-		set.byUser[strings.ToLower(ac.Username)] = a
-		set.ordered = append(set.ordered, a)
-	}
-	return set, nil
-}
-
 // Accounts returns the configured accounts in configuration order.
-func (b *Bridge) Accounts() []*Account { return b.accountSet.Load().ordered }
-
-func (b *Bridge) accountByName(name string) *Account {
-	for _, a := range b.Accounts() {
-		if a.Config.Name == name {
-			return a
-		}
-	}
-	return nil
-}
-
-// authenticate checks a local user name and password of an account that
-// may use protocol, and returns the account. Failures are slowed down per
-// remote address.
-func (b *Bridge) authenticate(ctx context.Context, protocol, remoteIP, username, password string) (*Account, error) {
-	a := b.accountSet.Load().byUser[strings.ToLower(username)]
-	if a != nil && !a.Config.Uses(protocol) {
-		a = nil
-	}
-	if a != nil && a.password.check(password) {
-		b.throttle.succeeded(remoteIP)
-		return a, nil
-	}
-	if a == nil {
-		spendBcrypt(password)
-	}
-	sleepCtx(ctx, b.throttle.failed(remoteIP))
-	return nil, errBadCredentials
-}
+func (b *Bridge) Accounts() []*account.Account { return b.accounts.All() }
 
 // Start opens the SMTP and POP3 listeners and serves them in the
 // background.
 func (b *Bridge) Start() error {
-	ln, err := net.Listen("tcp", b.cfg.SMTP.Listen)
+	ln, err := b.listen("smtp", b.cfg.SMTP.Listen, nil)
 	if err != nil {
-		return fmt.Errorf("smtp listener: %w", err)
+		return err
 	}
-	b.listeners = append(b.listeners, ln)
+	b.smtpLn = ln
 	if b.cfg.POP3.Listen != "" {
 		pln, err := b.listen("pop3", b.cfg.POP3.Listen, nil)
 		if err != nil {
 			return err
 		}
 		b.pop3Ln = pln
-		b.served.Add(1)
-		go func() {
-			defer b.served.Done()
-			b.servePOP3(b.conns.wrap(pln))
-		}()
+		b.serve(func() { b.pop3.Serve(b.conns.Wrap(pln)) })
 		if tl := b.cfg.POP3.TLSListen; tl != "" {
-			tln, err := b.listen("pop3", tl, b.cfg.POP3.TLSConfig())
+			tln, err := b.listen("pop3", tl, b.res.POP3TLS)
 			if err != nil {
 				return err
 			}
 			b.pop3TLSLn = tln
-			b.served.Add(1)
-			go func() {
-				defer b.served.Done()
-				b.servePOP3(tls.NewListener(b.conns.wrap(tln), b.cfg.POP3.TLSConfig()))
-			}()
+			b.serve(func() { b.pop3.Serve(tls.NewListener(b.conns.Wrap(tln), b.res.POP3TLS)) })
 		}
 	}
 	if tl := b.cfg.SMTP.TLSListen; tl != "" {
-		tln, err := b.listen("smtp", tl, b.cfg.SMTP.TLSConfig())
+		tln, err := b.listen("smtp", tl, b.res.SMTPTLS)
 		if err != nil {
 			return err
 		}
 		b.smtpTLSLn = tln
 	}
-	b.smtpLn = ln
-	b.smtpServer = b.newSMTPServer()
-	if b.worker != nil {
+	if b.outbox != nil {
 		wctx, stop := context.WithCancel(context.Background())
 		dctx, stopDelivery := context.WithCancel(context.Background())
 		b.stopWorker, b.stopDelivery = stop, stopDelivery
 		b.workerStopped = make(chan struct{})
 		go func() {
 			defer close(b.workerStopped)
-			b.worker.run(wctx, dctx)
+			b.outbox.Run(wctx, dctx)
 		}()
 		b.log.Info().Str("proto", "outbox").Str("dir", b.cfg.Outbox.Dir).Msg("outbox open: queued messages will be delivered")
 	}
 	serveSMTP := func(l net.Listener) {
-		b.served.Add(1)
-		go func() {
-			defer b.served.Done()
-			if err := b.smtpServer.Serve(l); err != nil && !errors.Is(err, smtp.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
+		b.serve(func() {
+			if err := b.smtp.Serve(l); err != nil && !errors.Is(err, smtp.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
 				b.log.Error().Err(err).Msg("smtp listener stopped")
 			}
-		}()
+		})
 	}
-	serveSMTP(b.conns.wrap(&sessionLimitListener{Listener: ln, slots: b.smtpSlots, log: b.log}))
+	serveSMTP(b.conns.Wrap(b.smtp.LimitListener(ln, b.smtpSlots)))
 	if b.smtpTLSLn != nil {
-		serveSMTP(tls.NewListener(b.conns.wrap(&sessionLimitListener{Listener: b.smtpTLSLn, slots: b.smtpSlots, log: b.log}), b.cfg.SMTP.TLSConfig()))
+		serveSMTP(tls.NewListener(b.conns.Wrap(b.smtp.LimitListener(b.smtpTLSLn, b.smtpSlots)), b.res.SMTPTLS))
 	}
 	if b.cfg.Admin.Listen != "" {
 		aln, err := b.listen("admin", b.cfg.Admin.Listen, nil)
@@ -290,16 +207,25 @@ func (b *Bridge) Start() error {
 			return err
 		}
 		b.adminLn = aln
-		go b.serveAdmin(aln)
+		go admin.Serve(aln, b.metrics, b.health)
 	}
 	b.serving.Store(true)
 	b.log.Info().Str("proto", "smtp").Str("listen", ln.Addr().String()).Int("accounts", len(b.Accounts())).Msg("listening")
 	for _, a := range b.Accounts() {
-		if w := secretExpiryWarning(a.Config, time.Now()); w != "" {
+		if w := a.Config.SecretExpiryWarning(time.Now()); w != "" {
 			b.log.Warn().Str("account", a.Config.Name).Time("client_secret_expires", a.Config.ClientSecretExpires).Msg(w)
 		}
 	}
 	return nil
+}
+
+// serve runs fn in the background until Shutdown waits for it.
+func (b *Bridge) serve(fn func()) {
+	b.served.Add(1)
+	go func() {
+		defer b.served.Done()
+		fn()
+	}()
 }
 
 // listen opens a listener for proto and logs it; tlsConfig marks an
@@ -314,58 +240,52 @@ func (b *Bridge) listen(proto, addr string, tlsConfig *tls.Config) (net.Listener
 		return nil, fmt.Errorf("%s listener: %w", proto, err)
 	}
 	b.listeners = append(b.listeners, ln)
-	ev := b.log.Info().Str("proto", proto).Str("listen", ln.Addr().String()).Bool("implicit_tls", tlsConfig != nil)
-	if proto == "pop3" {
-		ev = ev.Str("upstream", b.cfg.POP3.Upstream)
-	}
-	ev.Msg("listening")
-	if host, _, _ := net.SplitHostPort(addr); proto != "admin" && !isLoopbackHost(host) && tlsConfig == nil {
-		lt := b.cfg.SMTP.LocalTLS
+	if proto != "smtp" || tlsConfig != nil { // the plain SMTP one is logged when all is up
+		ev := b.log.Info().Str("proto", proto).Str("listen", ln.Addr().String()).Bool("implicit_tls", tlsConfig != nil)
 		if proto == "pop3" {
-			lt = b.cfg.POP3.LocalTLS
+			ev = ev.Str("upstream", b.cfg.POP3.Upstream)
 		}
-		if lt.TLSConfig() == nil {
+		ev.Msg("listening")
+	}
+	if host, _, _ := net.SplitHostPort(addr); proto != "admin" && !config.IsLoopbackHost(host) && tlsConfig == nil {
+		local := b.res.SMTPTLS
+		if proto == "pop3" {
+			local = b.res.POP3TLS
+		}
+		if local == nil {
 			b.log.Warn().Str("proto", proto).Str("listen", addr).Msg("PLAINTEXT ON THE NETWORK: clients send their passwords unencrypted to this address (allow_plaintext_on_network = true); configure tls_cert and tls_key")
 		}
 	}
 	return ln, nil
 }
 
-// SMTPTLSAddr is the address of the implicit-TLS SMTP listener, "" if none.
-func (b *Bridge) SMTPTLSAddr() string {
-	if b.smtpTLSLn == nil {
+// addr returns ln's address, "" for none.
+func addr(ln net.Listener) string {
+	if ln == nil {
 		return ""
 	}
-	return b.smtpTLSLn.Addr().String()
-}
-
-// POP3TLSAddr is the address of the implicit-TLS POP3 listener, "" if none.
-func (b *Bridge) POP3TLSAddr() string {
-	if b.pop3TLSLn == nil {
-		return ""
-	}
-	return b.pop3TLSLn.Addr().String()
-}
-
-// AdminAddr is the address of the /metrics and /healthz listener, "" if
-// none.
-func (b *Bridge) AdminAddr() string {
-	if b.adminLn == nil {
-		return ""
-	}
-	return b.adminLn.Addr().String()
+	return ln.Addr().String()
 }
 
 // SMTPAddr is the address the SMTP listener is bound to.
-func (b *Bridge) SMTPAddr() string { return b.smtpLn.Addr().String() }
+func (b *Bridge) SMTPAddr() string { return addr(b.smtpLn) }
+
+// SMTPTLSAddr is the address of the implicit-TLS SMTP listener, "" if none.
+func (b *Bridge) SMTPTLSAddr() string { return addr(b.smtpTLSLn) }
 
 // POP3Addr is the address the POP3 listener is bound to, "" if POP3 is off.
-func (b *Bridge) POP3Addr() string {
-	if b.pop3Ln == nil {
-		return ""
-	}
-	return b.pop3Ln.Addr().String()
-}
+func (b *Bridge) POP3Addr() string { return addr(b.pop3Ln) }
+
+// POP3TLSAddr is the address of the implicit-TLS POP3 listener, "" if none.
+func (b *Bridge) POP3TLSAddr() string { return addr(b.pop3TLSLn) }
+
+// AdminAddr is the address of the /metrics and /healthz listener, "" if
+// none.
+func (b *Bridge) AdminAddr() string { return addr(b.adminLn) }
+
+// Connections returns how many client connections are open and how many
+// of them are busy.
+func (b *Bridge) Connections() (open, busy int) { return b.conns.Counts() }
 
 // Shutdown stops accepting connections, closes idle sessions at once and
 // lets sessions that are receiving a message finish, until ctx ends; then
@@ -380,17 +300,17 @@ func (b *Bridge) Shutdown(ctx context.Context) error {
 	}
 	done := make(chan error, 1)
 	go func() {
-		err := b.smtpServer.Shutdown(context.Background())
+		err := b.smtp.Shutdown(context.Background())
 		if errors.Is(err, net.ErrClosed) {
 			err = nil // closed above already
 		}
-		b.pop3Wg.Wait()
+		b.pop3.Wait()
 		done <- err
 	}()
 	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		b.conns.closeIdle(250 * time.Millisecond)
+		b.conns.CloseIdle(250 * time.Millisecond)
 		select {
 		case err := <-done:
 			b.cancelBase()
@@ -400,8 +320,8 @@ func (b *Bridge) Shutdown(ctx context.Context) error {
 			return err
 		case <-ctx.Done():
 			b.cancelBase()
-			b.smtpServer.Close()
-			b.conns.closeAll()
+			b.smtp.Close()
+			b.conns.CloseAll()
 			<-done
 			b.served.Wait()
 			b.stopOutbox(ctx)
@@ -415,7 +335,7 @@ func (b *Bridge) Shutdown(ctx context.Context) error {
 // stopOutbox stops dispatching, lets deliveries in progress finish until
 // ctx ends, then interrupts them: an interrupted message stays queued.
 func (b *Bridge) stopOutbox(ctx context.Context) error {
-	if b.worker == nil || b.stopWorker == nil {
+	if b.outbox == nil || b.stopWorker == nil {
 		return nil
 	}
 	b.stopWorker()
@@ -430,26 +350,38 @@ func (b *Bridge) stopOutbox(ctx context.Context) error {
 	}
 }
 
-// Outbox returns the outbox, nil when it is off.
-func (b *Bridge) Outbox() *outboxStore { return b.outbox }
+// Outbox returns the outbox's files, nil when it is off.
+func (b *Bridge) Outbox() *outbox.Store {
+	if b.outbox == nil {
+		return nil
+	}
+	return b.outbox.Store()
+}
+
+// QueueDepth returns the number of messages the outbox's worker holds and
+// the age of the oldest; 0 when the outbox is off.
+func (b *Bridge) QueueDepth() (int, time.Duration) {
+	if b.outbox == nil {
+		return 0, 0
+	}
+	return b.outbox.Depth()
+}
 
 // Reload puts the accounts of cfg (already loaded and validated) in force
 // for new sessions; sessions already logged in go on with theirs. Settings
 // other than the accounts need a restart: the ones that changed are named
 // in the log.
-func (b *Bridge) Reload(cfg *Config) error {
-	set, err := b.buildAccounts(cfg)
+func (b *Bridge) Reload(cfg *config.Config) error {
+	res, err := cfg.Resolve()
 	if err != nil {
 		return err
 	}
-	b.accountSet.Store(set)
+	set := b.accounts.Load(cfg, res)
 	var restart []string
 	old := b.cfg
-	oldSMTP, newSMTP, oldPOP3, newPOP3 := old.SMTP, cfg.SMTP, old.POP3, cfg.POP3
-	oldSMTP.config, newSMTP.config, oldPOP3.config, newPOP3.config = nil, nil, nil, nil // loaded anew each time
 	for key, changed := range map[string]bool{
-		"smtp":   !reflect.DeepEqual(oldSMTP, newSMTP),
-		"pop3":   !reflect.DeepEqual(oldPOP3, newPOP3),
+		"smtp":   !reflect.DeepEqual(old.SMTP, cfg.SMTP),
+		"pop3":   !reflect.DeepEqual(old.POP3, cfg.POP3),
 		"outbox": !reflect.DeepEqual(old.Outbox, cfg.Outbox),
 		"admin":  old.Admin != cfg.Admin,
 		"log":    old.Log != cfg.Log,
@@ -459,13 +391,13 @@ func (b *Bridge) Reload(cfg *Config) error {
 		}
 	}
 	slices.Sort(restart)
-	ev := b.log.Info().Int("accounts", len(set.ordered))
+	ev := b.log.Info().Int("accounts", len(set.All()))
 	if len(restart) > 0 {
 		ev = ev.Strs("need_restart", restart)
 	}
 	ev.Msg("configuration reloaded: accounts apply to new sessions")
-	for _, a := range set.ordered {
-		if w := secretExpiryWarning(a.Config, time.Now()); w != "" {
+	for _, a := range set.All() {
+		if w := a.Config.SecretExpiryWarning(time.Now()); w != "" {
 			b.log.Warn().Str("account", a.Config.Name).Time("client_secret_expires", a.Config.ClientSecretExpires).Msg(w)
 		}
 	}
@@ -475,12 +407,14 @@ func (b *Bridge) Reload(cfg *Config) error {
 // ReloadFrom reads the configuration file at path and applies its
 // accounts; an invalid file changes nothing.
 func (b *Bridge) ReloadFrom(path string) error {
-	cfg, err := LoadConfig(path)
+	cfg, _, err := config.LoadResolved(path)
+	if err == nil {
+		err = b.Reload(cfg)
+	}
 	if err != nil {
 		b.log.Error().Err(err).Str("config", path).Msg("reload refused: the running configuration stays in force")
-		return err
 	}
-	return b.Reload(cfg)
+	return err
 }
 
 // Run starts the bridge and serves until ctx ends, then shuts down within
@@ -493,4 +427,26 @@ func (b *Bridge) Run(ctx context.Context) error {
 	sctx, cancel := context.WithTimeout(context.Background(), b.cfg.SMTP.ShutdownTimeout.Duration)
 	defer cancel()
 	return b.Shutdown(sctx)
+}
+
+// health reports whether the bridge is serving and every account's last
+// token request succeeded (or none was made yet), with the reasons if not.
+func (b *Bridge) health() (bool, []string) {
+	var reasons []string
+	if !b.serving.Load() {
+		reasons = append(reasons, "the listeners are not up")
+	}
+	for _, a := range b.Accounts() {
+		for _, ts := range []*upstream.TokenSource{a.GraphTokens, a.OutlookTokens} {
+			if err := ts.LastError(); err != nil {
+				r := fmt.Sprintf("account %s: %v", a.Config.Name, err)
+				var tokErr *upstream.TokenError
+				if errors.As(err, &tokErr) {
+					r += " (fix: " + tokErr.Hint() + ")"
+				}
+				reasons = append(reasons, r)
+			}
+		}
+	}
+	return len(reasons) == 0, reasons
 }

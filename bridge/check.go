@@ -8,6 +8,9 @@ import (
 	"slices"
 	"time"
 
+	"mailbridge/bridge/account"
+	"mailbridge/bridge/failure"
+	"mailbridge/bridge/pop3server"
 	"mailbridge/upstream"
 )
 
@@ -29,7 +32,7 @@ type CheckResult struct {
 func (b *Bridge) Check(ctx context.Context, sendTestTo string) []CheckResult {
 	var results []CheckResult
 	for _, a := range b.Accounts() {
-		if w := secretExpiryWarning(a.Config, time.Now()); w != "" {
+		if w := a.Config.SecretExpiryWarning(time.Now()); w != "" {
 			results = append(results, CheckResult{Account: a.Config.Name, Check: "secret", OK: true, Warn: true,
 				Detail: "expires " + a.Config.ClientSecretExpires.Format(time.DateOnly), Hint: w})
 		}
@@ -43,57 +46,50 @@ func (b *Bridge) Check(ctx context.Context, sendTestTo string) []CheckResult {
 	return results
 }
 
-// roleHint tells how to grant an application permission that a token
-// lacks.
-func roleHint(role, api string) string {
-	return fmt.Sprintf("add %s as an Application permission (%s) and click 'Grant admin consent'", role, api)
-}
-
 // checkToken fetches a token and checks that it carries role.
-func checkToken(ctx context.Context, a *Account, ts *upstream.TokenSource, check, role, api string) (string, *CheckResult) {
+func checkToken(ctx context.Context, a *account.Account, ts *upstream.TokenSource, check, role, api string) (string, *CheckResult) {
 	tok, err := ts.Token(ctx)
 	if err != nil {
-		return "", &CheckResult{Account: a.Config.Name, Check: check, Detail: err.Error(), Hint: adminHint(err)}
+		return "", &CheckResult{Account: a.Config.Name, Check: check, Detail: err.Error(), Hint: failure.Classify(err).Hint}
 	}
 	if roles, ok := upstream.TokenRoles(tok); ok && !slices.Contains(roles, role) {
 		return "", &CheckResult{Account: a.Config.Name, Check: check,
 			Detail: fmt.Sprintf("token issued, but without the %s role (roles: %v)", role, roles),
-			Hint:   roleHint(role, api)}
+			Hint:   failure.RoleHint(role, api)}
 	}
 	return tok, nil
 }
 
-func (b *Bridge) checkSMTP(ctx context.Context, a *Account, sendTestTo string) []CheckResult {
+func (b *Bridge) checkSMTP(ctx context.Context, a *account.Account, sendTestTo string) []CheckResult {
 	name := a.Config.Name
-	if _, fail := checkToken(ctx, a, a.Tokens, "smtp-token", "Mail.Send", "Microsoft Graph"); fail != nil {
+	if _, fail := checkToken(ctx, a, a.GraphTokens, "smtp-token", "Mail.Send", "Microsoft Graph"); fail != nil {
 		return []CheckResult{*fail}
 	}
 	results := []CheckResult{{Account: name, Check: "smtp-token", OK: true, Detail: "token with Mail.Send issued for " + a.Config.SendScope}}
-	if gc, ok := a.Sender.(LargeSender); ok && a.Config.LargeMessages {
-		results = append(results, b.checkDrafts(ctx, a, gc))
+	if a.Config.LargeMessages {
+		results = append(results, b.checkDrafts(ctx, a))
 	}
 	if sendTestTo == "" {
 		return results
 	}
 	msg := testMessage(a.Config.Mailbox, sendTestTo)
-	sctx, cancel := context.WithTimeout(ctx, b.cfg.SMTP.SendTimeout.Duration)
-	defer cancel()
-	d, err := deliver(sctx, a.Sender, b.retry, a.Config.Mailbox, "", bytes.NewReader(msg), int64(len(msg)))
+	d, err := b.deliverer.SendTest(ctx, a, a.Config.Mailbox, msg)
 	if err != nil {
 		var apiErr *upstream.APIError
 		detail := err.Error()
 		if errors.As(err, &apiErr) && apiErr.RequestID != "" {
 			detail += " (request-id " + apiErr.RequestID + ")"
 		}
-		return append(results, CheckResult{Account: name, Check: "send-test", Detail: detail, Hint: adminHint(err)})
+		return append(results, CheckResult{Account: name, Check: "send-test", Detail: detail, Hint: failure.Classify(err).Hint})
 	}
 	return append(results, CheckResult{Account: name, Check: "send-test", OK: true,
-		Detail: fmt.Sprintf("Graph accepted the test message to %s (HTTP %d, request-id %s)", sendTestTo, d.result.Status, d.result.RequestID)})
+		Detail: fmt.Sprintf("Graph accepted the test message to %s (HTTP %d, request-id %s)", sendTestTo, d.Result.Status, d.Result.RequestID)})
 }
 
 // checkDrafts creates and deletes a draft: what sending a message over
 // sendMail's limit needs (Mail.ReadWrite).
-func (b *Bridge) checkDrafts(ctx context.Context, a *Account, gc LargeSender) CheckResult {
+func (b *Bridge) checkDrafts(ctx context.Context, a *account.Account) CheckResult {
+	gc := a.Graph
 	res := CheckResult{Account: a.Config.Name, Check: "large-msgs"}
 	msg := testMessage(a.Config.Mailbox, a.Config.Mailbox)
 	sctx, cancel := context.WithTimeout(ctx, b.cfg.SMTP.SendTimeout.Duration)
@@ -101,9 +97,9 @@ func (b *Bridge) checkDrafts(ctx context.Context, a *Account, gc LargeSender) Ch
 	id, err := gc.CreateDraft(sctx, a.Config.Mailbox, bytes.NewReader(msg), int64(len(msg)))
 	if err != nil {
 		res.Detail = err.Error()
-		res.Hint = readWriteHint
-		if !isAccessDenied(err) {
-			res.Hint = adminHint(err)
+		res.Hint = failure.ReadWriteHint
+		if !failure.IsAccessDenied(err) {
+			res.Hint = failure.Classify(err).Hint
 		}
 		return res
 	}
@@ -115,9 +111,9 @@ func (b *Bridge) checkDrafts(ctx context.Context, a *Account, gc LargeSender) Ch
 	return res
 }
 
-func (b *Bridge) checkPOP3(ctx context.Context, a *Account) CheckResult {
+func (b *Bridge) checkPOP3(ctx context.Context, a *account.Account) CheckResult {
 	name := a.Config.Name
-	tok, fail := checkToken(ctx, a, a.POP3Tokens, "pop3", "POP.AccessAsApp", "Office 365 Exchange Online")
+	tok, fail := checkToken(ctx, a, a.OutlookTokens, "pop3", "POP.AccessAsApp", "Office 365 Exchange Online")
 	if fail != nil {
 		return *fail
 	}
@@ -125,7 +121,7 @@ func (b *Bridge) checkPOP3(ctx context.Context, a *Account) CheckResult {
 	defer cancel()
 	up, err := a.POP3Dialer.Dial(pctx, a.Config.POP3Mailbox, tok)
 	if err != nil {
-		return CheckResult{Account: name, Check: "pop3", Detail: err.Error(), Hint: pop3Hint(err, tok)}
+		return CheckResult{Account: name, Check: "pop3", Detail: err.Error(), Hint: pop3server.LoginHint(err, tok)}
 	}
 	count, size, err := up.Stat()
 	up.Quit()

@@ -1,4 +1,4 @@
-package bridge
+package bridge_test
 
 import (
 	"crypto/rand"
@@ -15,6 +15,7 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"mailbridge/bridge/config"
 	"mailbridge/upstream"
 )
 
@@ -87,7 +88,8 @@ func TestSecretExpiryWarning(t *testing.T) {
 		{now.Add(10*24*time.Hour + time.Hour), "expires in 11 days"},
 		{now.Add(-time.Hour), "has expired"},
 	} {
-		got := secretExpiryWarning(AccountConfig{ClientSecretExpires: tc.expires}, now)
+		a := config.AccountConfig{ClientSecretExpires: tc.expires}
+		got := a.SecretExpiryWarning(now)
 		if (tc.want == "") != (got == "") || !strings.Contains(got, tc.want) {
 			t.Errorf("expires %v: %q, want %q", tc.expires, got, tc.want)
 		}

@@ -1,4 +1,4 @@
-package bridge
+package bridge_test
 
 import (
 	"bytes"
@@ -17,7 +17,11 @@ import (
 	"github.com/rs/zerolog"
 	"golang.org/x/crypto/bcrypt"
 
+	"mailbridge/bridge"
+	"mailbridge/bridge/config"
+	"mailbridge/bridge/deliver"
 	"mailbridge/upstream/m365fake"
+	"mailbridge/upstream/m365fake/m365test"
 )
 
 // Test tenants, apps and users of the fake Microsoft 365.
@@ -40,24 +44,12 @@ const (
 // allowed to send and a mailbox. It stops when the test ends.
 func startFake(t testing.TB) *m365fake.Server {
 	t.Helper()
-	fake, err := m365fake.Start()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { fake.Close() })
-	fake.AddTenant(tenantA)
-	fake.AddApp(tenantA, clientA, secretA, "Mail.Send", "POP.AccessAsApp")
-	fake.AddMailbox(tenantA, mailboxA, "sales@example.com")
-	fake.AddMailbox(tenantA, "captain@example.com")
-	fake.GrantMailboxAccess(tenantA, clientA, mailboxA)
-	fake.AddTenant(tenantB)
-	fake.AddApp(tenantB, clientB, secretB, "Mail.Send", "POP.AccessAsApp")
-	fake.AddMailbox(tenantB, mailboxB)
-	fake.GrantMailboxAccess(tenantB, clientB, mailboxB)
-	if _, err := fake.StartPOP3(); err != nil {
-		t.Fatal(err)
-	}
-	return fake
+	return m365test.Start(t,
+		m365test.Tenant{ID: tenantA, ClientID: clientA, Secret: secretA, Roles: []string{"Mail.Send", "POP.AccessAsApp"},
+			Mailboxes: []string{mailboxA, "captain@example.com"}, Aliases: map[string][]string{mailboxA: {"sales@example.com"}},
+			FullAccess: []string{mailboxA}},
+		m365test.Tenant{ID: tenantB, ClientID: clientB, Secret: secretB, Roles: []string{"Mail.Send", "POP.AccessAsApp"},
+			Mailboxes: []string{mailboxB}, FullAccess: []string{mailboxB}})
 }
 
 var (
@@ -66,6 +58,9 @@ var (
 	testAuthFailDelay  = 5 * time.Millisecond
 	testSendTimeout    = 10 * time.Second
 	testShutdownPeriod = 5 * time.Second
+	// Retries come quickly in tests.
+	testRetry       = deliver.RetryPolicy{Base: 10 * time.Millisecond, Max: 50 * time.Millisecond}
+	testOutboxRetry = deliver.RetryPolicy{Base: 10 * time.Millisecond, Max: 100 * time.Millisecond}
 )
 
 func passwordHashes() (string, string) {
@@ -79,18 +74,18 @@ func passwordHashes() (string, string) {
 
 // testConfig returns a configuration with account A (tenant A) and account
 // B (tenant B) pointing at fake, listening on a free loopback port.
-func testConfig(fake *m365fake.Server) *Config {
+func testConfig(fake *m365fake.Server) *config.Config {
 	ha, hb := passwordHashes()
-	cfg := DefaultConfig()
+	cfg := config.Default()
 	cfg.Log.Level = "debug"
 	cfg.SMTP.Listen = "127.0.0.1:0"
-	cfg.SMTP.SendTimeout = Duration{testSendTimeout}
+	cfg.SMTP.SendTimeout = config.Duration{Duration: testSendTimeout}
 	cfg.POP3.Listen = "127.0.0.1:0"
 	cfg.POP3.Upstream = fake.POP3Addr()
-	cfg.POP3.UpstreamTimeout = Duration{testSendTimeout}
+	cfg.POP3.UpstreamTimeout = config.Duration{Duration: testSendTimeout}
 	off := false
 	cfg.Outbox.EnabledSetting = &off // the outbox's own tests turn it on
-	cfg.Accounts = []AccountConfig{
+	cfg.Accounts = []config.AccountConfig{
 		{
 			Name: "tm-master", Username: userA, PasswordHash: ha, Mailbox: mailboxA,
 			TenantID: tenantA, ClientID: clientA, ClientSecret: secretA,
@@ -132,7 +127,7 @@ func (l *logBuffer) String() string {
 
 // startBridge starts a bridge on cfg (completed here) that trusts fake's
 // CA. It is shut down when the test ends.
-func startBridge(t testing.TB, fake *m365fake.Server, cfg *Config) (*Bridge, *logBuffer) {
+func startBridge(t testing.TB, fake *m365fake.Server, cfg *config.Config) (*bridge.Bridge, *logBuffer) {
 	t.Helper()
 	if err := cfg.Complete(""); err != nil {
 		t.Fatal(err)
@@ -141,11 +136,11 @@ func startBridge(t testing.TB, fake *m365fake.Server, cfg *Config) (*Bridge, *lo
 	if tt, ok := t.(*testing.T); ok && testing.Verbose() {
 		logs.tw = zerolog.NewTestWriter(tt)
 	}
-	b, err := New(cfg, Options{Logger: NewLogger(logs, cfg.Log), RootCAs: fake.CertPool(), AuthFailureDelay: testAuthFailDelay})
+	b, err := bridge.New(cfg, bridge.Options{Logger: bridge.NewLogger(logs, cfg.Log), RootCAs: fake.CertPool(), AuthFailureDelay: testAuthFailDelay,
+		Retry: testRetry, OutboxRetry: testOutboxRetry})
 	if err != nil {
 		t.Fatal(err)
 	}
-	b.retry = retryPolicy{base: 10 * time.Millisecond, max: 50 * time.Millisecond}
 	if err := b.Start(); err != nil {
 		t.Fatal(err)
 	}

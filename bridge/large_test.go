@@ -1,4 +1,4 @@
-package bridge
+package bridge_test
 
 import (
 	"bytes"
@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"fmt"
 	"io"
+	bmime "mailbridge/bridge/mime"
 	"math/rand/v2"
 	"mime"
 	"os"
@@ -17,6 +18,8 @@ import (
 	"github.com/emersion/go-message/mail"
 	"github.com/emersion/go-smtp"
 
+	"mailbridge/bridge"
+	"mailbridge/bridge/config"
 	"mailbridge/upstream/m365fake"
 )
 
@@ -181,13 +184,13 @@ func leaves(t *testing.T, raw []byte) []leaf {
 }
 
 func topHeader(raw []byte) string {
-	h, _ := splitHeader(raw)
+	h, _ := bmime.SplitHeader(raw)
 	return string(raw[:h])
 }
 
 // sendLarge sends msg through the bridge and returns what the fake
 // received.
-func sendLarge(t *testing.T, fake *m365fake.Server, b *Bridge, msg []byte, rcpts ...string) m365fake.SentMessage {
+func sendLarge(t *testing.T, fake *m365fake.Server, b *bridge.Bridge, msg []byte, rcpts ...string) m365fake.SentMessage {
 	t.Helper()
 	c := dialAuth(t, b.SMTPAddr(), userA, passwordA)
 	if _, err := send(c, mailboxA, rcpts, msg); err != nil {
@@ -220,7 +223,7 @@ func checkSameMessage(t *testing.T, sent m365fake.SentMessage, original []byte, 
 	}
 }
 
-func largeTestConfig(t *testing.T, fake *m365fake.Server) *Config {
+func largeTestConfig(t *testing.T, fake *m365fake.Server) *config.Config {
 	cfg := testConfig(fake)
 	cfg.SMTP.SpoolDir = t.TempDir()
 	return cfg

@@ -2,6 +2,7 @@ package bridge
 
 import (
 	"io"
+	"mailbridge/bridge/config"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -10,7 +11,7 @@ import (
 
 // LogOutput returns where the log goes: stderr, or the rotated file of
 // cfg.File. Close the closer at exit.
-func LogOutput(cfg LogConfig, stderr io.Writer) (io.Writer, io.Closer) {
+func LogOutput(cfg config.LogConfig, stderr io.Writer) (io.Writer, io.Closer) {
 	if cfg.File == "" {
 		return stderr, io.NopCloser(nil)
 	}
@@ -20,7 +21,7 @@ func LogOutput(cfg LogConfig, stderr io.Writer) (io.Writer, io.Closer) {
 
 // NewLogger returns the root logger for cfg, writing to w: one JSON object
 // per line, or aligned text for a human at a console.
-func NewLogger(w io.Writer, cfg LogConfig) zerolog.Logger {
+func NewLogger(w io.Writer, cfg config.LogConfig) zerolog.Logger {
 	if cfg.Format == "console" {
 		w = zerolog.ConsoleWriter{Out: w, TimeFormat: time.DateTime}
 	}

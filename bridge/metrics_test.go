@@ -1,4 +1,4 @@
-package bridge
+package bridge_test
 
 import (
 	"encoding/json"
@@ -50,7 +50,7 @@ func TestMetricsAndHealth(t *testing.T) {
 	_, m := scrape(t, base+"/metrics")
 	for _, want := range []string{
 		`mailbridge_messages_total{account="tm-master",reason="",result="sent"} 2`,
-		`mailbridge_messages_total{account="scanner",reason="token",result="refused"} 1`,
+		`mailbridge_messages_total{account="scanner",reason="credentials",result="refused"} 1`,
 		`mailbridge_message_bytes_total{account="tm-master"} 118`,
 		`mailbridge_upstream_responses_total{op="sendMail",status="202"} 2`,
 		`mailbridge_upstream_responses_total{op="token",status="200"} 2`,

@@ -1,4 +1,4 @@
-package bridge
+package bridge_test
 
 import (
 	"bytes"
@@ -17,12 +17,15 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"mailbridge/bridge"
+	"mailbridge/bridge/config"
+	"mailbridge/bridge/outbox"
 	"mailbridge/upstream/m365fake"
 )
 
 // outboxConfig is testConfig with the outbox on, in a directory of the
 // test's own.
-func outboxConfig(t testing.TB, fake *m365fake.Server) *Config {
+func outboxConfig(t testing.TB, fake *m365fake.Server) *config.Config {
 	cfg := testConfig(fake)
 	on := true
 	cfg.Outbox.EnabledSetting = &on
@@ -31,12 +34,11 @@ func outboxConfig(t testing.TB, fake *m365fake.Server) *Config {
 	return cfg
 }
 
-// startOutboxBridge starts a bridge whose outbox retries quickly.
-func startOutboxBridge(t testing.TB, fake *m365fake.Server, cfg *Config) (*Bridge, *logBuffer) {
+// startOutboxBridge starts a bridge whose outbox retries quickly
+// (testOutboxRetry).
+func startOutboxBridge(t testing.TB, fake *m365fake.Server, cfg *config.Config) (*bridge.Bridge, *logBuffer) {
 	t.Helper()
-	b, logs := startBridge(t, fake, cfg)
-	b.worker.retry = retryPolicy{base: 10 * time.Millisecond, max: 100 * time.Millisecond}
-	return b, logs
+	return startBridge(t, fake, cfg)
 }
 
 func numberedMessage(i int) []byte {
@@ -45,7 +47,7 @@ func numberedMessage(i int) []byte {
 
 // waitDelivered waits until the fake has n messages and the outbox's queue
 // is empty, then checks that each Message-ID arrived once, unchanged.
-func waitDelivered(t testing.TB, fake *m365fake.Server, b *Bridge, want map[string][32]byte) {
+func waitDelivered(t testing.TB, fake *m365fake.Server, b *bridge.Bridge, want map[string][32]byte) {
 	t.Helper()
 	waitFor(t, fmt.Sprintf("%d messages delivered", len(want)), func() bool { return len(fake.Sent()) >= len(want) && queueLen(b) == 0 })
 	seen := map[string]int{}
@@ -70,9 +72,20 @@ func waitDelivered(t testing.TB, fake *m365fake.Server, b *Bridge, want map[stri
 	}
 }
 
-func queueLen(b *Bridge) int {
-	entries, _ := os.ReadDir(b.outbox.path("queue"))
+func queueLen(b *bridge.Bridge) int {
+	entries, _ := os.ReadDir(filepath.Join(b.Outbox().Dir(), "queue"))
 	return len(entries)
+}
+
+// readEnvelope reads the envelope of id in the outbox's sub ("queue" or
+// "failed").
+func readEnvelope(dir, sub, id string) (*outbox.Envelope, error) {
+	data, err := os.ReadFile(filepath.Join(dir, sub, id+".json"))
+	if err != nil {
+		return nil, err
+	}
+	var env outbox.Envelope
+	return &env, json.Unmarshal(data, &env)
 }
 
 func TestOutboxAbsorbsThrottlingAndOutage(t *testing.T) {
@@ -137,18 +150,18 @@ func TestOutboxPermanentFailureGoesToFailed(t *testing.T) {
 	}
 	_, id, _ := strings.Cut(reply, "queued as ")
 	waitFor(t, "the message in failed/", func() bool {
-		_, err := os.Stat(filepath.Join(b.cfg.Outbox.Dir, "failed", id+".json"))
+		_, err := os.Stat(filepath.Join(b.Outbox().Dir(), "failed", id+".json"))
 		return err == nil
 	})
-	var env Envelope
-	data, _ := os.ReadFile(filepath.Join(b.cfg.Outbox.Dir, "failed", id+".json"))
+	var env outbox.Envelope
+	data, _ := os.ReadFile(filepath.Join(b.Outbox().Dir(), "failed", id+".json"))
 	if err := json.Unmarshal(data, &env); err != nil {
 		t.Fatal(err)
 	}
 	if env.Failure == nil || env.Failure.GraphStatus != 400 || env.Failure.GraphCode != "ErrorInvalidRecipients" || env.Failure.RequestID == "" {
 		t.Errorf("failure %+v", env.Failure)
 	}
-	if _, err := os.Stat(filepath.Join(b.cfg.Outbox.Dir, "failed", id+".eml")); err != nil {
+	if _, err := os.Stat(filepath.Join(b.Outbox().Dir(), "failed", id+".eml")); err != nil {
 		t.Error("the message itself is not in failed/")
 	}
 	line := findLogLine(t, logs.String(), "message failed for good: moved to outbox/failed")
@@ -175,8 +188,8 @@ func TestOutboxDiskBound(t *testing.T) {
 	if code, ec := smtpCode(err); code != 452 || ec != (smtp.EnhancedCode{4, 3, 1}) {
 		t.Fatalf("got %v, want 452 4.3.1", err)
 	}
-	tmp, _ := filepath.Glob(filepath.Join(cfg.Outbox.Dir, "tmp", "*.eml"))
-	queue, _ := os.ReadDir(filepath.Join(cfg.Outbox.Dir, "queue"))
+	tmp, _ := filepath.Glob(filepath.Join(b.Outbox().Dir(), "tmp", "*.eml"))
+	queue, _ := os.ReadDir(filepath.Join(b.Outbox().Dir(), "queue"))
 	if len(tmp) != 0 || len(queue) != 2 {
 		t.Errorf("tmp has %d messages, queue %d files; want none and one message (2 files)", len(tmp), len(queue))
 	}
@@ -196,8 +209,8 @@ func TestOutboxClientGoneInData(t *testing.T) {
 	r.tp.PrintfLine("Subject: half")
 	r.conn.Close()
 	time.Sleep(200 * time.Millisecond)
-	entries, _ := os.ReadDir(filepath.Join(b.cfg.Outbox.Dir, "queue"))
-	tmp, _ := os.ReadDir(filepath.Join(b.cfg.Outbox.Dir, "tmp"))
+	entries, _ := os.ReadDir(filepath.Join(b.Outbox().Dir(), "queue"))
+	tmp, _ := os.ReadDir(filepath.Join(b.Outbox().Dir(), "tmp"))
 	if len(entries) != 0 || len(tmp) != 0 || len(fake.Sent()) != 0 {
 		t.Errorf("queue %d, tmp %d, sent %d: want nothing", len(entries), len(tmp), len(fake.Sent()))
 	}
@@ -226,12 +239,13 @@ func TestOutboxReplayedAfterRestart(t *testing.T) {
 	}
 	// A crash after Graph's 202 but before the clean-up: the entry is
 	// marked sent and must not go again.
-	store := b1.outbox
-	extra := &Envelope{Account: "tm-master", GraphUser: mailboxA, Size: 10, Received: time.Now(), NextAttempt: time.Now()}
-	if err := store.add(extra, bytes.NewReader([]byte("0123456789")), 0); err != nil {
+	store := b1.Outbox()
+	extra := &outbox.Envelope{Account: "tm-master", GraphUser: mailboxA, Size: 10, Received: time.Now(), NextAttempt: time.Now()}
+	if err := store.Add(extra, bytes.NewReader([]byte("0123456789")), 0); err != nil {
 		t.Fatal(err)
 	}
-	os.Rename(store.file("queue", extra.ID, "json"), store.file("queue", extra.ID, "sent"))
+	queued := filepath.Join(store.Dir(), "queue", extra.ID)
+	os.Rename(queued+".json", queued+".sent")
 
 	fake.ClearFaults()
 	b2, _ := startOutboxBridge(t, fake, cfg)
@@ -241,7 +255,7 @@ func TestOutboxReplayedAfterRestart(t *testing.T) {
 func TestOutboxMaxAge(t *testing.T) {
 	fake := startFake(t)
 	cfg := outboxConfig(t, fake)
-	cfg.Outbox.MaxAge = Duration{150 * time.Millisecond}
+	cfg.Outbox.MaxAge = config.Duration{Duration: 150 * time.Millisecond}
 	b, _ := startOutboxBridge(t, fake, cfg)
 	fake.FailGraph(10000, m365fake.Unavailable())
 	c := dialAuth(t, b.SMTPAddr(), userA, passwordA)
@@ -251,86 +265,9 @@ func TestOutboxMaxAge(t *testing.T) {
 	}
 	_, id, _ := strings.Cut(reply, "queued as ")
 	waitFor(t, "the message in failed/", func() bool {
-		env, err := b.outbox.readEnvelope("failed", id)
+		env, err := readEnvelope(cfg.Outbox.Dir, "failed", id)
 		return err == nil && strings.Contains(env.Failure.Reason, "max_age") && strings.Contains(env.Failure.Reason, "HTTP 503")
 	})
-}
-
-func TestQueueManagement(t *testing.T) {
-	dir := t.TempDir()
-	s, err := OpenOutbox(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var ids []string
-	for range 3 {
-		env := &Envelope{Account: "a", GraphUser: "u@example.com", Size: 5, Received: time.Now(), NextAttempt: time.Now().Add(time.Hour)}
-		if err := s.add(env, bytes.NewReader([]byte("hello")), 0); err != nil {
-			t.Fatal(err)
-		}
-		ids = append(ids, env.ID)
-	}
-	env, _ := s.readEnvelope("queue", ids[1])
-	if err := s.fail(env, &Failure{Reason: "test"}); err != nil {
-		t.Fatal(err)
-	}
-	list, err := s.List()
-	if err != nil || len(list) != 3 || list[2].State != "failed" || list[2].ID != ids[1] {
-		t.Fatalf("list %+v %v", list, err)
-	}
-	if err := s.Retry(ids[0]); err != nil {
-		t.Fatal(err)
-	}
-	if env, _ := s.readEnvelope("queue", ids[0]); time.Until(env.NextAttempt) > time.Second {
-		t.Error("retry did not make the message due")
-	}
-	if n, err := s.RetryFailed(); n != 1 || err != nil {
-		t.Fatalf("retry-failed: %d %v", n, err)
-	}
-	if env, err := s.readEnvelope("queue", ids[1]); err != nil || env.Failure != nil {
-		t.Fatalf("the failed message is not back in the queue: %v", err)
-	}
-	if err := s.Delete(ids[2]); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Delete(ids[2]); err == nil {
-		t.Error("deleting twice succeeded")
-	}
-	if list, _ := s.List(); len(list) != 2 {
-		t.Errorf("%d entries left, want 2", len(list))
-	}
-	// Reopening counts what is queued and clears half-written files.
-	os.WriteFile(filepath.Join(dir, "tmp", "junk.eml"), []byte("x"), 0o600)
-	os.WriteFile(filepath.Join(dir, "queue", "orphan.eml"), []byte("x"), 0o600)
-	s2, err := OpenOutbox(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if s2.bytes != 10 {
-		t.Errorf("reopened outbox counts %d bytes, want 10", s2.bytes)
-	}
-	if _, err := os.Stat(filepath.Join(dir, "tmp", "junk.eml")); err == nil {
-		t.Error("tmp/ not cleared")
-	}
-	if _, err := os.Stat(filepath.Join(dir, "queue", "orphan.eml")); err == nil {
-		t.Error("a message without an envelope was kept")
-	}
-}
-
-func TestRateLimiter(t *testing.T) {
-	l := newRateLimiter(2)
-	now := time.Unix(100, 0)
-	for i, want := range []bool{true, true, false} { // a burst of 2 at rate 2/s
-		if got := l.allow(now); got != want {
-			t.Fatalf("request %d at once: allowed %v, want %v", i+1, got, want)
-		}
-	}
-	if l.allow(now.Add(400 * time.Millisecond)) {
-		t.Fatal("a token after 0.4 s at 2/s")
-	}
-	if !l.allow(now.Add(600 * time.Millisecond)) {
-		t.Fatal("no token after 0.6 s at 2/s")
-	}
 }
 
 // TestOutboxSoak sends 50 clients × 200 messages while the fake throttles,

@@ -1,4 +1,4 @@
-package bridge
+package bridge_test
 
 import (
 	"bytes"
@@ -69,7 +69,7 @@ func BenchmarkPOP3Retr50MB(b *testing.B) {
 	fake.AddMessage(mailboxA, msg)
 	msg = nil
 
-	token, err := br.Accounts()[0].POP3Tokens.Token(context.Background())
+	token, err := br.Accounts()[0].OutlookTokens.Token(context.Background())
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -1,6 +1,7 @@
-package bridge
+package bridge_test
 
 import (
+	"mailbridge/bridge/config"
 	"os"
 	"path/filepath"
 	"strings"
@@ -13,7 +14,7 @@ import (
 )
 
 // writeConfig writes cfg as the TOML file an administrator would edit.
-func writeConfig(t *testing.T, cfg *Config) string {
+func writeConfig(t *testing.T, cfg *config.Config) string {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), "mailbridge.toml")
 	f, err := os.Create(p)

@@ -1,4 +1,4 @@
-package bridge
+package bridge_test
 
 import (
 	"bufio"
@@ -16,6 +16,8 @@ import (
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
 
+	"mailbridge/bridge/config"
+	"mailbridge/bridge/mime"
 	"mailbridge/upstream"
 	"mailbridge/upstream/m365fake"
 )
@@ -220,7 +222,7 @@ func TestEnvelopeOnlyRecipientsAreAddedAsBcc(t *testing.T) {
 	if !slices.Equal(sent[0].Recipients, want) {
 		t.Errorf("Graph's recipients %v, want each envelope recipient once: %v", sent[0].Recipients, want)
 	}
-	headerLen, _ := splitHeader(msg)
+	headerLen, _ := mime.SplitHeader(msg)
 	wantMIME := append(append(append([]byte{}, msg[:headerLen]...), "Bcc: Archive@Example.com, auditor@example.org\r\n"...), msg[headerLen:]...)
 	if !bytes.Equal(sent[0].MIME, wantMIME) {
 		t.Errorf("Graph received\n%s\nwant the message with only a Bcc field added:\n%s", sent[0].MIME, wantMIME)
@@ -271,7 +273,7 @@ func TestThrottledThenSent(t *testing.T) {
 func TestGraphOutageGivesTemporaryFailure(t *testing.T) {
 	fake := startFake(t)
 	cfg := testConfig(fake)
-	cfg.SMTP.SendTimeout = Duration{300 * time.Millisecond}
+	cfg.SMTP.SendTimeout = config.Duration{Duration: 300 * time.Millisecond}
 	b, _ := startBridge(t, fake, cfg)
 	fake.FailGraph(1000, m365fake.Unavailable())
 	c := dialAuth(t, b.SMTPAddr(), userA, passwordA)
@@ -335,7 +337,7 @@ func TestGraphRefusalsMapToReplies(t *testing.T) {
 	cfg.Accounts[1].Mailbox = "gone@fleet.example.net" // no such mailbox
 	cfg.Accounts[1].AllowedSenders = []string{"*@fleet.example.net"}
 	ha, _ := passwordHashes()
-	cfg.Accounts = append(cfg.Accounts, AccountConfig{Name: "noconsent", Username: "noconsent", PasswordHash: ha,
+	cfg.Accounts = append(cfg.Accounts, config.AccountConfig{Name: "noconsent", Username: "noconsent", PasswordHash: ha,
 		Mailbox: "x@c.example", TenantID: "cccccccc-0000-0000-0000-00000000000c", ClientID: "noconsent", ClientSecret: "s",
 		TokenURL: fake.TokenURL(), GraphURL: fake.GraphURL()})
 	b, logs := startBridge(t, fake, cfg)
@@ -392,7 +394,7 @@ func TestSecretsNeverLogged(t *testing.T) {
 	if _, err := send(c2, mailboxA, []string{"x@example.org"}, crlf("From: orders@example.com\nTo: x@example.org\n\nhi\n")); err != nil {
 		t.Fatal(err)
 	}
-	token, err := b.Accounts()[0].Tokens.Token(context.Background())
+	token, err := b.Accounts()[0].GraphTokens.Token(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -520,14 +522,39 @@ func TestTooLargeForSendMail(t *testing.T) {
 	if len(fake.Sent()) != 0 {
 		t.Fatal("a message over the limit reached Graph")
 	}
-	// SIZE announced in MAIL FROM is refused before the data.
-	if err := c.Mail(mailboxA, &smtp.MailOptions{Size: upstream.MaxSendMailMIME + 1}); err == nil {
-		t.Fatal("MAIL FROM with SIZE over the limit was accepted")
+	// SIZE over sendMail's limit is taken when large messages are on (the
+	// draft path sends it); over smtp.max_message_bytes it is refused
+	// before the data.
+	if err := c.Mail(mailboxA, &smtp.MailOptions{Size: upstream.MaxSendMailMIME + 1}); err != nil {
+		t.Fatalf("MAIL FROM with SIZE over sendMail's limit, large messages on: %v", err)
+	}
+	c.Reset()
+	if err := c.Mail(mailboxA, &smtp.MailOptions{Size: config.DefaultMaxMessageBytes + 1}); err == nil {
+		t.Fatal("MAIL FROM with SIZE over smtp.max_message_bytes was accepted")
+	} else if code, ec := smtpCode(err); code != 552 || ec != (smtp.EnhancedCode{5, 3, 4}) {
+		t.Fatalf("SIZE over smtp.max_message_bytes: got %v, want 552 5.3.4", err)
 	}
 	// The session still works for a message that fits.
 	c.Reset()
 	if _, err := send(c, mailboxA, []string{"x@example.org"}, big[:upstream.MaxSendMailMIME-100]); err != nil {
 		t.Fatalf("a message just under the limit: %v", err)
+	}
+}
+
+func TestSizeOverSendMailRefusedWithoutLargeMessages(t *testing.T) {
+	fake := startFake(t)
+	cfg := testConfig(fake)
+	off := false
+	cfg.Accounts[0].LargeMessagesSetting = &off
+	b, logs := startBridge(t, fake, cfg)
+	c := dialAuth(t, b.SMTPAddr(), userA, passwordA)
+	err := c.Mail(mailboxA, &smtp.MailOptions{Size: upstream.MaxSendMailMIME + 1})
+	if code, ec := smtpCode(err); code != 552 || ec != (smtp.EnhancedCode{5, 3, 4}) {
+		t.Fatalf("got %v, want 552 5.3.4", err)
+	}
+	line := findLogLine(t, logs.String(), "message refused at MAIL: SIZE is over sendMail's limit and large_messages is off")
+	if !strings.Contains(line, `"hint":"set large_messages = true`) {
+		t.Errorf("refusal logged as %s", line)
 	}
 }
 
@@ -543,14 +570,8 @@ func TestShutdownLetsDataFinishAndClosesIdle(t *testing.T) {
 		result <- err
 	}()
 	waitFor(t, "the message to be in DATA", func() bool {
-		b.conns.mu.Lock()
-		defer b.conns.mu.Unlock()
-		for _, st := range b.conns.conns {
-			if st.busy.Load() {
-				return true
-			}
-		}
-		return false
+		_, busy := b.Connections()
+		return busy > 0
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()

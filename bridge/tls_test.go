@@ -1,9 +1,11 @@
-package bridge
+package bridge_test
 
 import (
 	"bufio"
 	"crypto/tls"
 	"crypto/x509"
+	"mailbridge/bridge/config"
+	"mailbridge/bridge/localtls"
 	"os"
 	"path/filepath"
 	"strings"
@@ -15,9 +17,9 @@ import (
 
 // localTLS writes a certificate from GenerateSelfSigned and returns a
 // config using it on every listener, and a client TLS config trusting it.
-func localTLS(t *testing.T, cfg *Config) *tls.Config {
+func localTLS(t *testing.T, cfg *config.Config) *tls.Config {
 	t.Helper()
-	certPEM, keyPEM, err := GenerateSelfSigned([]string{"localhost", "127.0.0.1"})
+	certPEM, keyPEM, err := localtls.GenerateSelfSigned([]string{"localhost", "127.0.0.1"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -25,7 +27,7 @@ func localTLS(t *testing.T, cfg *Config) *tls.Config {
 	cert, key := filepath.Join(dir, "mailbridge.crt"), filepath.Join(dir, "mailbridge.key")
 	os.WriteFile(cert, certPEM, 0o600)
 	os.WriteFile(key, keyPEM, 0o600)
-	for _, lt := range []*LocalTLS{&cfg.SMTP.LocalTLS, &cfg.POP3.LocalTLS} {
+	for _, lt := range []*config.LocalTLS{&cfg.SMTP.LocalTLS, &cfg.POP3.LocalTLS} {
 		lt.TLSCert, lt.TLSKey, lt.TLSListen = cert, key, "127.0.0.1:0"
 	}
 	pool := x509.NewCertPool()
@@ -128,7 +130,7 @@ func TestPOP3STLSAndImplicitTLS(t *testing.T) {
 }
 
 func TestNetworkListenersNeedTLS(t *testing.T) {
-	base := func() *Config {
+	base := func() *config.Config {
 		fake := startFake(t)
 		cfg := testConfig(fake)
 		cfg.SMTP.Listen = "0.0.0.0:2525"
@@ -148,7 +150,7 @@ func TestNetworkListenersNeedTLS(t *testing.T) {
 	if err := cfg.Complete(""); err != nil {
 		t.Errorf("with TLS: %v", err)
 	}
-	if cfg.SMTP.plaintextAuthAllowed(cfg.SMTP.Listen) {
+	if cfg.SMTP.PlaintextAuthAllowed(cfg.SMTP.Listen) {
 		t.Error("AUTH without TLS allowed on a network listener")
 	}
 	cfg = base()

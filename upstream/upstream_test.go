@@ -24,6 +24,7 @@ import (
 
 	"mailbridge/upstream"
 	"mailbridge/upstream/m365fake"
+	"mailbridge/upstream/m365fake/m365test"
 )
 
 const (
@@ -35,15 +36,8 @@ const (
 
 func startFake(t *testing.T) *m365fake.Server {
 	t.Helper()
-	fake, err := m365fake.Start()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { fake.Close() })
-	fake.AddTenant(tenant)
-	fake.AddApp(tenant, client, secret, "Mail.Send", "POP.AccessAsApp")
-	fake.AddMailbox(tenant, mailbox)
-	return fake
+	return m365test.Start(t, m365test.Tenant{ID: tenant, ClientID: client, Secret: secret,
+		Roles: []string{"Mail.Send", "POP.AccessAsApp"}, Mailboxes: []string{mailbox}})
 }
 
 // tokenSource returns a token source of the test app for scope, on a
@@ -295,10 +289,7 @@ func TestFakeGraphRefusesBadBase64AndBadTokens(t *testing.T) {
 func TestFakeOutlookPOP3BehavesAsOutlook(t *testing.T) {
 	fake := startFake(t)
 	fake.GrantMailboxAccess(tenant, client, mailbox)
-	addr, err := fake.StartPOP3()
-	if err != nil {
-		t.Fatal(err)
-	}
+	addr := fake.POP3Addr()
 	token, err := tokenSource(fake, upstream.OutlookScope).Token(context.Background())
 	if err != nil {
 		t.Fatal(err)

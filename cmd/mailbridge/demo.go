@@ -10,6 +10,7 @@ import (
 	"golang.org/x/crypto/bcrypt"
 
 	"mailbridge/bridge"
+	"mailbridge/bridge/config"
 	"mailbridge/upstream/m365fake"
 )
 
@@ -26,13 +27,13 @@ const (
 func demo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("demo", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	listen := fs.String("smtp", bridge.DefaultSMTPListen, "SMTP listen address")
-	pop3Listen := fs.String("pop3", bridge.DefaultPOP3Listen, "POP3 listen address")
+	listen := fs.String("smtp", config.DefaultSMTPListen, "SMTP listen address")
+	pop3Listen := fs.String("pop3", config.DefaultPOP3Listen, "POP3 listen address")
 	format := fs.String("log-format", "console", "log format: json or console")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
-	logCfg := bridge.LogConfig{Level: "info", Format: *format}
+	logCfg := config.LogConfig{Level: "info", Format: *format}
 	log := bridge.NewLogger(stderr, logCfg)
 
 	fake, err := m365fake.Start()
@@ -63,7 +64,7 @@ func demo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		log.Error().Err(err).Msg("cannot hash the demo password")
 		return 1
 	}
-	cfg := bridge.DefaultConfig()
+	cfg := config.Default()
 	cfg.Log = logCfg
 	cfg.SMTP.Listen = *listen
 	cfg.POP3.Listen = *pop3Listen
@@ -75,7 +76,7 @@ func demo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	defer os.RemoveAll(outboxDir)
 	cfg.Outbox.Dir = outboxDir
-	cfg.Accounts = []bridge.AccountConfig{{
+	cfg.Accounts = []config.AccountConfig{{
 		Name: "demo", Username: "demo", PasswordHash: string(hash), Mailbox: demoMailbox,
 		TenantID: demoTenant, ClientID: demoClient, ClientSecret: secret,
 		TokenURL: fake.TokenURL(), GraphURL: fake.GraphURL(),

@@ -6,11 +6,10 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"mailbridge/bridge/localtls"
 	"os"
 	"path/filepath"
 	"strings"
-
-	"mailbridge/bridge"
 )
 
 // genCert writes a self-signed certificate and key for the bridge's own
@@ -33,7 +32,7 @@ func genCert(args []string, stdout, stderr io.Writer) int {
 			hosts = append(hosts, h)
 		}
 	}
-	certPEM, keyPEM, err := bridge.GenerateSelfSigned(hosts)
+	certPEM, keyPEM, err := localtls.GenerateSelfSigned(hosts)
 	if err != nil {
 		fmt.Fprintln(stderr, "mailbridge:", err)
 		return 1

@@ -22,6 +22,8 @@ import (
 	"golang.org/x/term"
 
 	"mailbridge/bridge"
+	"mailbridge/bridge/config"
+	"mailbridge/bridge/outbox"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -95,12 +97,12 @@ func versionString() string {
 
 // loadConfig parses the -config flag and loads the file; on failure it
 // prints every problem, one per line, and returns exit status 2.
-func loadConfig(fs *flag.FlagSet, args []string, stderr io.Writer) (*bridge.Config, int) {
+func loadConfig(fs *flag.FlagSet, args []string, stderr io.Writer) (*config.Config, int) {
 	path := fs.String("config", "mailbridge.toml", "configuration file")
 	if err := fs.Parse(args); err != nil {
 		return nil, 2
 	}
-	cfg, err := bridge.LoadConfig(*path)
+	cfg, err := loadResolved(*path)
 	if err != nil {
 		for _, line := range strings.Split(err.Error(), "\n") {
 			fmt.Fprintln(stderr, "mailbridge: config:", line)
@@ -128,7 +130,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) int {
 }
 
 // runBridge runs the bridge until ctx ends; SIGHUP reloads its accounts.
-func runBridge(ctx context.Context, cfg *bridge.Config, stderr io.Writer) int {
+func runBridge(ctx context.Context, cfg *config.Config, stderr io.Writer) int {
 	out, closeLog := bridge.LogOutput(cfg.Log, stderr)
 	defer closeLog.Close()
 	log := bridge.NewLogger(out, cfg.Log)
@@ -218,7 +220,7 @@ func queue(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "mailbridge: the outbox is off in this configuration ([outbox] enabled = false)")
 		return 1
 	}
-	store, err := bridge.OpenOutbox(cfg.Outbox.Dir)
+	store, err := outbox.Open(cfg.Outbox.Dir)
 	if err != nil {
 		fmt.Fprintln(stderr, "mailbridge:", err)
 		return 1
@@ -300,4 +302,11 @@ func hashPassword(stdin io.Reader, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprintln(stdout, string(hash))
 	return 0
+}
+
+// loadResolved loads the configuration at path and reads the files it
+// names, reporting the problems of both.
+func loadResolved(path string) (*config.Config, error) {
+	cfg, _, err := config.LoadResolved(path)
+	return cfg, err
 }

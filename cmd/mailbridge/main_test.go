@@ -23,6 +23,7 @@ import (
 	"golang.org/x/crypto/bcrypt"
 
 	"mailbridge/upstream/m365fake"
+	"mailbridge/upstream/m365fake/m365test"
 )
 
 var binary string // the mailbridge binary built for these tests
@@ -54,19 +55,9 @@ const (
 // the fake's CA through SSL_CERT_FILE.
 func fakeAndConfig(t *testing.T, listen string, extra string) (*m365fake.Server, string, []string) {
 	t.Helper()
-	fake, err := m365fake.Start()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { fake.Close() })
-	fake.AddTenant(tenant)
-	fake.AddApp(tenant, client, secret, "Mail.Send", "Mail.ReadWrite", "POP.AccessAsApp")
-	fake.AddMailbox(tenant, mailbox)
-	fake.GrantMailboxAccess(tenant, client, mailbox)
-	pop3Addr, err := fake.StartPOP3()
-	if err != nil {
-		t.Fatal(err)
-	}
+	fake := m365test.Start(t, m365test.Tenant{ID: tenant, ClientID: client, Secret: secret,
+		Roles: []string{"Mail.Send", "Mail.ReadWrite", "POP.AccessAsApp"}, Mailboxes: []string{mailbox}, FullAccess: []string{mailbox}})
+	pop3Addr := fake.POP3Addr()
 	dir := t.TempDir()
 	ca := filepath.Join(dir, "ca.pem")
 	os.WriteFile(ca, fake.CACertPEM(), 0o600)

@@ -1,0 +1,138 @@
+// Package account holds the bridge's local users: each account's settings,
+// its upstream clients (Graph, Outlook POP3) and token sources, its sender
+// policy, the reloadable set of accounts in force, and logging in: the
+// bcrypt password check (remembered as a per-process HMAC), the throttle
+// that slows down failed logins, and the SASL LOGIN server that go-sasl
+// lacks.
+//
+// It may import bridge/config, bridge/mime and upstream.
+package account
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"net/http"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"mailbridge/bridge/config"
+	"mailbridge/bridge/mime"
+	"mailbridge/upstream"
+)
+
+// ErrBadCredentials is a login with an unknown user name or a wrong
+// password; the two are never told apart to the client.
+var ErrBadCredentials = errors.New("unknown user name or wrong password")
+
+// Account is a configured local user with its sending policy and upstream
+// clients.
+type Account struct {
+	Config config.AccountConfig
+	// GraphTokens are for Graph (send_scope), OutlookTokens for Outlook's
+	// POP3 and IMAP services (pop3_scope): two audiences, two tokens.
+	GraphTokens   *upstream.TokenSource
+	OutlookTokens *upstream.TokenSource
+	Graph         *upstream.GraphClient
+	POP3Dialer    *upstream.POP3Dialer
+	// Senders are the addresses the account may send as.
+	Senders  mime.SenderPolicy
+	password *passwordChecker
+}
+
+// Set is the accounts in force: replaced whole by a reload, while sessions
+// keep the *Account they logged in with.
+type Set struct {
+	byUser  map[string]*Account // by lower-case user name
+	ordered []*Account
+}
+
+// All returns the accounts in configuration order.
+func (s *Set) All() []*Account { return s.ordered }
+
+// Registry builds accounts, keeps the set in force and logs users in.
+type Registry struct {
+	current    atomic.Pointer[Set]
+	tokens     *upstream.TokenSources
+	httpClient *http.Client
+	rootCAs    *x509.CertPool
+	key        *[32]byte
+	throttle   *throttle
+}
+
+// NewRegistry returns an empty registry whose accounts use httpClient for
+// Microsoft's HTTPS endpoints and trust rootCAs (nil: the system's) for
+// Outlook's mail services. A failed login waits failureDelay, doubling with
+// each further failure from the same address up to 30 times as long.
+func NewRegistry(httpClient *http.Client, rootCAs *x509.CertPool, failureDelay time.Duration) *Registry {
+	r := &Registry{
+		tokens:     upstream.NewTokenSources(httpClient),
+		httpClient: httpClient,
+		rootCAs:    rootCAs,
+		key:        newProcessKey(),
+		throttle:   newThrottle(failureDelay, 30*failureDelay),
+	}
+	r.current.Store(&Set{byUser: map[string]*Account{}})
+	return r
+}
+
+// Load builds the accounts of cfg, sharing token sources (and so cached
+// tokens) with those that came before, and puts them in force.
+func (r *Registry) Load(cfg *config.Config, res *config.Resolved) *Set {
+	set := &Set{byUser: map[string]*Account{}}
+	for _, ac := range cfg.Accounts {
+		ra := res.Accounts[ac.Name]
+		graphTokens := r.tokens.Get(ra.Credentials, ac.SendScope)
+		a := &Account{
+			Config:        ac,
+			GraphTokens:   graphTokens,
+			OutlookTokens: r.tokens.Get(ra.Credentials, ac.POP3Scope),
+			POP3Dialer:    &upstream.POP3Dialer{Addr: ac.POP3Upstream, RootCAs: r.rootCAs, Timeout: cfg.POP3.UpstreamTimeout.Duration},
+			Graph:         upstream.NewGraphClient(ac.GraphURL, r.httpClient, graphTokens),
+			Senders:       ra.Senders,
+			password:      newPasswordChecker(ac.PasswordHash, r.key),
+		}
+		set.byUser[strings.ToLower(ac.Username)] = a
+		set.ordered = append(set.ordered, a)
+	}
+	r.current.Store(set)
+	return set
+}
+
+// All returns the accounts in force, in configuration order.
+func (r *Registry) All() []*Account { return r.current.Load().ordered }
+
+// ByName returns the account in force named name, nil if none.
+func (r *Registry) ByName(name string) *Account {
+	for _, a := range r.All() {
+		if a.Config.Name == name {
+			return a
+		}
+	}
+	return nil
+}
+
+// Authenticate checks a local user name and password of an account that
+// may use protocol, and returns the account. Failures are slowed down per
+// remote address; they are ErrBadCredentials.
+func (r *Registry) Authenticate(ctx context.Context, protocol, remoteIP, username, password string) (*Account, error) {
+	a := r.current.Load().byUser[strings.ToLower(username)]
+	if a != nil && !a.Config.Uses(protocol) {
+		a = nil
+	}
+	if a != nil && a.password.check(password) {
+		r.throttle.succeeded(remoteIP)
+		return a, nil
+	}
+	if a == nil {
+		spendBcrypt(password)
+	}
+	t := time.NewTimer(r.throttle.failed(remoteIP))
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-ctx.Done():
+	}
+	return nil, ErrBadCredentials
+}

@@ -1,0 +1,78 @@
+package account
+
+import (
+	"errors"
+	"testing"
+	"time"
+
+	"golang.org/x/crypto/bcrypt"
+)
+
+func TestLoginServer(t *testing.T) {
+	var gotUser, gotPass string
+	auth := func(u, p string) error {
+		gotUser, gotPass = u, p
+		if p != "pw" {
+			return ErrBadCredentials
+		}
+		return nil
+	}
+	// Classic three steps.
+	s := NewLoginServer(auth)
+	if ch, done, _ := s.Next(nil); done || string(ch) != "Username:" {
+		t.Fatalf("first challenge %q done=%v", ch, done)
+	}
+	if ch, done, _ := s.Next([]byte("user")); done || string(ch) != "Password:" {
+		t.Fatalf("second challenge %q done=%v", ch, done)
+	}
+	if _, done, err := s.Next([]byte("pw")); !done || err != nil || gotUser != "user" || gotPass != "pw" {
+		t.Fatalf("done=%v err=%v user=%q pass=%q", done, err, gotUser, gotPass)
+	}
+	if _, _, err := s.Next([]byte("more")); err == nil {
+		t.Fatal("a response after the end was accepted")
+	}
+	// Initial response (.NET): the user name comes with AUTH.
+	s = NewLoginServer(auth)
+	if ch, done, _ := s.Next([]byte("dotnet")); done || string(ch) != "Password:" {
+		t.Fatalf("challenge after initial response %q", ch)
+	}
+	if _, done, err := s.Next([]byte("bad")); !done || !errors.Is(err, ErrBadCredentials) || gotUser != "dotnet" {
+		t.Fatalf("done=%v err=%v user=%q", done, err, gotUser)
+	}
+}
+
+func TestAuthThrottleDoublesAndForgets(t *testing.T) {
+	now := time.Unix(1000, 0)
+	th := newThrottle(100*time.Millisecond, time.Second)
+	th.now = func() time.Time { return now }
+	want := []time.Duration{100, 200, 400, 800, 1000, 1000}
+	for i, w := range want {
+		if got := th.failed("192.0.2.1"); got != w*time.Millisecond && !(w == 1000 && got == time.Second) {
+			t.Fatalf("failure %d: delay %v, want %v", i+1, got, w*time.Millisecond)
+		}
+	}
+	if got := th.failed("192.0.2.2"); got != 100*time.Millisecond {
+		t.Errorf("another address is slowed down too: %v", got)
+	}
+	th.succeeded("192.0.2.2")
+	if got := th.failed("192.0.2.2"); got != 100*time.Millisecond {
+		t.Errorf("after a success: %v", got)
+	}
+	now = now.Add(16 * time.Minute)
+	if got := th.failed("192.0.2.1"); got != 100*time.Millisecond {
+		t.Errorf("after a quiet quarter hour: %v, want the base delay", got)
+	}
+}
+
+func TestPasswordCheckerRemembersOnlyTheRightPassword(t *testing.T) {
+	hash, _ := bcrypt.GenerateFromPassword([]byte("right"), bcrypt.MinCost)
+	p := newPasswordChecker(string(hash), newProcessKey())
+	for i, tc := range []struct {
+		pw   string
+		want bool
+	}{{"wrong", false}, {"right", true}, {"right", true}, {"wrong", false}, {"Right", false}, {"", false}} {
+		if got := p.check(tc.pw); got != tc.want {
+			t.Errorf("check %d (%q) = %v, want %v", i, tc.pw, got, tc.want)
+		}
+	}
+}

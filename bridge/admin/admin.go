@@ -1,0 +1,124 @@
+// Package admin is the bridge's administrator endpoint: the Prometheus
+// metrics (in a registry of their own) and their recording methods, and
+// the HTTP server of /metrics and /healthz.
+//
+// It imports nothing of the bridge; what it reports is handed to it.
+package admin
+
+import (
+	"encoding/json"
+	"net"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// Metrics are the bridge's Prometheus metrics, in a registry of its own.
+type Metrics struct {
+	reg            *prometheus.Registry
+	sessions       *prometheus.CounterVec // by proto
+	activeSessions *prometheus.GaugeVec   // by proto
+	messages       *prometheus.CounterVec // by account, result, reason
+	messageBytes   *prometheus.CounterVec // by account
+	upstreamTime   *prometheus.HistogramVec
+	upstreamStatus *prometheus.CounterVec // by op, status
+	retrBytes      *prometheus.CounterVec // by account
+}
+
+// NewMetrics returns the metrics, registered.
+func NewMetrics() *Metrics {
+	m := &Metrics{
+		reg: prometheus.NewRegistry(),
+		sessions: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mailbridge_sessions_total",
+			Help: "Client sessions accepted, by protocol."}, []string{"proto"}),
+		activeSessions: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "mailbridge_sessions_active",
+			Help: "Client sessions open now, by protocol."}, []string{"proto"}),
+		messages: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mailbridge_messages_total",
+			Help: "Messages by outcome: sent (Graph took it), queued (in the outbox), failed (given up), refused (answered with an error)."},
+			[]string{"account", "result", "reason"}),
+		messageBytes: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mailbridge_message_bytes_total",
+			Help: "Bytes of the messages Graph took."}, []string{"account"}),
+		upstreamTime: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "mailbridge_upstream_request_duration_seconds",
+			Help: "Requests to Microsoft's token endpoint and Graph, by operation.", Buckets: prometheus.ExponentialBuckets(0.005, 2.5, 10)},
+			[]string{"op"}),
+		upstreamStatus: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mailbridge_upstream_responses_total",
+			Help: "Answers of Microsoft's token endpoint (op=\"token\": refreshes and failures) and Graph, by operation and HTTP status (0: no answer)."},
+			[]string{"op", "status"}),
+		retrBytes: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mailbridge_pop3_retr_bytes_total",
+			Help: "Bytes of messages downloaded with RETR through the bridge."}, []string{"account"}),
+	}
+	m.reg.MustRegister(m.sessions, m.activeSessions, m.messages, m.messageBytes, m.upstreamTime, m.upstreamStatus, m.retrBytes,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// ObserveUpstream is the upstream.Observer of the bridge's HTTP client.
+func (m *Metrics) ObserveUpstream(op string, status int, d time.Duration) {
+	m.upstreamTime.WithLabelValues(op).Observe(d.Seconds())
+	m.upstreamStatus.WithLabelValues(op, strconv.Itoa(status)).Inc()
+}
+
+// Message counts one message's outcome: result is sent, queued, failed or
+// refused; reason is the failure's kind, "" for none.
+func (m *Metrics) Message(account, result, reason string, bytes int64) {
+	m.messages.WithLabelValues(account, result, reason).Inc()
+	if result == "sent" {
+		m.messageBytes.WithLabelValues(account).Add(float64(bytes))
+	}
+}
+
+// Health reports whether the bridge is healthy and, if not, why.
+type Health func() (ok bool, reasons []string)
+
+// Serve serves /metrics and /healthz on ln until it is closed.
+func Serve(ln net.Listener, m *Metrics, health Health) error {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		ok, reasons := health()
+		w.Header().Set("Content-Type", "application/json")
+		if !ok {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			json.NewEncoder(w).Encode(map[string]any{"status": "unhealthy", "reasons": reasons})
+			return
+		}
+		json.NewEncoder(w).Encode(map[string]any{"status": "ok"})
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	return srv.Serve(ln)
+}
+
+// SessionStarted counts a client session of proto that began.
+func (m *Metrics) SessionStarted(proto string) {
+	m.sessions.WithLabelValues(proto).Inc()
+	m.activeSessions.WithLabelValues(proto).Inc()
+}
+
+// SessionEnded counts a client session of proto that ended.
+func (m *Metrics) SessionEnded(proto string) { m.activeSessions.WithLabelValues(proto).Dec() }
+
+// RetrBytes counts bytes of messages downloaded through the bridge.
+func (m *Metrics) RetrBytes(account string, n int64) {
+	m.retrBytes.WithLabelValues(account).Add(float64(n))
+}
+
+// Queue is what the metrics read of the outbox.
+type Queue interface {
+	// Depth returns the number of queued messages and the age of the
+	// oldest.
+	Depth() (int, time.Duration)
+}
+
+// RegisterQueue adds the outbox's gauges.
+func (m *Metrics) RegisterQueue(q Queue) {
+	m.reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "mailbridge_outbox_messages", Help: "Messages waiting in the outbox."},
+			func() float64 { n, _ := q.Depth(); return float64(n) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "mailbridge_outbox_oldest_age_seconds", Help: "Age of the oldest message waiting in the outbox."},
+			func() float64 { _, oldest := q.Depth(); return oldest.Seconds() }),
+	)
+}

@@ -1,0 +1,164 @@
+package config_test
+
+import (
+	"mailbridge/bridge/config"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestExampleConfigLoads(t *testing.T) {
+	cfg, err := loadResolved("../../config.example.toml")
+	if err != nil {
+		t.Fatalf("config.example.toml does not load: %v", err)
+	}
+	a := cfg.Accounts[0]
+	if a.TokenURL != "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token" || a.GraphURL != "https://graph.microsoft.com/v1.0" || a.SendScope != "https://graph.microsoft.com/.default" {
+		t.Errorf("defaults not applied: %+v", a)
+	}
+	if cfg.SMTP.SendTimeout.Duration != 60*time.Second || cfg.SMTP.Listen != "127.0.0.1:2525" {
+		t.Errorf("smtp: %+v", cfg.SMTP)
+	}
+}
+
+func TestConfigErrorsNameFileAndKey(t *testing.T) {
+	_, err := loadResolved("../../testdata/config-bad.toml")
+	if err == nil {
+		t.Fatal("a bad configuration loaded")
+	}
+	if want := "config-bad.toml: line 6: smtp.send_timeout: not a duration"; !strings.Contains(err.Error(), want) {
+		t.Errorf("got %v, want %q", err, want)
+	}
+	// Decoding stops at the bad duration; fix it to see the rest.
+	data, _ := os.ReadFile("../../testdata/config-bad.toml")
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "secret.txt"), []byte("s\n"), 0o600)
+	p := filepath.Join(dir, "bad.toml")
+	os.WriteFile(p, []byte(strings.Replace(string(data), `send_timeout = "soon"`, `send_timeout = "0s"`, 1)), 0o600)
+	_, err = loadResolved(p)
+	if err == nil {
+		t.Fatal("a bad configuration loaded")
+	}
+	lines := strings.Split(err.Error(), "\n")
+	for _, want := range []string{
+		"bad.toml: account.colour: unknown key",
+		"bad.toml: log.level: must be debug, info, warn or error",
+		"bad.toml: smtp.listen: \"0.0.0.0:25\" is not a loopback address",
+		"bad.toml: smtp.send_timeout: must be a positive duration",
+		"bad.toml: account[1] (a).password_hash: not a bcrypt hash",
+		"bad.toml: account[1] (a).mailbox: \"not-an-address\" is not an email address",
+		"bad.toml: account[1] (a).client_id: required",
+		"bad.toml: account[1] (a).client_secret: give one of client_secret, client_secret_file and client_certificate_file",
+		"bad.toml: account[1] (a).allowed_senders: \"*@\" is not an address or *@domain",
+		"bad.toml: account[1] (a).graph_url: \"http://graph.example.com/v1.0\" must use https",
+		"bad.toml: account[2] (a).name: \"a\" is used by another account",
+		"bad.toml: account[2] (a).username: \"DUP\" is used by another account",
+		"bad.toml: account[2] (a).client_secret_file: cannot read it",
+		"bad.toml: account[2] (a).send_scope: must end in /.default",
+	} {
+		found := false
+		for _, l := range lines {
+			if strings.Contains(l, want) {
+				found = true
+			}
+		}
+		if !found {
+			t.Errorf("no line with %q in:\n%v", want, err)
+		}
+	}
+	if len(lines) != 14 {
+		t.Errorf("%d problems reported, want 14:\n%v", len(lines), err)
+	}
+}
+
+func TestConfigSecretFile(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "secret.txt"), []byte("  from-file\r\n"), 0o600)
+	p := filepath.Join(dir, "mailbridge.toml")
+	os.WriteFile(p, []byte(`
+[[account]]
+name = "x"
+username = "x"
+password_hash = "$2a$10$X.FmiwimM0FjfQl2Q48UhuOd9hztzcuSRK04xk4T0bEruuwmhLH66"
+mailbox = "x@example.com"
+tenant_id = "t"
+client_id = "c"
+client_secret_file = "secret.txt"
+token_url = "http://127.0.0.1:8080/{tenant}/token"
+`), 0o600)
+	cfg, res, err := config.LoadResolved(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := res.Accounts[cfg.Accounts[0].Name].Credentials.ClientSecret; got != "from-file" {
+		t.Errorf("secret %q, want the file's content trimmed", got)
+	}
+}
+
+func TestConfigSyntaxErrorNamesLine(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "x.toml")
+	os.WriteFile(p, []byte("[smtp]\nlisten = \n"), 0o600)
+	_, err := loadResolved(p)
+	if err == nil || !strings.Contains(err.Error(), "x.toml: line 2:") {
+		t.Errorf("got %v, want the file and line", err)
+	}
+}
+
+func TestNationalCloudDefaults(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "m.toml")
+	os.WriteFile(p, []byte(`
+[[account]]
+name = "gov"
+username = "gov"
+password_hash = "$2a$10$X.FmiwimM0FjfQl2Q48UhuOd9hztzcuSRK04xk4T0bEruuwmhLH66"
+mailbox = "x@agency.example"
+tenant_id = "t"
+client_id = "c"
+client_secret = "s"
+cloud = "usgov"
+
+[[account]]
+name = "cn"
+username = "cn"
+password_hash = "$2a$10$X.FmiwimM0FjfQl2Q48UhuOd9hztzcuSRK04xk4T0bEruuwmhLH66"
+mailbox = "x@example.cn"
+tenant_id = "t"
+client_id = "c"
+client_secret = "s"
+cloud = "china"
+graph_url = "https://graph-proxy.example.cn/v1.0"
+`), 0o600)
+	cfg, err := loadResolved(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gov, cn := cfg.Accounts[0], cfg.Accounts[1]
+	if gov.TokenURL != "https://login.microsoftonline.us/{tenant}/oauth2/v2.0/token" || gov.GraphURL != "https://graph.microsoft.us/v1.0" ||
+		gov.SendScope != "https://graph.microsoft.us/.default" || gov.POP3Scope != "https://outlook.office365.us/.default" || gov.POP3Upstream != "outlook.office365.us:995" {
+		t.Errorf("usgov: %+v", gov)
+	}
+	if cn.TokenURL != "https://login.chinacloudapi.cn/{tenant}/oauth2/v2.0/token" || cn.GraphURL != "https://graph-proxy.example.cn/v1.0" || cn.POP3Upstream != "partner.outlook.cn:995" {
+		t.Errorf("china (graph_url overridden): %+v", cn)
+	}
+	os.WriteFile(p, []byte(strings.Replace(mustRead(t, p), `cloud = "usgov"`, `cloud = "mars"`, 1)), 0o600)
+	if _, err := loadResolved(p); err == nil || !strings.Contains(err.Error(), `account[1] (gov).cloud: "mars" is not global, usgov, usgovdod or china`) {
+		t.Errorf("unknown cloud: %v", err)
+	}
+}
+
+func mustRead(t *testing.T, p string) string {
+	t.Helper()
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// loadResolved loads and resolves the file at path, as the bridge does.
+func loadResolved(path string) (*config.Config, error) {
+	cfg, _, err := config.LoadResolved(path)
+	return cfg, err
+}

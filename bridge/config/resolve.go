@@ -1,0 +1,97 @@
+package config
+
+import (
+	"crypto/tls"
+	"errors"
+	"os"
+	"strings"
+
+	"mailbridge/bridge/mime"
+	"mailbridge/upstream"
+)
+
+// Resolved is what a configuration refers to outside itself, read once:
+// the local TLS certificates, each account's client credential and its
+// parsed sender policy. It is kept apart from the decoded Config, so that
+// comparing two configurations compares only what the file says.
+type Resolved struct {
+	// SMTPTLS and POP3TLS are the local listeners' TLS configurations, nil
+	// when no certificate is set.
+	SMTPTLS, POP3TLS *tls.Config
+	// Accounts holds what each account needs at run time, by account name.
+	Accounts map[string]ResolvedAccount
+}
+
+// ResolvedAccount is an account's credential and sender policy.
+type ResolvedAccount struct {
+	Credentials upstream.Credentials
+	Senders     mime.SenderPolicy
+}
+
+// Resolve reads the files the configuration names (secret files, client
+// certificates, local TLS certificates), checks the spool directory and
+// parses allowed_senders. It returns every problem at once, each naming
+// the file and the key.
+func (c *Config) Resolve() (*Resolved, error) {
+	var errs []error
+	bad := c.problems(&errs)
+	res := &Resolved{Accounts: map[string]ResolvedAccount{}}
+	res.SMTPTLS = c.SMTP.LocalTLS.load("smtp", bad)
+	if c.POP3.Listen != "" {
+		res.POP3TLS = c.POP3.LocalTLS.load("pop3", bad)
+	}
+	if c.SMTP.SpoolDir != "" {
+		if st, err := os.Stat(c.SMTP.SpoolDir); err != nil || !st.IsDir() {
+			bad("smtp.spool_dir", "%q is not a directory", c.SMTP.SpoolDir)
+		}
+	}
+	for i := range c.Accounts {
+		a := &c.Accounts[i]
+		key := func(k string) string { return accountKey(i, a, k) }
+		cred := upstream.Credentials{TokenURL: a.TokenURL, TenantID: a.TenantID, ClientID: a.ClientID, ClientSecret: a.ClientSecret}
+		switch {
+		case a.ClientSecretFile != "" && a.ClientSecret == "":
+			p := absPath(c.dir, a.ClientSecretFile)
+			b, err := os.ReadFile(p)
+			if err != nil {
+				bad(key("client_secret_file"), "cannot read it: %v", err)
+			} else if cred.ClientSecret = strings.TrimSpace(string(b)); cred.ClientSecret == "" {
+				bad(key("client_secret_file"), "%s is empty", p)
+			}
+		case a.ClientCertificateFile != "" && a.ClientSecret == "":
+			cc, err := upstream.LoadClientCertificate(absPath(c.dir, a.ClientCertificateFile))
+			if err != nil {
+				bad(key("client_certificate_file"), "%v", err)
+			}
+			cred.Certificate = cc
+		}
+		patterns := a.AllowedSenders
+		if len(patterns) == 0 {
+			patterns = []string{a.Mailbox}
+		}
+		policy, err := mime.ParseSenderPolicy(patterns)
+		if err != nil && len(a.AllowedSenders) > 0 {
+			bad(key("allowed_senders"), "%v", err)
+		}
+		res.Accounts[a.Name] = ResolvedAccount{Credentials: cred, Senders: policy}
+	}
+	return res, errors.Join(errs...)
+}
+
+// load reads the certificate and key; nil when none is set.
+func (l *LocalTLS) load(table string, bad func(key, format string, args ...any)) *tls.Config {
+	if l.TLSCert == "" || l.TLSKey == "" {
+		return nil
+	}
+	cert, err := tls.LoadX509KeyPair(l.TLSCert, l.TLSKey)
+	if err != nil {
+		bad(table+".tls_cert", "cannot load the certificate and key: %v", err)
+		return nil
+	}
+	min := TLSVersions[l.TLSMinVersion]
+	if min == 0 {
+		min = tls.VersionTLS12
+	}
+	cfg := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: min}
+	return cfg
+}

@@ -1,0 +1,192 @@
+// Package conntrack knows the bridge's open client connections: which are
+// busy (receiving a message, waiting on Outlook) and which idle, so that a
+// shutdown closes the idle ones at once and waits for the busy ones; and
+// the listener that refuses connections over a session limit. It also
+// makes session IDs.
+//
+// It imports nothing of the bridge.
+package conntrack
+
+import (
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/hex"
+	"io"
+	"net"
+
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rs/zerolog"
+)
+
+// Tracker knows every open client connection and whether it is busy
+// (receiving a message), so that a shutdown can close the idle ones at once
+// and wait for the busy ones.
+type Tracker struct {
+	mu    sync.Mutex
+	conns map[net.Conn]*State
+}
+
+// State is one connection's busy flag.
+type State struct {
+	busy      atomic.Bool
+	idleSince atomic.Int64 // unix nanoseconds
+}
+
+// SetBusy marks the connection busy, or idle from now.
+func (s *State) SetBusy(busy bool) {
+	if !busy {
+		s.idleSince.Store(time.Now().UnixNano())
+	}
+	s.busy.Store(busy)
+}
+
+// Wrap returns ln whose accepted connections are tracked.
+func (t *Tracker) Wrap(ln net.Listener) net.Listener { return &trackedListener{Listener: ln, t: t} }
+
+func (t *Tracker) add(c net.Conn) *trackedConn {
+	st := &State{}
+	st.SetBusy(false)
+	t.mu.Lock()
+	if t.conns == nil {
+		t.conns = map[net.Conn]*State{}
+	}
+	tc := &trackedConn{Conn: c, t: t, state: st}
+	t.conns[tc] = st
+	t.mu.Unlock()
+	return tc
+}
+
+// StateOf returns the state of a tracked connection (or of the tracked
+// connection under a TLS one); an untracked one gets a state nobody reads.
+func (t *Tracker) StateOf(c net.Conn) *State {
+	if tc, ok := c.(*tls.Conn); ok {
+		c = tc.NetConn() // implicit TLS and STARTTLS wrap the tracked connection
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if st := t.conns[c]; st != nil {
+		return st
+	}
+	return &State{} // not tracked: a state nobody reads
+}
+
+// CloseIdle closes the connections that have not been busy for at least
+// grace (long enough for the reply to the last message to be written).
+func (t *Tracker) CloseIdle(grace time.Duration) {
+	cutoff := time.Now().Add(-grace).UnixNano()
+	t.closeWhere(func(st *State) bool { return !st.busy.Load() && st.idleSince.Load() < cutoff })
+}
+
+// Counts returns how many tracked connections are open and how many of
+// them are busy.
+func (t *Tracker) Counts() (open, busy int) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, st := range t.conns {
+		open++
+		if st.busy.Load() {
+			busy++
+		}
+	}
+	return open, busy
+}
+
+// CloseAll closes every connection, busy or not.
+func (t *Tracker) CloseAll() { t.closeWhere(func(*State) bool { return true }) }
+
+func (t *Tracker) closeWhere(match func(*State) bool) {
+	t.mu.Lock()
+	var conns []net.Conn
+	for c, st := range t.conns {
+		if match(st) {
+			conns = append(conns, c)
+		}
+	}
+	t.mu.Unlock()
+	for _, c := range conns {
+		c.Close()
+	}
+}
+
+type trackedListener struct {
+	net.Listener
+	t *Tracker
+}
+
+func (l *trackedListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return l.t.add(c), nil
+}
+
+type trackedConn struct {
+	net.Conn
+	t     *Tracker
+	state *State
+	once  sync.Once
+}
+
+func (c *trackedConn) Close() error {
+	c.once.Do(func() {
+		c.t.mu.Lock()
+		delete(c.t.conns, c)
+		c.t.mu.Unlock()
+	})
+	return c.Conn.Close()
+}
+
+// LimitListener refuses connections over the session limit with the
+// protocol's refusal (SMTP's 421, RFC 5321 §3.8) instead of letting them
+// queue.
+type LimitListener struct {
+	net.Listener
+	// Slots holds a token for each open session; its capacity is the limit.
+	Slots chan struct{}
+	// Refusal is the line written to a refused client, with its CRLF.
+	Refusal string
+	// Proto and Key name the protocol and the limit's key for the log.
+	Proto, Key string
+	Log        zerolog.Logger
+}
+
+func (l *LimitListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		select {
+		case l.Slots <- struct{}{}:
+			return &slotConn{Conn: c, release: func() { <-l.Slots }}, nil
+		default:
+			l.Log.Warn().Str("proto", l.Proto).Str("remote", c.RemoteAddr().String()).Int("max_sessions", cap(l.Slots)).Msg("session refused: " + l.Key + " reached")
+			c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+			io.WriteString(c, l.Refusal)
+			c.Close()
+		}
+	}
+}
+
+// slotConn gives its session slot back when closed.
+type slotConn struct {
+	net.Conn
+	once    sync.Once
+	release func()
+}
+
+func (c *slotConn) Close() error {
+	c.once.Do(c.release)
+	return c.Conn.Close()
+}
+
+// SessionID returns a new random session ID for the log.
+func SessionID() string {
+	b := make([]byte, 6)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}

@@ -1,0 +1,187 @@
+package deliver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"mailbridge/bridge/failure"
+	"mailbridge/bridge/mime"
+	"mailbridge/upstream"
+)
+
+// draftTarget is how much MIME the draft keeps at most: well under
+// sendMail's limit, so that Graph's own additions never push it over.
+const draftTarget = 2_500_000
+
+// largeAttachment is a part taken out of the message, decoded to a
+// temporary file.
+type largeAttachment struct {
+	upstream.Attachment
+	file *os.File
+}
+
+// sendLarge sends a message over sendMail's limit: the attachments that
+// make it large leave the MIME, the rest becomes a draft byte for byte, the
+// attachments are added to the draft (by upload session from 3 MB), and the
+// draft is sent. A step that fails for a transient reason is retried alone;
+// when the message cannot be sent the draft is deleted.
+func (dl *Deliverer) sendLarge(ctx context.Context, m *Message, log zerolog.Logger) (Delivery, error) {
+	d := Delivery{User: m.GraphUser, Path: "draft"}
+	if !m.Account.Config.LargeMessages {
+		return d, ErrLargeMessagesOff
+	}
+	var gc Graph = m.Account.Graph
+	msg := m.Content
+	root, err := mime.Parse(msg, msg.Size())
+	if err != nil {
+		return d, fmt.Errorf("parse MIME: %w", err)
+	}
+	removed, draft := mime.SplitForDraft(root, msg, draftTarget)
+	if draft.Size() > upstream.MaxSendMailMIME {
+		return d, errLargeNotAllowed(fmt.Sprintf("even without its attachments the message has %d bytes", draft.Size()), "")
+	}
+	atts, err := dl.decodeAttachments(msg, removed)
+	defer func() {
+		for _, at := range atts {
+			at.file.Close()
+			os.Remove(at.file.Name())
+		}
+	}()
+	if err != nil {
+		return d, err
+	}
+	log.Debug().Int64("draft_bytes", draft.Size()).Int("attachments", len(atts)).Msg("sending as draft with attachments")
+
+	step := func(name string, op func(ctx context.Context) error) error {
+		sctx, cancel := context.WithTimeout(ctx, dl.opts.SendTimeout)
+		defer cancel()
+		n, err := dl.retry(sctx, op)
+		d.Attempts += n
+		if err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+		return nil
+	}
+
+	var draftID string
+	err = step("create draft", func(ctx context.Context) error {
+		if err := dl.pacer.wait(ctx, d.User, draft.Size()); err != nil {
+			return err
+		}
+		id, err := gc.CreateDraft(ctx, d.User, draft, draft.Size())
+		if err != nil && dl.fallBack(m, &d, err) {
+			id, err = gc.CreateDraft(ctx, d.User, draft, draft.Size())
+		}
+		draftID = id
+		return err
+	})
+	if err != nil {
+		if failure.IsAccessDenied(err) {
+			return d, &failure.Error{Kind: failure.TooLarge, Hint: failure.ReadWriteHint, Err: err,
+				Reason: fmt.Sprintf("Message over Graph sendMail's limit of %d bytes: the app lacks the Mail.ReadWrite permission; the administrator must grant it", upstream.MaxSendMailMIME)}
+		}
+		return d, err
+	}
+	sent := false
+	defer func() {
+		if sent {
+			return
+		}
+		// Never leave a stray draft behind, even when the session's
+		// context has ended.
+		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		if _, err := dl.retry(dctx, func(ctx context.Context) error { return gc.DeleteMessage(ctx, d.User, draftID) }); err != nil {
+			log.Error().Err(err).Str("draft_id", draftID).Msg("could not delete the draft of a message that was not sent")
+		}
+	}()
+	for _, at := range atts {
+		if err := dl.addAttachment(ctx, gc, d.User, draftID, at, step); err != nil {
+			return d, err
+		}
+	}
+	err = step("send draft", func(ctx context.Context) error {
+		res, err := gc.SendDraft(ctx, d.User, draftID)
+		d.Result = res
+		return err
+	})
+	if err != nil {
+		return d, err
+	}
+	sent = true
+	return d, nil
+}
+
+// addAttachment adds one attachment to the draft: in one request under
+// MaxAttachmentPost bytes, else by an upload session whose chunks are
+// retried from where Graph says it stands.
+func (dl *Deliverer) addAttachment(ctx context.Context, gc Graph, user, draftID string, at largeAttachment, step func(string, func(context.Context) error) error) error {
+	name := "attachment " + at.Name
+	if at.Size < upstream.MaxAttachmentPost {
+		return step(name, func(ctx context.Context) error {
+			if err := dl.pacer.wait(ctx, user, at.Size); err != nil {
+				return err
+			}
+			return gc.AddAttachment(ctx, user, draftID, at.Attachment, at.file)
+		})
+	}
+	var sess *upstream.UploadSession
+	err := step(name+": upload session", func(ctx context.Context) error {
+		s, err := gc.CreateUploadSession(ctx, user, draftID, at.Attachment)
+		sess = s
+		return err
+	})
+	var apiErr *upstream.APIError
+	if errors.As(err, &apiErr) && apiErr.Code == "ErrorAttachmentSizeShouldNotBeLessThanMinimumSize" {
+		return step(name, func(ctx context.Context) error { return gc.AddAttachment(ctx, user, draftID, at.Attachment, at.file) })
+	}
+	if err != nil {
+		return err
+	}
+	for done := false; !done; {
+		err := step(fmt.Sprintf("%s: bytes from %d", name, sess.Next), func(ctx context.Context) error {
+			if err := dl.pacer.wait(ctx, user, min(int64(upstream.UploadChunk), sess.Size-sess.Next)); err != nil {
+				return err
+			}
+			var err error
+			done, err = gc.UploadChunk(ctx, sess, at.file)
+			return err
+		})
+		if err != nil {
+			gc.CancelUpload(context.WithoutCancel(ctx), sess)
+			return err
+		}
+	}
+	return nil
+}
+
+// decodeAttachments writes each removed part's decoded content to a
+// temporary file.
+func (dl *Deliverer) decodeAttachments(msg mime.View, parts []*mime.Part) ([]largeAttachment, error) {
+	var atts []largeAttachment
+	for i, p := range parts {
+		name, ctype, cid, inline := p.AttachmentInfo(i + 1)
+		f, err := os.CreateTemp(dl.opts.SpoolDir, "mailbridge-att-*")
+		if err != nil {
+			return atts, fmt.Errorf("%w: %v", mime.ErrSpool, err)
+		}
+		at := largeAttachment{Attachment: upstream.Attachment{Name: name, ContentType: ctype, ContentID: cid, IsInline: inline}, file: f}
+		atts = append(atts, at)
+		n, err := io.Copy(f, p.DecodedBody(msg))
+		if err != nil {
+			var pe *os.PathError
+			if errors.As(err, &pe) {
+				return atts, fmt.Errorf("%w: %v", mime.ErrSpool, err)
+			}
+			return atts, &failure.Error{Kind: failure.Content, Reason: fmt.Sprintf("Attachment %q cannot be decoded: %v", name, err)}
+		}
+		atts[len(atts)-1].Size = n
+	}
+	return atts, nil
+}

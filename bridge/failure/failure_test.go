@@ -1,0 +1,78 @@
+package failure_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"testing"
+
+	"mailbridge/bridge/failure"
+	"mailbridge/bridge/mime"
+	"mailbridge/upstream"
+)
+
+func TestClassifyOneRowPerKind(t *testing.T) {
+	for _, tc := range []struct {
+		err                  error
+		kind                 failure.Kind
+		temporary, retryable bool
+		hint                 bool
+	}{
+		{&upstream.APIError{Status: 400, Code: "ErrorInvalidRecipients"}, failure.Content, false, false, true},
+		{&upstream.APIError{Status: 403, Code: "ErrorSendAsDenied"}, failure.Sender, false, false, true},
+		{&upstream.APIError{Status: 404, Code: "ErrorInvalidUser"}, failure.Mailbox, false, false, true},
+		{&upstream.APIError{Status: 403, Code: "ErrorAccessDenied"}, failure.Permission, true, false, true},
+		{&upstream.POP3AuthError{Reply: "-ERR Authentication failure"}, failure.Permission, true, false, true},
+		{&upstream.TokenError{Status: 401, Code: "invalid_client", AADSTS: 7000215}, failure.Credentials, true, false, true},
+		{&upstream.APIError{Status: 401, Code: "InvalidAuthenticationToken"}, failure.Credentials, true, false, true},
+		{fmt.Errorf("wrapped: %w", &upstream.APIError{Status: 429, Code: "TooManyRequests"}), failure.Throttled, true, true, true},
+		{&upstream.APIError{Status: 503}, failure.Unavailable, true, true, true},
+		{&upstream.TokenError{Status: 503}, failure.Unavailable, true, true, true},
+		{&upstream.APIError{Status: 409}, failure.Unavailable, true, false, false},
+		{&net.OpError{Op: "dial", Err: errors.New("refused")}, failure.Network, true, true, true},
+		{&upstream.TokenError{Err: errors.New("dial tcp: connection refused")}, failure.Network, true, true, true},
+		{&upstream.APIError{Status: 413}, failure.TooLarge, false, false, false},
+		{&upstream.APIError{Status: 400, Code: "ErrorMessageSizeExceeded"}, failure.TooLarge, false, false, false},
+		{&failure.Error{Kind: failure.TooLarge, Reason: "over the limit"}, failure.TooLarge, false, false, false},
+		{fmt.Errorf("graph sendMail: %w", context.DeadlineExceeded), failure.Timeout, true, false, true},
+		{fmt.Errorf("%w: disk full", mime.ErrSpool), failure.Local, true, false, true},
+		{failure.ErrQueueFull, failure.Local, true, false, true},
+		{context.Canceled, failure.Shutdown, true, false, false},
+	} {
+		f := failure.Classify(tc.err)
+		if f.Kind != tc.kind || f.Temporary != tc.temporary || f.Retryable != tc.retryable || (f.Hint != "") != tc.hint {
+			t.Errorf("Classify(%v) = kind %s temporary %v retryable %v hint %q; want %s %v %v hint %v",
+				tc.err, f.Kind, f.Temporary, f.Retryable, f.Hint, tc.kind, tc.temporary, tc.retryable, tc.hint)
+		}
+		if f.Reason != tc.err.Error() {
+			t.Errorf("Classify(%v).Reason = %q", tc.err, f.Reason)
+		}
+	}
+}
+
+func TestClassifyKeepsGraphDetails(t *testing.T) {
+	f := failure.Classify(fmt.Errorf("send: %w", &upstream.APIError{Status: 400, Code: "ErrorInvalidRecipients", RequestID: "r-1"}))
+	if f.Upstream != "graph" || f.GraphStatus != 400 || f.Code != "ErrorInvalidRecipients" || f.RequestID != "r-1" {
+		t.Errorf("got %+v", f)
+	}
+	tok := failure.Classify(&upstream.TokenError{Status: 401, Code: "invalid_client", AADSTS: 7000222})
+	if tok.Upstream != "token" || tok.AADSTS != 7000222 || tok.Code != "invalid_client" {
+		t.Errorf("got %+v", tok)
+	}
+}
+
+func TestPossibleDuplicate(t *testing.T) {
+	for err, want := range map[error]bool{
+		errors.New("connection reset by peer"):             true,
+		&net.OpError{Op: "dial", Err: errors.New("x")}:     false,
+		&net.OpError{Op: "read", Err: errors.New("reset")}: true,
+		&upstream.APIError{Status: 503}:                    false,
+		&upstream.TokenError{Status: 503}:                  false,
+		fmt.Errorf("%w: x", mime.ErrSpool):                 false,
+	} {
+		if got := failure.Classify(err).PossibleDuplicate; got != want {
+			t.Errorf("PossibleDuplicate(%v) = %v, want %v", err, got, want)
+		}
+	}
+}

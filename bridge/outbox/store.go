@@ -1,0 +1,372 @@
+// Package outbox is the durable queue between the SMTP side and Graph: the
+// client hears 250 only when the message and its envelope are on disk
+// (both files fsynced, renamed into queue/, the directory fsynced), and a
+// worker delivers them, at most 4 at once per mailbox, within a rate per
+// account, retrying with Graph's Retry-After or backoff, and moving what
+// cannot go to failed/ with the reason and the fix.
+//
+// Files:
+//
+//	<dir>/tmp/      files being written; emptied at start-up
+//	<dir>/queue/    <id>.eml (the message as Graph gets it) and <id>.json
+//	                (its envelope); the envelope is renamed in last, so an
+//	                entry without one was never acknowledged
+//	<dir>/failed/   messages that cannot be delivered, with the reason
+//
+// A message Graph accepted has its envelope renamed to <id>.sent before
+// its files are removed, so that a crash in between never sends it twice.
+//
+// The outbox implements deliver.Submitter, as direct delivery does. It may
+// import bridge/account, bridge/admin, bridge/deliver, bridge/failure and
+// bridge/mime.
+package outbox
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"mailbridge/bridge/failure"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Envelope is what the outbox knows of a queued message.
+type Envelope struct {
+	ID           string    `json:"id"`
+	Account      string    `json:"account"`
+	From         string    `json:"from"`
+	Recipients   []string  `json:"recipients"`
+	GraphUser    string    `json:"graph_user"`
+	FallbackUser string    `json:"fallback_user,omitempty"`
+	Size         int64     `json:"size"`
+	Received     time.Time `json:"received"`
+	Attempts     int       `json:"attempts"`
+	NextAttempt  time.Time `json:"next_attempt"`
+	LastError    string    `json:"last_error,omitempty"`
+	// Session, Remote and MessageID name where the message came from, for
+	// the log lines of its delivery, after a restart too.
+	Session   string `json:"session,omitempty"`
+	Remote    string `json:"remote,omitempty"`
+	MessageID string `json:"message_id,omitempty"`
+	// Failure is set for a message in failed/: why it was given up, and
+	// Graph's answer.
+	Failure *FailureRecord `json:"failure,omitempty"`
+}
+
+// FailureRecord explains why a message was moved to failed/.
+type FailureRecord struct {
+	Reason      string    `json:"reason"`
+	Kind        string    `json:"kind,omitempty"`
+	GraphStatus int       `json:"graph_status,omitempty"`
+	GraphCode   string    `json:"graph_code,omitempty"`
+	RequestID   string    `json:"request_id,omitempty"`
+	Hint        string    `json:"hint,omitempty"`
+	At          time.Time `json:"at"`
+}
+
+// Store is the outbox's files, without the delivery worker: what
+// `mailbridge queue` works on too.
+type Store struct {
+	dir string
+
+	mu    sync.Mutex
+	bytes int64 // size of the queued messages
+}
+
+// Open opens (creating if need be) the outbox directory and clears
+// what a crash left half-written.
+func Open(dir string) (*Store, error) {
+	for _, sub := range []string{"tmp", "queue", "failed"} {
+		if err := os.MkdirAll(filepath.Join(dir, sub), 0o700); err != nil {
+			return nil, fmt.Errorf("outbox: %w", err)
+		}
+	}
+	s := &Store{dir: dir}
+	tmp, _ := os.ReadDir(s.path("tmp"))
+	for _, e := range tmp {
+		os.Remove(filepath.Join(s.path("tmp"), e.Name()))
+	}
+	entries, err := os.ReadDir(s.path("queue"))
+	if err != nil {
+		return nil, fmt.Errorf("outbox: %w", err)
+	}
+	have := map[string]bool{}
+	for _, e := range entries {
+		have[e.Name()] = true
+	}
+	for name := range have {
+		id, ext, _ := strings.Cut(name, ".")
+		switch ext {
+		case "sent": // Graph took it; the crash came before the clean-up
+			os.Remove(s.file("queue", id, "eml"))
+			os.Remove(s.file("queue", id, "sent"))
+		case "eml":
+			if !have[id+".json"] && !have[id+".sent"] {
+				os.Remove(s.file("queue", id, "eml")) // never acknowledged
+			} else if st, err := os.Stat(s.file("queue", id, "eml")); err == nil && have[id+".json"] {
+				s.bytes += st.Size()
+			}
+		}
+	}
+	return s, nil
+}
+
+// Dir is the outbox's directory.
+func (s *Store) Dir() string { return s.dir }
+
+func (s *Store) path(sub string) string { return filepath.Join(s.dir, sub) }
+
+func (s *Store) file(sub, id, ext string) string {
+	return filepath.Join(s.dir, sub, id+"."+ext)
+}
+
+func newQueueID() string {
+	b := make([]byte, 8)
+	rand.Read(b)
+	return time.Now().UTC().Format("20060102T150405") + "-" + hex.EncodeToString(b)
+}
+
+// Add writes msg and its envelope durably (fsync of both files and of the
+// directory) and returns only then: the caller may now answer 250.
+func (s *Store) Add(env *Envelope, msg io.ReaderAt, maxBytes int64) error {
+	s.mu.Lock()
+	if maxBytes > 0 && s.bytes+env.Size > maxBytes {
+		s.mu.Unlock()
+		return failure.ErrQueueFull
+	}
+	s.bytes += env.Size
+	s.mu.Unlock()
+	ok := false
+	defer func() {
+		if !ok {
+			s.mu.Lock()
+			s.bytes -= env.Size
+			s.mu.Unlock()
+		}
+	}()
+	env.ID = newQueueID()
+	tmpMsg, tmpEnv := s.file("tmp", env.ID, "eml"), s.file("tmp", env.ID, "json")
+	if err := writeFileSync(tmpMsg, func(w io.Writer) error {
+		_, err := io.Copy(w, io.NewSectionReader(msg, 0, env.Size))
+		return err
+	}); err != nil {
+		os.Remove(tmpMsg)
+		return s.diskError(err)
+	}
+	if err := writeFileSync(tmpEnv, func(w io.Writer) error { return json.NewEncoder(w).Encode(env) }); err != nil {
+		os.Remove(tmpMsg)
+		os.Remove(tmpEnv)
+		return s.diskError(err)
+	}
+	if err := os.Rename(tmpMsg, s.file("queue", env.ID, "eml")); err != nil {
+		return s.diskError(err)
+	}
+	if err := os.Rename(tmpEnv, s.file("queue", env.ID, "json")); err != nil {
+		os.Remove(s.file("queue", env.ID, "eml"))
+		return s.diskError(err)
+	}
+	if err := syncDir(s.path("queue")); err != nil {
+		return s.diskError(err)
+	}
+	ok = true
+	return nil
+}
+
+// writeFileSync creates name, lets write fill it, and syncs it to disk.
+func writeFileSync(name string, write func(io.Writer) error) error {
+	f, err := os.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	if err := write(f); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+// readEnvelope reads the envelope of id in sub ("queue" or "failed").
+func (s *Store) readEnvelope(sub, id string) (*Envelope, error) {
+	b, err := os.ReadFile(s.file(sub, id, "json"))
+	if err != nil {
+		return nil, err
+	}
+	var env Envelope
+	if err := json.Unmarshal(b, &env); err != nil {
+		return nil, fmt.Errorf("outbox: envelope %s: %w", id, err)
+	}
+	return &env, nil
+}
+
+// saveEnvelope replaces the envelope of a queued message (attempts, next
+// attempt, last error) atomically.
+func (s *Store) saveEnvelope(sub string, env *Envelope) error {
+	tmp := s.file("tmp", env.ID+"-"+newQueueID(), "json")
+	if err := writeFileSync(tmp, func(w io.Writer) error { return json.NewEncoder(w).Encode(env) }); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return os.Rename(tmp, s.file(sub, env.ID, "json"))
+}
+
+// delivered removes a message Graph accepted: its envelope is renamed to
+// .sent (and the directory synced) before the files go.
+func (s *Store) delivered(env *Envelope) error {
+	if err := os.Rename(s.file("queue", env.ID, "json"), s.file("queue", env.ID, "sent")); err != nil {
+		return err
+	}
+	if err := syncDir(s.path("queue")); err != nil {
+		return err
+	}
+	os.Remove(s.file("queue", env.ID, "eml"))
+	os.Remove(s.file("queue", env.ID, "sent"))
+	s.mu.Lock()
+	s.bytes -= env.Size
+	s.mu.Unlock()
+	return nil
+}
+
+// fail moves a message to failed/ with the reason in its envelope.
+func (s *Store) fail(env *Envelope, f *FailureRecord) error {
+	env.Failure = f
+	if err := s.saveEnvelope("queue", env); err != nil {
+		return err
+	}
+	if err := os.Rename(s.file("queue", env.ID, "eml"), s.file("failed", env.ID, "eml")); err != nil {
+		return err
+	}
+	if err := os.Rename(s.file("queue", env.ID, "json"), s.file("failed", env.ID, "json")); err != nil {
+		return err
+	}
+	syncDir(s.path("queue"))
+	syncDir(s.path("failed"))
+	s.mu.Lock()
+	s.bytes -= env.Size
+	s.mu.Unlock()
+	return nil
+}
+
+// ids lists the message IDs in sub, oldest first (IDs start with the time
+// they were accepted), reading the directory in batches.
+func (s *Store) ids(sub string) ([]string, error) {
+	d, err := os.Open(s.path(sub))
+	if err != nil {
+		return nil, err
+	}
+	defer d.Close()
+	var out []string
+	for {
+		names, err := d.Readdirnames(1024)
+		for _, n := range names {
+			if id, ok := strings.CutSuffix(n, ".json"); ok {
+				out = append(out, id)
+			}
+		}
+		if err == io.EOF || len(names) == 0 {
+			break
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	slices.Sort(out)
+	return out, nil
+}
+
+// Outbox management for `mailbridge queue`.
+
+// QueueEntry is one message of the outbox, for listing.
+type QueueEntry struct {
+	State string // "queued" or "failed"
+	Envelope
+}
+
+// List returns the queued and failed messages, oldest first.
+func (s *Store) List() ([]QueueEntry, error) {
+	var out []QueueEntry
+	for _, sub := range []string{"queue", "failed"} {
+		ids, err := s.ids(sub)
+		if err != nil {
+			return nil, err
+		}
+		for _, id := range ids {
+			env, err := s.readEnvelope(sub, id)
+			if err != nil {
+				continue // delivered or moved meanwhile
+			}
+			state := "queued"
+			if sub == "failed" {
+				state = "failed"
+			}
+			out = append(out, QueueEntry{State: state, Envelope: *env})
+		}
+	}
+	return out, nil
+}
+
+// Retry makes a queued message due now, or puts a failed one back in the
+// queue.
+func (s *Store) Retry(id string) error {
+	if env, err := s.readEnvelope("queue", id); err == nil {
+		env.NextAttempt = time.Now()
+		return s.saveEnvelope("queue", env)
+	}
+	env, err := s.readEnvelope("failed", id)
+	if err != nil {
+		return fmt.Errorf("no message %s in the outbox", id)
+	}
+	env.Failure, env.NextAttempt, env.Received = nil, time.Now(), time.Now()
+	if err := s.saveEnvelope("failed", env); err != nil {
+		return err
+	}
+	if err := os.Rename(s.file("failed", id, "eml"), s.file("queue", id, "eml")); err != nil {
+		return err
+	}
+	return os.Rename(s.file("failed", id, "json"), s.file("queue", id, "json"))
+}
+
+// RetryFailed puts every failed message back in the queue.
+func (s *Store) RetryFailed() (int, error) {
+	ids, err := s.ids("failed")
+	if err != nil {
+		return 0, err
+	}
+	var errs []error
+	for _, id := range ids {
+		errs = append(errs, s.Retry(id))
+	}
+	return len(ids), errors.Join(errs...)
+}
+
+// Delete removes a message, queued or failed.
+func (s *Store) Delete(id string) error {
+	found := false
+	for _, sub := range []string{"queue", "failed"} {
+		if err := os.Remove(s.file(sub, id, "json")); err == nil {
+			found = true
+			os.Remove(s.file(sub, id, "eml"))
+		}
+	}
+	if !found {
+		return fmt.Errorf("no message %s in the outbox", id)
+	}
+	return nil
+}
+
+// diskError is a failure to write the outbox: temporary, and the hint
+// names the directory.
+func (s *Store) diskError(err error) error {
+	return &failure.Error{Kind: failure.Local, Temporary: true, Reason: "Cannot store the message now, try again later", Err: err,
+		Hint: fmt.Sprintf("the bridge cannot write to outbox.dir (%s): check free space and permissions", s.dir)}
+}

@@ -1,0 +1,413 @@
+package outbox
+
+import (
+	"container/heap"
+	"context"
+	"mailbridge/bridge/account"
+	"mailbridge/bridge/admin"
+	"mailbridge/bridge/deliver"
+	"mailbridge/bridge/failure"
+	"mailbridge/bridge/mime"
+	"math"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/rs/zerolog"
+	"golang.org/x/time/rate"
+)
+
+// Limits of the delivery worker.
+const (
+	// perMailboxInFlight is Microsoft's limit of concurrent requests per
+	// app and mailbox.
+	perMailboxInFlight = 4
+	// maxInFlight bounds deliveries in progress at once.
+	maxInFlight = 32
+	// maxIndexed bounds the envelopes held in memory; the rest wait on disk
+	// and are read as the ones in memory are delivered.
+	maxIndexed = 10000
+	// rescanEvery is how often the queue directory is read again, for
+	// `mailbridge queue retry` and for what did not fit in memory.
+	rescanEvery = 2 * time.Second
+)
+
+// DefaultRetry spaces the attempts at a queued message: Graph's
+// Retry-After when it gives one, else from 1 second doubling to 10
+// minutes, with jitter.
+var DefaultRetry = deliver.RetryPolicy{Base: time.Second, Max: 10 * time.Minute}
+
+// DeliverFunc makes one attempt at a message (deliver.Deliverer.Attempt).
+type DeliverFunc func(ctx context.Context, m *deliver.Message, log zerolog.Logger) (deliver.Delivery, error)
+
+// Options are what an Outbox needs besides its store.
+type Options struct {
+	// Deliver makes one attempt at a message.
+	Deliver DeliverFunc
+	// Account returns the account in force of that name, nil if none.
+	Account func(name string) *account.Account
+	Metrics *admin.Metrics
+	Log     zerolog.Logger
+	// MaxAge is how long a message may wait before it goes to failed/.
+	MaxAge time.Duration
+	// MaxBytes bounds the queued messages on disk; 0 is no bound.
+	MaxBytes int64
+	// RatePerSecond bounds the deliveries started per account.
+	RatePerSecond float64
+	// Retry spaces the attempts; zero means DefaultRetry.
+	Retry deliver.RetryPolicy
+}
+
+// Outbox is the store and its delivery worker. Queued messages known in
+// memory wait in a heap by next attempt; those whose mailbox has no free
+// slot are parked until one of its deliveries ends.
+type Outbox struct {
+	store *Store
+	opts  Options
+	log   zerolog.Logger
+
+	mu       sync.Mutex
+	index    map[string]*indexed // queued messages known in memory, by ID
+	ready    schedule
+	parked   map[string][]*indexed // by Graph user
+	inflight int
+	perUser  map[string]int
+	limiters map[string]*rate.Limiter // by account
+	lastScan time.Time
+
+	wake chan struct{}
+	wg   sync.WaitGroup
+}
+
+type indexed struct {
+	env      *Envelope
+	modTime  time.Time
+	inflight bool
+	parked   bool
+	heapIdx  int // in ready; -1 when not there
+}
+
+// schedule is a min-heap of queued messages by next attempt.
+type schedule []*indexed
+
+func (h schedule) Len() int           { return len(h) }
+func (h schedule) Less(i, j int) bool { return h[i].env.NextAttempt.Before(h[j].env.NextAttempt) }
+func (h schedule) Swap(i, j int) {
+	h[i], h[j] = h[j], h[i]
+	h[i].heapIdx, h[j].heapIdx = i, j
+}
+func (h *schedule) Push(x any) {
+	ix := x.(*indexed)
+	ix.heapIdx = len(*h)
+	*h = append(*h, ix)
+}
+func (h *schedule) Pop() any {
+	old := *h
+	ix := old[len(old)-1]
+	*h = old[:len(old)-1]
+	ix.heapIdx = -1
+	return ix
+}
+
+// New returns the outbox of store; Run delivers its messages.
+func New(store *Store, opts Options) *Outbox {
+	if opts.Retry == (deliver.RetryPolicy{}) {
+		opts.Retry = DefaultRetry
+	}
+	return &Outbox{
+		store: store, opts: opts, log: opts.Log,
+		index: map[string]*indexed{}, parked: map[string][]*indexed{}, perUser: map[string]int{}, limiters: map[string]*rate.Limiter{},
+		wake: make(chan struct{}, 1),
+	}
+}
+
+// Store returns the outbox's files.
+func (w *Outbox) Store() *Store { return w.store }
+
+var _ deliver.Submitter = (*Outbox)(nil)
+
+// Submit writes the message to the outbox durably and returns its queue ID
+// only then; the worker delivers it.
+func (w *Outbox) Submit(ctx context.Context, m *deliver.Message, log zerolog.Logger) (deliver.Receipt, error) {
+	env := &Envelope{
+		Account: m.Account.Config.Name, From: m.From, Recipients: slices.Clone(m.Recipients),
+		GraphUser: m.GraphUser, FallbackUser: m.FallbackUser, Size: m.Size(), Received: time.Now(), NextAttempt: time.Now(),
+		Session: m.Session, Remote: m.Remote, MessageID: m.MessageID,
+	}
+	if err := w.store.Add(env, m.Content, w.opts.MaxBytes); err != nil {
+		return deliver.Receipt{}, err
+	}
+	w.enqueue(env)
+	return deliver.Receipt{QueueID: env.ID, Delivery: deliver.Delivery{User: m.GraphUser}}, nil
+}
+
+// Depth returns the number of queued messages known in memory and the age
+// of the oldest.
+func (w *Outbox) Depth() (int, time.Duration) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var oldest time.Time
+	for _, ix := range w.index {
+		if oldest.IsZero() || ix.env.Received.Before(oldest) {
+			oldest = ix.env.Received
+		}
+	}
+	if oldest.IsZero() {
+		return 0, 0
+	}
+	return len(w.index), time.Since(oldest)
+}
+
+// enqueue makes a message just added to the store known to the worker.
+func (w *Outbox) enqueue(env *Envelope) {
+	w.mu.Lock()
+	if len(w.index) < maxIndexed {
+		w.track(&indexed{env: env})
+	}
+	w.mu.Unlock()
+	w.poke()
+}
+
+// track adds ix to the index and the schedule; w.mu is held.
+func (w *Outbox) track(ix *indexed) {
+	w.index[ix.env.ID] = ix
+	heap.Push(&w.ready, ix)
+}
+
+func (w *Outbox) poke() {
+	select {
+	case w.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Run dispatches due messages until ctx ends, then waits for the
+// deliveries in progress, which end when deliverCtx does.
+func (w *Outbox) Run(ctx, deliverCtx context.Context) {
+	defer w.wg.Wait()
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if time.Since(w.lastScan) >= rescanEvery {
+			w.rescan()
+		}
+		w.dispatch(deliverCtx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-w.wake:
+		case <-tick.C:
+		}
+	}
+}
+
+// rescan reads the queue directory: new entries (from start-up, from
+// `mailbridge queue retry`, or beyond maxIndexed), changed envelopes, and
+// entries deleted by `mailbridge queue delete`.
+func (w *Outbox) rescan() {
+	w.lastScan = time.Now()
+	entries, err := os.ReadDir(w.store.path("queue"))
+	if err != nil {
+		w.log.Error().Err(err).Msg("outbox: cannot read the queue directory")
+		return
+	}
+	present := map[string]bool{}
+	for _, e := range entries {
+		id, ok := strings.CutSuffix(e.Name(), ".json")
+		if !ok {
+			continue
+		}
+		present[id] = true
+		info, err := e.Info()
+		if err != nil {
+			continue
+		}
+		w.mu.Lock()
+		known := w.index[id]
+		full := len(w.index) >= maxIndexed
+		w.mu.Unlock()
+		if (known != nil && (known.inflight || known.modTime.Equal(info.ModTime()))) || (known == nil && full) {
+			continue
+		}
+		env, err := w.store.readEnvelope("queue", id)
+		if err != nil {
+			continue
+		}
+		w.mu.Lock()
+		switch cur := w.index[id]; {
+		case cur == nil:
+			w.track(&indexed{env: env, modTime: info.ModTime()})
+		case !cur.inflight:
+			cur.env, cur.modTime = env, info.ModTime()
+			if cur.heapIdx >= 0 {
+				heap.Fix(&w.ready, cur.heapIdx)
+			}
+		}
+		w.mu.Unlock()
+	}
+	w.mu.Lock()
+	for id, ix := range w.index {
+		if present[id] || ix.inflight {
+			continue
+		}
+		delete(w.index, id)
+		if ix.heapIdx >= 0 {
+			heap.Remove(&w.ready, ix.heapIdx)
+		}
+		if ix.parked {
+			user := ix.env.GraphUser
+			w.parked[user] = slices.DeleteFunc(w.parked[user], func(p *indexed) bool { return p == ix })
+		}
+	}
+	w.mu.Unlock()
+}
+
+// dispatch starts deliveries of due messages, oldest first, within the
+// limits per mailbox, per account and overall.
+func (w *Outbox) dispatch(ctx context.Context) {
+	now := time.Now()
+	w.mu.Lock()
+	var start, limited []*indexed
+	for w.ready.Len() > 0 && w.inflight < maxInFlight && !w.ready[0].env.NextAttempt.After(now) {
+		ix := heap.Pop(&w.ready).(*indexed)
+		user := ix.env.GraphUser
+		if w.perUser[user] >= perMailboxInFlight {
+			ix.parked = true
+			w.parked[user] = append(w.parked[user], ix)
+			continue
+		}
+		lim := w.limiters[ix.env.Account]
+		if lim == nil {
+			lim = rate.NewLimiter(rate.Limit(w.opts.RatePerSecond), max(1, int(math.Ceil(w.opts.RatePerSecond))))
+			w.limiters[ix.env.Account] = lim
+		}
+		if !lim.AllowN(now, 1) {
+			limited = append(limited, ix)
+			continue
+		}
+		ix.inflight = true
+		w.inflight++
+		w.perUser[user]++
+		start = append(start, ix)
+	}
+	for _, ix := range limited {
+		heap.Push(&w.ready, ix)
+	}
+	w.mu.Unlock()
+	for _, ix := range start {
+		w.wg.Add(1)
+		go func() {
+			defer w.wg.Done()
+			user := ix.env.GraphUser
+			remove := w.deliver(ctx, ix.env)
+			w.mu.Lock()
+			w.inflight--
+			w.perUser[user]--
+			ix.inflight = false
+			if remove {
+				delete(w.index, ix.env.ID)
+			} else {
+				heap.Push(&w.ready, ix)
+			}
+			// The mailbox has a free slot: its oldest parked message
+			// competes again (one per freed slot keeps this O(log n)).
+			if q := w.parked[user]; len(q) > 0 {
+				q[0].parked = false
+				heap.Push(&w.ready, q[0])
+				if w.parked[user] = q[1:]; len(q) == 1 {
+					delete(w.parked, user)
+				}
+			}
+			w.mu.Unlock()
+			w.poke()
+		}()
+	}
+}
+
+// deliver makes one attempt at env and records the outcome on disk. It
+// reports whether the message left the queue.
+func (w *Outbox) deliver(ctx context.Context, env *Envelope) bool {
+	log := w.log.With().Str("queue_id", env.ID).Str("account", env.Account).Str("session", env.Session).Str("remote", env.Remote).
+		Str("message_id", env.MessageID).Str("from", env.From).Strs("rcpt", env.Recipients).Int("rcpt_count", len(env.Recipients)).
+		Int64("bytes", env.Size).Logger()
+	if age := time.Since(env.Received); age > w.opts.MaxAge {
+		w.giveUp(log, env, &FailureRecord{Kind: string(failure.Timeout), Reason: "not delivered within outbox.max_age (" + w.opts.MaxAge.String() + "); last error: " + env.LastError})
+		return true
+	}
+	a := w.opts.Account(env.Account)
+	if a == nil {
+		w.giveUp(log, env, &FailureRecord{Kind: string(failure.Local), Reason: "the account is no longer in the configuration",
+			Hint: "put the account back in the configuration and run `mailbridge queue retry-failed`, or delete the message"})
+		return true
+	}
+	f, err := os.Open(w.store.file("queue", env.ID, "eml"))
+	if err != nil {
+		log.Error().Err(err).Msg("outbox: message file missing; dropping the entry")
+		w.store.Delete(env.ID)
+		return true
+	}
+	defer f.Close()
+	m := &deliver.Message{Account: a, From: env.From, Recipients: env.Recipients, GraphUser: env.GraphUser, FallbackUser: env.FallbackUser,
+		Content: mime.View{mime.NewPiece(f, 0, env.Size)}, Session: env.Session, Remote: env.Remote, MessageID: env.MessageID}
+	start := time.Now()
+	d, err := w.opts.Deliver(ctx, m, log)
+	env.Attempts++
+	fl := failure.Classify(err)
+	status := d.Result.Status
+	if fl.GraphStatus != 0 {
+		status = fl.GraphStatus
+	}
+	ev := log.With().Str("graph_user", d.User).Int("graph_status", status).Str("request_id", d.Result.RequestID).
+		Int("attempts", env.Attempts).Str("path", d.Path).Int64("duration_ms", time.Since(start).Milliseconds()).
+		Int64("age_ms", time.Since(env.Received).Milliseconds()).Logger()
+	if err == nil {
+		if err := w.store.delivered(env); err != nil {
+			ev.Error().Err(err).Msg("outbox: delivered, but the entry could not be removed")
+		}
+		ev.Info().Msg("message sent")
+		w.opts.Metrics.Message(env.Account, "sent", "", env.Size)
+		return true
+	}
+	if ctx.Err() != nil {
+		ev.Info().Msg("outbox: delivery interrupted by shutdown; the message stays queued")
+		env.Attempts--
+		return false
+	}
+	if !fl.Temporary {
+		w.giveUp(ev, env, &FailureRecord{Kind: string(fl.Kind), Reason: fl.Reason, Hint: fl.Hint, At: time.Now(),
+			GraphStatus: fl.GraphStatus, GraphCode: fl.Code, RequestID: fl.RequestID})
+		return true
+	}
+	wait := w.opts.Retry.Wait(env.Attempts, err)
+	env.NextAttempt = time.Now().Add(wait)
+	env.LastError = err.Error()
+	e := ev.Warn().Err(err).Str("reason", string(fl.Kind)).Time("next_attempt", env.NextAttempt)
+	if fl.Hint != "" {
+		e = e.Str("hint", fl.Hint)
+	}
+	if fl.PossibleDuplicate {
+		e = e.Bool("possible_duplicate", true)
+	}
+	e.Msg("message not sent yet: will retry")
+	if err := w.store.saveEnvelope("queue", env); err != nil {
+		ev.Error().Err(err).Msg("outbox: cannot save the envelope")
+	}
+	return false
+}
+
+func (w *Outbox) giveUp(log zerolog.Logger, env *Envelope, f *FailureRecord) {
+	if f.At.IsZero() {
+		f.At = time.Now()
+	}
+	ev := log.Error().Str("reason", f.Kind).Str("error", f.Reason)
+	if f.Hint != "" {
+		ev = ev.Str("hint", f.Hint)
+	}
+	ev.Msg("message failed for good: moved to outbox/failed")
+	w.opts.Metrics.Message(env.Account, "failed", f.Kind, env.Size)
+	if err := w.store.fail(env, f); err != nil {
+		log.Error().Err(err).Msg("outbox: cannot move the message to failed/")
+	}
+}

@@ -1,0 +1,118 @@
+package outbox_test
+
+import (
+	"context"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"mailbridge/bridge/account"
+	"mailbridge/bridge/admin"
+	"mailbridge/bridge/config"
+	"mailbridge/bridge/deliver"
+	"mailbridge/bridge/mime"
+	"mailbridge/bridge/outbox"
+	"mailbridge/upstream"
+)
+
+// recorder is a deliver function that records when each message came and
+// answers with the error its script gives.
+type recorder struct {
+	mu     sync.Mutex
+	at     []time.Time
+	script func(n int) error
+}
+
+func (r *recorder) deliver(ctx context.Context, m *deliver.Message, log zerolog.Logger) (deliver.Delivery, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.at = append(r.at, time.Now())
+	var err error
+	if r.script != nil {
+		err = r.script(len(r.at))
+	}
+	return deliver.Delivery{User: m.GraphUser, Path: "sendMail"}, err
+}
+
+func (r *recorder) times() []time.Time {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]time.Time(nil), r.at...)
+}
+
+// startOutbox runs an outbox in a temporary directory with the deliver
+// function of rec, until the test ends.
+func startOutbox(t *testing.T, rec *recorder, ratePerSecond float64) *outbox.Outbox {
+	t.Helper()
+	store, err := outbox.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	acct := &account.Account{Config: config.AccountConfig{Name: "a", Mailbox: "a@example.com"}}
+	o := outbox.New(store, outbox.Options{
+		Deliver: rec.deliver, Account: func(string) *account.Account { return acct },
+		Metrics: admin.NewMetrics(), Log: zerolog.New(zerolog.NewTestWriter(t)),
+		MaxAge: time.Hour, RatePerSecond: ratePerSecond, Retry: deliver.RetryPolicy{Base: 10 * time.Millisecond, Max: 20 * time.Millisecond},
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); o.Run(ctx, context.Background()) }()
+	t.Cleanup(func() { cancel(); <-done })
+	for range 3 {
+		m := &deliver.Message{Account: acct, From: "a@example.com", GraphUser: "a@example.com", Content: mimeOf("Subject: x\r\n\r\nx\r\n")}
+		if _, err := o.Submit(context.Background(), m, zerolog.Nop()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return o
+}
+
+func waitUntil(t *testing.T, d time.Duration, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(d); !cond(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("timed out")
+		}
+	}
+}
+
+// A rate under one message a second still delivers, at that rate.
+func TestRateBelowOnePerSecondDelivers(t *testing.T) {
+	rec := &recorder{}
+	o := startOutbox(t, rec, 0.5)
+	waitUntil(t, 10*time.Second, func() bool { n, _ := o.Depth(); return n == 0 && len(rec.times()) == 3 })
+	at := rec.times()
+	for i := 1; i < len(at); i++ {
+		if gap := at[i].Sub(at[i-1]); gap < 1800*time.Millisecond || gap > 2600*time.Millisecond {
+			t.Errorf("delivery %d came %v after the one before, want about 2 s at 0.5/s", i+1, gap)
+		}
+	}
+}
+
+func TestTemporaryFailureIsRetriedPermanentGoesToFailed(t *testing.T) {
+	rec := &recorder{script: func(n int) error {
+		switch n {
+		case 1:
+			return &upstream.APIError{Status: 503} // temporary: tried again
+		case 2:
+			return &upstream.APIError{Status: 400, Code: "ErrorInvalidRecipients"} // permanent
+		}
+		return nil
+	}}
+	o := startOutbox(t, rec, 1000)
+	waitUntil(t, 10*time.Second, func() bool { n, _ := o.Depth(); return n == 0 })
+	list, err := o.Store().List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(list) != 1 || list[0].State != "failed" || list[0].Failure.Kind != "content" || list[0].Failure.GraphCode != "ErrorInvalidRecipients" {
+		t.Fatalf("outbox holds %+v, want one failed message with kind content", list)
+	}
+	if n := len(rec.times()); n != 4 {
+		t.Errorf("%d attempts, want 4 (one retried, one failed, two sent)", n)
+	}
+}
+
+func mimeOf(s string) mime.View { return mime.View{mime.BytesPiece([]byte(s))} }

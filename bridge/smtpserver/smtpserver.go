@@ -1,0 +1,353 @@
+// Package smtpserver is the SMTP side that legacy clients talk to: a
+// go-smtp backend whose sessions log in with AUTH PLAIN or LOGIN, check the
+// sender against the account's allow-list (MAIL FROM, From:, Sender:),
+// spool the message, add envelope-only recipients as Bcc, and hand it to a
+// deliver.Submitter (direct delivery or the outbox: it never knows which).
+// Every failure becomes an SMTP reply in one place, reply.go.
+//
+// It may import bridge/account, bridge/admin, bridge/config,
+// bridge/conntrack, bridge/deliver, bridge/failure and bridge/mime.
+package smtpserver
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"time"
+
+	"github.com/emersion/go-sasl"
+	"github.com/emersion/go-smtp"
+	"github.com/rs/zerolog"
+
+	"mailbridge/bridge/account"
+	"mailbridge/bridge/admin"
+	"mailbridge/bridge/config"
+	"mailbridge/bridge/conntrack"
+	"mailbridge/bridge/deliver"
+	"mailbridge/bridge/failure"
+	"mailbridge/bridge/mime"
+	"mailbridge/upstream"
+)
+
+// Options are what the SMTP server needs.
+type Options struct {
+	Config config.SMTPConfig
+	// TLS is the STARTTLS configuration; nil offers no STARTTLS.
+	TLS      *tls.Config
+	Accounts *account.Registry
+	Submit   deliver.Submitter
+	Conns    *conntrack.Tracker
+	Metrics  *admin.Metrics
+	Log      zerolog.Logger
+	// Context is the parent of every session's context: cancelling it
+	// interrupts the sessions' upstream calls.
+	Context context.Context
+}
+
+// Server is the SMTP server.
+type Server struct {
+	*smtp.Server
+	opts Options
+	log  zerolog.Logger
+}
+
+// New returns the SMTP server of opts; Serve it on each listener.
+func New(opts Options) *Server {
+	srv := &Server{opts: opts, log: opts.Log.With().Str("proto", "smtp").Logger()}
+	s := smtp.NewServer(smtp.BackendFunc(srv.newSession))
+	s.Domain = "mailbridge"
+	s.TLSConfig = opts.TLS // STARTTLS when a certificate is configured
+	// Passwords in plaintext only on loopback, unless the administrator
+	// allowed it on the network; with TLS, go-smtp offers AUTH after it.
+	s.AllowInsecureAuth = opts.Config.PlaintextAuthAllowed(opts.Config.Listen)
+	s.MaxMessageBytes = opts.Config.MaxMessageBytes
+	s.MaxRecipients = opts.Config.MaxRecipients
+	// Message lines may be as long as a message Graph takes (a client may
+	// send an unwrapped base64 attachment); this bounds command lines too.
+	s.MaxLineLength = upstream.MaxSendMailBody
+	s.ReadTimeout = opts.Config.IdleTimeout.Duration
+	s.WriteTimeout = time.Minute
+	s.ErrorLog = errorLog{srv.log}
+	// s.Debug is never set: it would copy AUTH lines, passwords included.
+	srv.Server = s
+	return srv
+}
+
+// LimitListener wraps ln so that connections over smtp.max_sessions are
+// refused with 421.
+func (srv *Server) LimitListener(ln net.Listener, slots chan struct{}) net.Listener {
+	return &conntrack.LimitListener{Listener: ln, Slots: slots, Refusal: "421 4.3.2 Too many sessions, try again later\r\n",
+		Proto: "smtp", Key: "smtp.max_sessions", Log: srv.log}
+}
+
+// errorLog passes go-smtp's internal errors to the structured log.
+type errorLog struct{ log zerolog.Logger }
+
+func (l errorLog) Printf(format string, v ...any) {
+	l.log.Warn().Msg(strings.TrimSpace(fmt.Sprintf(format, v...)))
+}
+func (l errorLog) Println(v ...any) { l.log.Warn().Msg(strings.TrimSpace(fmt.Sprintln(v...))) }
+
+// session is one client connection, from EHLO to QUIT.
+type session struct {
+	srv     *Server
+	conn    *smtp.Conn
+	state   *conntrack.State
+	ctx     context.Context
+	cancel  context.CancelFunc
+	log     zerolog.Logger
+	id      string
+	remote  string
+	started time.Time
+
+	account *account.Account
+	from    string
+	rcpts   []string
+
+	messages int
+}
+
+// go-smtp finds AUTH by a run-time type assertion: without this check a
+// changed method set would silently drop it.
+var _ interface {
+	smtp.Session
+	smtp.AuthSession
+} = (*session)(nil)
+
+func (srv *Server) newSession(c *smtp.Conn) (smtp.Session, error) {
+	remote := c.Conn().RemoteAddr().String()
+	ctx, cancel := context.WithCancel(srv.opts.Context)
+	s := &session{
+		srv:     srv,
+		conn:    c,
+		state:   srv.opts.Conns.StateOf(c.Conn()),
+		ctx:     ctx,
+		cancel:  cancel,
+		id:      conntrack.SessionID(),
+		remote:  remote,
+		started: time.Now(),
+	}
+	s.log = srv.log.With().Str("session", s.id).Str("remote", remote).Logger()
+	s.log.Info().Str("helo", c.Hostname()).Msg("session started")
+	srv.opts.Metrics.SessionStarted("smtp")
+	return s, nil
+}
+
+// AuthMechanisms implements smtp.AuthSession.
+func (s *session) AuthMechanisms() []string { return []string{sasl.Plain, sasl.Login} }
+
+// Auth implements smtp.AuthSession.
+func (s *session) Auth(mech string) (sasl.Server, error) {
+	switch mech {
+	case sasl.Plain:
+		return sasl.NewPlainServer(func(identity, username, password string) error {
+			if identity != "" && identity != username {
+				return s.login("", "")
+			}
+			return s.login(username, password)
+		}), nil
+	case sasl.Login:
+		return account.NewLoginServer(s.login), nil
+	}
+	return nil, smtp.ErrAuthUnknownMechanism
+}
+
+func (s *session) login(username, password string) error {
+	ip, _, _ := net.SplitHostPort(s.remote)
+	a, err := s.srv.opts.Accounts.Authenticate(s.ctx, "smtp", ip, username, password)
+	if err != nil {
+		s.log.Warn().Str("username", username).Msg("authentication failed: unknown user name or wrong password")
+		return smtp.ErrAuthFailed
+	}
+	s.account = a
+	s.log = s.log.With().Str("account", a.Config.Name).Logger()
+	s.log.Debug().Msg("authenticated")
+	return nil
+}
+
+// Mail implements smtp.Session.
+func (s *session) Mail(from string, opts *smtp.MailOptions) error {
+	if s.account == nil {
+		s.log.Warn().Str("from", from).Msg("sender refused: MAIL FROM before AUTH")
+		return replyAuthRequired
+	}
+	if from == "" {
+		s.log.Warn().Msg("sender refused: the null sender cannot send through Graph")
+		return replyNullSender
+	}
+	if !s.account.Senders.Allows(from) {
+		s.log.Warn().Str("from", from).Msg("sender refused: MAIL FROM is not in the account's allowed_senders")
+		return replySenderNotAllowed(from, "Sender")
+	}
+	if opts != nil && opts.Size > 0 {
+		if limit := s.srv.opts.Config.MaxMessageBytes; opts.Size > limit {
+			s.log.Warn().Str("from", from).Int64("size", opts.Size).Int64("limit", limit).
+				Str("hint", "raise smtp.max_message_bytes if the mailbox's send limit allows").Msg("message refused at MAIL: SIZE is over smtp.max_message_bytes")
+			return replyOverMaxSize(limit)
+		}
+		if opts.Size > upstream.MaxSendMailMIME && !s.account.Config.LargeMessages {
+			s.log.Warn().Str("from", from).Int64("size", opts.Size).
+				Str("hint", "set large_messages = true (needs Mail.ReadWrite) to send messages over 3 MB").Msg("message refused at MAIL: SIZE is over sendMail's limit and large_messages is off")
+			return replyFor(failure.Classify(deliver.ErrLargeMessagesOff))
+		}
+	}
+	s.from = from
+	s.rcpts = s.rcpts[:0]
+	return nil
+}
+
+// Rcpt implements smtp.Session.
+func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
+	if s.account == nil {
+		s.log.Warn().Str("to", to).Msg("recipient refused: RCPT TO before AUTH")
+		return replyAuthRequired
+	}
+	for _, r := range s.rcpts {
+		if strings.EqualFold(r, to) {
+			return nil // the same recipient twice still receives one copy
+		}
+	}
+	s.rcpts = append(s.rcpts, to)
+	return nil
+}
+
+// Reset implements smtp.Session.
+func (s *session) Reset() {
+	s.from = ""
+	s.rcpts = s.rcpts[:0]
+}
+
+// Logout implements smtp.Session.
+func (s *session) Logout() error {
+	s.cancel()
+	s.srv.opts.Metrics.SessionEnded("smtp")
+	s.log.Info().Int("messages", s.messages).Int64("duration_ms", time.Since(s.started).Milliseconds()).Msg("session ended")
+	return nil
+}
+
+// Data implements smtp.Session: it checks the message's sender headers,
+// adds envelope-only recipients as Bcc, and hands it to the Submitter.
+func (s *session) Data(r io.Reader) error {
+	s.state.SetBusy(true)
+	defer s.state.SetBusy(false)
+	start := time.Now()
+	sp := mime.NewSpool(s.srv.opts.Config.SpoolDir)
+	defer sp.Close()
+	n, err := io.Copy(sp, r)
+	if err != nil {
+		var se *smtp.SMTPError
+		if errors.As(err, &se) {
+			if se == smtp.ErrDataTooLarge {
+				s.log.Warn().Str("from", s.from).Int64("limit", s.srv.opts.Config.MaxMessageBytes).Msg("message refused: larger than smtp.max_message_bytes")
+			}
+			return se
+		}
+		if errors.Is(err, mime.ErrSpool) {
+			f := failure.Classify(err)
+			s.log.Error().Err(err).Str("reason", string(f.Kind)).Str("hint", f.Hint).Msg("message not received: cannot write the spool file")
+			return replyFor(f)
+		}
+		s.log.Info().Err(err).Int64("bytes", n).Msg("message not received: client connection failed in DATA")
+		return err
+	}
+	m, err := s.prepare(sp)
+	if err != nil {
+		return err
+	}
+	size := m.Size()
+	if size > upstream.MaxSendMailMIME && !s.account.Config.LargeMessages {
+		s.log.Warn().Str("from", s.from).Int64("bytes", size).Msg("message refused: over sendMail's limit and large_messages is off")
+		return replyFor(failure.Classify(deliver.ErrLargeMessagesOff))
+	}
+	receipt, err := s.srv.opts.Submit.Submit(s.ctx, m, s.log)
+	s.messages++
+	return s.finish(m, receipt, err, start)
+}
+
+// finish logs the outcome of a message handed to the Submitter, counts it
+// and returns the reply.
+func (s *session) finish(m *deliver.Message, r deliver.Receipt, err error, start time.Time) error {
+	size, name := m.Size(), s.account.Config.Name
+	ev := s.log.Info()
+	f := failure.Classify(err)
+	if err != nil {
+		ev = s.log.Error().Err(err).Str("reason", string(f.Kind))
+		if f.Hint != "" {
+			ev = ev.Str("hint", f.Hint)
+		}
+	}
+	status := r.Result.Status
+	if f.GraphStatus != 0 {
+		status = f.GraphStatus
+	}
+	requestID := r.Result.RequestID
+	if requestID == "" {
+		requestID = f.RequestID
+	}
+	ev = ev.Str("message_id", m.MessageID).Str("from", s.from).Strs("rcpt", m.Recipients).Int("rcpt_count", len(m.Recipients)).Int64("bytes", size).
+		Str("graph_user", r.User).Int64("duration_ms", time.Since(start).Milliseconds())
+	switch {
+	case err != nil:
+		reply := replyFor(f)
+		msg := "message not sent"
+		if errors.Is(err, failure.ErrQueueFull) {
+			msg = "message refused: the outbox is full"
+		}
+		ev.Int("graph_status", status).Str("request_id", requestID).Int("attempts", r.Attempts).Str("path", r.Path).
+			Int("reply", reply.Code).Msg(msg)
+		s.srv.opts.Metrics.Message(name, "refused", string(f.Kind), size)
+		return reply
+	case r.QueueID != "":
+		ev.Str("queue_id", r.QueueID).Msg("message queued")
+		s.srv.opts.Metrics.Message(name, "queued", "", size)
+		return &smtp.SMTPError{Code: 250, EnhancedCode: smtp.EnhancedCode{2, 0, 0}, Message: "OK: queued as " + r.QueueID}
+	}
+	ev.Int("graph_status", status).Str("request_id", requestID).Int("attempts", r.Attempts).Bool("fell_back", r.FellBack).Str("path", r.Path).
+		Msg("message sent")
+	s.srv.opts.Metrics.Message(name, "sent", "", size)
+	return &smtp.SMTPError{Code: 250, EnhancedCode: smtp.EnhancedCode{2, 0, 0},
+		Message: "OK: accepted by Microsoft 365, request-id " + r.Result.RequestID}
+}
+
+// prepare checks the message against the account's sender policy and
+// returns it as Graph must receive it (every envelope recipient in a To,
+// Cc or Bcc field) with the Graph user to send as.
+func (s *session) prepare(sp *mime.Spool) (*deliver.Message, error) {
+	head, err := mime.ReadHead(sp, sp.Size())
+	if err != nil {
+		f := failure.Classify(err)
+		s.log.Warn().Err(err).Str("reason", string(f.Kind)).Msg("message refused: its header cannot be read")
+		return nil, replyFor(f)
+	}
+	for _, field := range []string{"From", "Sender"} {
+		for i, addrs := range head.FieldAddresses(field) {
+			if len(addrs) == 0 {
+				s.log.Warn().Str("field", field).Msg("sender refused: header field has no address")
+				return nil, replySenderNotAllowed(head.Fields[field][i], field+":")
+			}
+			for _, a := range addrs {
+				if !s.account.Senders.Allows(a) {
+					s.log.Warn().Str("from", s.from).Str("field", field).Str("address", a).Msg("sender refused: header address is not in the account's allowed_senders")
+					return nil, replySenderNotAllowed(a, field+":")
+				}
+			}
+		}
+	}
+	m := &deliver.Message{
+		Account: s.account, From: s.from, Recipients: s.rcpts, GraphUser: s.account.Config.Mailbox,
+		Session: s.id, Remote: s.remote, MessageID: head.Fields.Get("Message-Id"),
+	}
+	if s.account.Config.UseAddressFromUser {
+		m.GraphUser, m.FallbackUser = s.from, s.account.Config.Mailbox
+	}
+	content, headerOnly := mime.WithBcc(sp, sp.Size(), head, s.rcpts)
+	if len(headerOnly) > 0 {
+		s.log.Warn().Strs("addresses", headerOnly).Msg("recipients in To/Cc/Bcc but not in RCPT TO: Graph sends to the header recipients too")
+	}
+	m.Content = content
+	return m, nil
+}
