@@ -30,6 +30,7 @@ import (
 	"mailbridge/bridge/config"
 	"mailbridge/bridge/conntrack"
 	"mailbridge/bridge/deliver"
+	"mailbridge/bridge/localtls"
 	"mailbridge/bridge/outbox"
 	"mailbridge/bridge/pop3server"
 	"mailbridge/bridge/smtpserver"
@@ -69,6 +70,10 @@ type Bridge struct {
 
 	smtp      *smtpserver.Server
 	pop3      *pop3server.Server
+	smtpTLS   *tls.Config // res.SMTPTLS, watched
+	pop3TLS   *tls.Config
+	smtpWatch *localtls.Watcher
+	pop3Watch *localtls.Watcher
 	smtpSlots chan struct{}
 	smtpLn    net.Listener
 	smtpTLSLn net.Listener
@@ -133,13 +138,16 @@ func New(cfg *config.Config, opts Options) (*Bridge, error) {
 		b.metrics.RegisterQueue(b.outbox)
 		submit = b.outbox
 	}
+	b.smtpWatch = localtls.NewWatcher(b.log, "smtp", config.TLSVersions[cfg.SMTP.TLSMinVersion])
+	b.pop3Watch = localtls.NewWatcher(b.log, "pop3", config.TLSVersions[cfg.POP3.TLSMinVersion])
+	b.smtpTLS, b.pop3TLS = b.smtpWatch.Config(res.SMTPTLS), b.pop3Watch.Config(res.POP3TLS)
 	b.smtpSlots = make(chan struct{}, max(cfg.SMTP.MaxSessions, 1))
 	b.smtp = smtpserver.New(smtpserver.Options{
-		Config: cfg.SMTP, TLS: res.SMTPTLS, Accounts: b.accounts, Submit: submit,
+		Config: cfg.SMTP, TLS: b.smtpTLS, Accounts: b.accounts, Submit: submit,
 		Conns: &b.conns, Metrics: b.metrics, Log: b.log, Context: b.baseCtx,
 	})
 	b.pop3 = pop3server.New(pop3server.Options{
-		Config: cfg.POP3, TLS: res.POP3TLS, Accounts: b.accounts,
+		Config: cfg.POP3, TLS: b.pop3TLS, TLSFailed: b.pop3Watch.Failed, Accounts: b.accounts,
 		Conns: &b.conns, Metrics: b.metrics, Log: b.log, Context: b.baseCtx,
 	})
 	return b, nil
@@ -162,18 +170,18 @@ func (b *Bridge) Start() error {
 			return err
 		}
 		b.pop3Ln = pln
-		b.serve(func() { b.pop3.Serve(b.conns.Wrap(pln)) })
+		b.serve(func() { b.pop3.Serve(b.conns.Wrap(b.pop3Watch.Listener(pln))) })
 		if tl := b.cfg.POP3.TLSListen; tl != "" {
-			tln, err := b.listen("pop3", tl, b.res.POP3TLS)
+			tln, err := b.listen("pop3", tl, b.pop3TLS)
 			if err != nil {
 				return err
 			}
 			b.pop3TLSLn = tln
-			b.serve(func() { b.pop3.Serve(tls.NewListener(b.conns.Wrap(tln), b.res.POP3TLS)) })
+			b.serve(func() { b.pop3.Serve(tls.NewListener(b.conns.Wrap(b.pop3Watch.Listener(tln)), b.pop3TLS)) })
 		}
 	}
 	if tl := b.cfg.SMTP.TLSListen; tl != "" {
-		tln, err := b.listen("smtp", tl, b.res.SMTPTLS)
+		tln, err := b.listen("smtp", tl, b.smtpTLS)
 		if err != nil {
 			return err
 		}
@@ -197,9 +205,9 @@ func (b *Bridge) Start() error {
 			}
 		})
 	}
-	serveSMTP(b.conns.Wrap(b.smtp.LimitListener(ln, b.smtpSlots)))
+	serveSMTP(b.conns.Wrap(b.smtpWatch.Listener(b.smtp.LimitListener(ln, b.smtpSlots))))
 	if b.smtpTLSLn != nil {
-		serveSMTP(tls.NewListener(b.conns.Wrap(b.smtp.LimitListener(b.smtpTLSLn, b.smtpSlots)), b.res.SMTPTLS))
+		serveSMTP(tls.NewListener(b.conns.Wrap(b.smtpWatch.Listener(b.smtp.LimitListener(b.smtpTLSLn, b.smtpSlots))), b.smtpTLS))
 	}
 	if b.cfg.Admin.Listen != "" {
 		aln, err := b.listen("admin", b.cfg.Admin.Listen, nil)
@@ -208,6 +216,12 @@ func (b *Bridge) Start() error {
 		}
 		b.adminLn = aln
 		go admin.Serve(aln, b.metrics, b.health)
+	}
+	for table, lt := range map[string]config.LocalTLS{"smtp": b.cfg.SMTP.LocalTLS, "pop3": b.cfg.POP3.LocalTLS} {
+		if lt.TLSCert != "" && config.TLSVersions[lt.TLSMinVersion] < tls.VersionTLS12 {
+			b.log.Warn().Str("proto", table).Str("tls_min_version", lt.TLSMinVersion).
+				Msg("OLD TLS ALLOWED: TLS " + lt.TLSMinVersion + " has known weaknesses (BEAST, CBC padding oracles, SHA-1); keep it only for clients that know nothing newer, and only on a trusted network")
+		}
 	}
 	b.serving.Store(true)
 	b.log.Info().Str("proto", "smtp").Str("listen", ln.Addr().String()).Int("accounts", len(b.Accounts())).Msg("listening")

@@ -610,3 +610,27 @@ func TestSMTPSessionLimit(t *testing.T) {
 		t.Error("the refusal is not logged")
 	}
 }
+
+func TestMaxRecipientsRefusedAndLogged(t *testing.T) {
+	fake := startFake(t)
+	cfg := testConfig(fake)
+	cfg.SMTP.MaxRecipients = 2
+	b, logs := startBridge(t, fake, cfg)
+	c := dialAuth(t, b.SMTPAddr(), userA, passwordA)
+	if err := c.Mail(mailboxA, nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range []string{"a@example.org", "b@example.org"} {
+		if err := c.Rcpt(r, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	err := c.Rcpt("c@example.org", nil)
+	if code, ec := smtpCode(err); code != 452 || ec != (smtp.EnhancedCode{4, 5, 3}) {
+		t.Fatalf("third recipient: %v, want 452 4.5.3", err)
+	}
+	line := findLogLine(t, logs.String(), "recipient refused: smtp.max_recipients reached")
+	if !strings.Contains(line, `"to":"c@example.org"`) || !strings.Contains(line, `"hint":`) {
+		t.Errorf("refusal logged as %s", line)
+	}
+}

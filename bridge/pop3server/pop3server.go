@@ -46,11 +46,13 @@ var capabilities = []string{"USER", "UIDL", "TOP", "RESP-CODES", "AUTH-RESP-CODE
 type Options struct {
 	Config config.POP3Config
 	// TLS is the STLS (and implicit TLS) configuration; nil offers no STLS.
-	TLS      *tls.Config
-	Accounts *account.Registry
-	Conns    *conntrack.Tracker
-	Metrics  *admin.Metrics
-	Log      zerolog.Logger
+	TLS *tls.Config
+	// TLSFailed, if set, is told of an STLS handshake that failed.
+	TLSFailed func(remote string, err error)
+	Accounts  *account.Registry
+	Conns     *conntrack.Tracker
+	Metrics   *admin.Metrics
+	Log       zerolog.Logger
 	// Context is the parent of every session's context.
 	Context context.Context
 }
@@ -241,7 +243,11 @@ func (s *session) authorization(line string) {
 		tc := tls.Server(s.conn, tlsConfig)
 		tc.SetDeadline(time.Now().Add(30 * time.Second))
 		if err := tc.Handshake(); err != nil {
-			s.log.Warn().Err(err).Msg("STLS handshake failed")
+			if s.srv.opts.TLSFailed != nil {
+				s.srv.opts.TLSFailed(s.remote, err)
+			} else {
+				s.log.Warn().Err(err).Msg("STLS handshake failed")
+			}
 			s.ended = "TLS handshake failed"
 			return
 		}

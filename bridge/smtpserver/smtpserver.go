@@ -65,7 +65,7 @@ func New(opts Options) *Server {
 	// allowed it on the network; with TLS, go-smtp offers AUTH after it.
 	s.AllowInsecureAuth = opts.Config.PlaintextAuthAllowed(opts.Config.Listen)
 	s.MaxMessageBytes = opts.Config.MaxMessageBytes
-	s.MaxRecipients = opts.Config.MaxRecipients
+	// MaxRecipients is enforced in Rcpt, where the refusal is logged.
 	// Message lines may be as long as a message Graph takes (a client may
 	// send an unwrapped base64 attachment); this bounds command lines too.
 	s.MaxLineLength = upstream.MaxSendMailBody
@@ -210,6 +210,11 @@ func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 		if strings.EqualFold(r, to) {
 			return nil // the same recipient twice still receives one copy
 		}
+	}
+	if limit := s.srv.opts.Config.MaxRecipients; len(s.rcpts) >= limit {
+		s.log.Warn().Str("from", s.from).Str("to", to).Int("limit", limit).
+			Str("hint", "the client sends to more recipients than smtp.max_recipients; Exchange Online allows 500 by default").Msg("recipient refused: smtp.max_recipients reached")
+		return replyTooManyRecipients
 	}
 	s.rcpts = append(s.rcpts, to)
 	return nil
