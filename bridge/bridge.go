@@ -30,6 +30,7 @@ import (
 	"mailbridge/bridge/config"
 	"mailbridge/bridge/conntrack"
 	"mailbridge/bridge/deliver"
+	"mailbridge/bridge/failure"
 	"mailbridge/bridge/localtls"
 	"mailbridge/bridge/outbox"
 	"mailbridge/bridge/pop3server"
@@ -134,6 +135,8 @@ func New(cfg *config.Config, opts Options) (*Bridge, error) {
 			MaxBytes:      cfg.Outbox.MaxBytes,
 			RatePerSecond: cfg.Outbox.RatePerSecond,
 			Retry:         opts.OutboxRetry,
+			Bounce:        cfg.Outbox.Bounce,
+			Notify:        cfg.Outbox.Notify,
 		})
 		b.metrics.RegisterQueue(b.outbox)
 		submit = b.outbox
@@ -223,7 +226,9 @@ func (b *Bridge) Start() error {
 				Msg("OLD TLS ALLOWED: TLS " + lt.TLSMinVersion + " has known weaknesses (BEAST, CBC padding oracles, SHA-1); keep it only for clients that know nothing newer, and only on a trusted network")
 		}
 	}
+	b.checkCredentials(b.Accounts(), 5*time.Second)
 	b.serving.Store(true)
+	b.serve(b.watchCredentials)
 	b.log.Info().Str("proto", "smtp").Str("listen", ln.Addr().String()).Int("accounts", len(b.Accounts())).Msg("listening")
 	for _, a := range b.Accounts() {
 		if w := a.Config.SecretExpiryWarning(time.Now()); w != "" {
@@ -410,6 +415,7 @@ func (b *Bridge) Reload(cfg *config.Config) error {
 		ev = ev.Strs("need_restart", restart)
 	}
 	ev.Msg("configuration reloaded: accounts apply to new sessions")
+	go b.checkCredentials(set.All(), 30*time.Second)
 	for _, a := range set.All() {
 		if w := a.Config.SecretExpiryWarning(time.Now()); w != "" {
 			b.log.Warn().Str("account", a.Config.Name).Time("client_secret_expires", a.Config.ClientSecretExpires).Msg(w)
@@ -443,12 +449,69 @@ func (b *Bridge) Run(ctx context.Context) error {
 	return b.Shutdown(sctx)
 }
 
+// credentialsRecheck is how often an account whose sign-in Microsoft
+// refused is tried again, so that a fix made in the portal is noticed.
+const credentialsRecheck = time.Minute
+
+// watchCredentials fetches again, every minute until shutdown, the Graph
+// token of the accounts whose sign-in was refused.
+func (b *Bridge) watchCredentials() {
+	tick := time.NewTicker(credentialsRecheck)
+	defer tick.Stop()
+	for {
+		select {
+		case <-b.baseCtx.Done():
+			return
+		case <-tick.C:
+		}
+		var refused []*account.Account
+		for _, a := range b.Accounts() {
+			if failure.Classify(a.GraphTokens.LastError()).Kind == failure.Credentials {
+				refused = append(refused, a)
+			}
+		}
+		b.checkCredentials(refused, 30*time.Second)
+	}
+}
+
+// checkCredentials fetches the Graph token of each account, all at once,
+// waiting at most limit: an account refused for a reason only an
+// administrator can fix has MAIL FROM answered 451 until a token is had.
+// An outage of the token endpoint does not count: its messages queue.
+func (b *Bridge) checkCredentials(accounts []*account.Account, limit time.Duration) {
+	ctx, cancel := context.WithTimeout(b.baseCtx, limit)
+	defer cancel()
+	var wg sync.WaitGroup
+	for _, a := range accounts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, err := a.GraphTokens.Token(ctx)
+			if f := failure.Classify(err); f.Kind == failure.Credentials {
+				b.log.Error().Err(err).Str("account", a.Config.Name).Str("reason", string(f.Kind)).Str("hint", f.Hint).
+					Msg("Microsoft 365 refuses this account's sign-in: its messages are refused (451) until it is fixed")
+			}
+		}()
+	}
+	wg.Wait()
+}
+
 // health reports whether the bridge is serving and every account's last
 // token request succeeded (or none was made yet), with the reasons if not.
 func (b *Bridge) health() (bool, []string) {
 	var reasons []string
 	if !b.serving.Load() {
 		reasons = append(reasons, "the listeners are not up")
+	}
+	if b.outbox != nil {
+		if n, oldest := b.outbox.Depth(); n > 0 && oldest > b.cfg.Admin.MaxQueueAge.Duration {
+			reasons = append(reasons, fmt.Sprintf("outbox: %d message(s) queued, the oldest for %s (admin.max_queue_age %s): Graph is not taking them, see the outbox's log lines",
+				n, oldest.Round(time.Second), b.cfg.Admin.MaxQueueAge.Duration))
+		}
+		if _, recent := b.outbox.Store().Failed(time.Now().Add(-b.cfg.Admin.FailedWindow.Duration)); recent > 0 {
+			reasons = append(reasons, fmt.Sprintf("outbox: %d message(s) failed within admin.failed_window (%s): see `mailbridge queue list`; `queue retry-failed` or `queue delete` clears this",
+				recent, b.cfg.Admin.FailedWindow.Duration))
+		}
 	}
 	for _, a := range b.Accounts() {
 		for _, ts := range []*upstream.TokenSource{a.GraphTokens, a.OutlookTokens} {

@@ -16,7 +16,6 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"mailbridge/bridge/config"
-	"mailbridge/upstream"
 )
 
 // newCertificateFile makes an RSA certificate as an administrator would
@@ -55,8 +54,8 @@ func TestCertificateCredential(t *testing.T) {
 	if _, err := send(c, mailboxA, []string{"x@example.org"}, crlf("From: orders@example.com\nTo: x@example.org\n\nhi\n")); err != nil {
 		t.Fatalf("send with a certificate credential: %v", err)
 	}
-	if fake.TokenRequests(upstream.GraphScope) != 1 {
-		t.Errorf("%d token requests", fake.TokenRequests(upstream.GraphScope))
+	if n := b.Accounts()[0].GraphTokens.Requests(); n != 1 {
+		t.Errorf("%d token requests", n)
 	}
 	// Another certificate than the one uploaded: refused, and explained.
 	otherPath, _ := newCertificateFile(t)

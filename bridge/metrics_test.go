@@ -6,7 +6,9 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
+	"mailbridge/bridge/config"
 	"mailbridge/upstream/m365fake"
 )
 
@@ -29,8 +31,9 @@ func TestMetricsAndHealth(t *testing.T) {
 	b, _ := startBridge(t, fake, cfg)
 	base := "http://" + b.AdminAddr()
 
-	if code, body := scrape(t, base+"/healthz"); code != 200 || !strings.Contains(body, `"status":"ok"`) {
-		t.Fatalf("healthz before any token request: %d %s", code, body)
+	// The bridge fetched each account's token at start: B's was refused.
+	if code, body := scrape(t, base+"/healthz"); code != 503 || !strings.Contains(body, `account scanner: token request refused: invalid_client`) {
+		t.Fatalf("healthz after start: %d %s", code, body)
 	}
 	c := dialAuth(t, b.SMTPAddr(), userA, passwordA)
 	for range 2 {
@@ -92,4 +95,48 @@ func TestOutboxMetrics(t *testing.T) {
 	if !strings.Contains(m, "mailbridge_outbox_oldest_age_seconds ") {
 		t.Error("no outbox age")
 	}
+}
+
+// /healthz turns 503 when a message failed within admin.failed_window, and
+// 200 again once `queue delete` removed it; also when the oldest queued
+// message is older than admin.max_queue_age.
+func TestHealthTellsOfFailedAndStuckMessages(t *testing.T) {
+	fake := startFake(t)
+	cfg := outboxConfig(t, fake)
+	cfg.Admin.Listen = "127.0.0.1:0"
+	cfg.Admin.MaxQueueAge = config.Duration{Duration: 300 * time.Millisecond}
+	b, _ := startOutboxBridge(t, fake, cfg)
+	base := "http://" + b.AdminAddr()
+	if code, body := scrape(t, base+"/healthz"); code != 200 {
+		t.Fatalf("healthz at start: %d %s", code, body)
+	}
+	fake.FailGraph(1, m365fake.Fault{Status: 400, Code: "ErrorInvalidRecipients", Message: "At least one recipient is not valid."})
+	c := dialAuth(t, b.SMTPAddr(), userA, passwordA)
+	reply, err := send(c, mailboxA, []string{"x@example.org"}, numberedMessage(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, id, _ := strings.Cut(reply, "queued as ")
+	waitFor(t, "the failure in /healthz", func() bool {
+		code, body := scrape(t, base+"/healthz")
+		return code == 503 && strings.Contains(body, "1 message(s) failed within admin.failed_window")
+	})
+	if _, m := scrape(t, base+"/metrics"); !strings.Contains(m, "mailbridge_outbox_failed 1\n") {
+		t.Error("/metrics lacks mailbridge_outbox_failed 1")
+	}
+	if err := b.Outbox().Delete(id); err != nil {
+		t.Fatal(err)
+	}
+	if code, body := scrape(t, base+"/healthz"); code != 200 {
+		t.Fatalf("healthz after queue delete: %d %s", code, body)
+	}
+	// Graph is down: the message waits, and past max_queue_age health is red.
+	fake.FailGraph(100000, m365fake.Unavailable())
+	if _, err := send(c, mailboxA, []string{"x@example.org"}, numberedMessage(2)); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the stuck queue in /healthz", func() bool {
+		code, body := scrape(t, base+"/healthz")
+		return code == 503 && strings.Contains(body, "1 message(s) queued, the oldest for") && strings.Contains(body, "admin.max_queue_age")
+	})
 }

@@ -10,6 +10,8 @@ import (
 	"net/mail"
 	"os"
 	"path/filepath"
+	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -126,8 +128,8 @@ func TestOutboxAbsorbsThrottlingAndOutage(t *testing.T) {
 
 func TestOutboxWaitsForTokenEndpoint(t *testing.T) {
 	fake := startFake(t)
+	fake.FailToken(6, m365fake.Fault{Status: 503}) // from the start-up check on
 	b, logs := startOutboxBridge(t, fake, outboxConfig(t, fake))
-	fake.FailToken(6, m365fake.Fault{Status: 503})
 	c := dialAuth(t, b.SMTPAddr(), userA, passwordA)
 	msg := numberedMessage(1)
 	if _, err := send(c, mailboxA, []string{"x@example.org"}, msg); err != nil {
@@ -164,12 +166,64 @@ func TestOutboxPermanentFailureGoesToFailed(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(b.Outbox().Dir(), "failed", id+".eml")); err != nil {
 		t.Error("the message itself is not in failed/")
 	}
-	line := findLogLine(t, logs.String(), "message failed for good: moved to outbox/failed")
+	line := findLogLine(t, logs.String(), "message failed")
 	if !strings.Contains(line, `"level":"error"`) || !strings.Contains(line, id) {
 		t.Errorf("log line %s", line)
 	}
-	if queueLen(b) != 0 || len(fake.Sent()) != 0 {
-		t.Error("the message is still queued or was sent")
+	if queueLen(b) != 0 {
+		t.Error("the message is still queued")
+	}
+	// The sender hears of it: a non-delivery report from the account's
+	// mailbox, to the envelope sender, with the original's header.
+	sent := fake.Sent()
+	if len(sent) != 1 {
+		t.Fatalf("%d messages reached Graph, want the report alone", len(sent))
+	}
+	ndr := sent[0]
+	if ndr.User != mailboxA || ndr.From != mailboxA || !slices.Equal(ndr.Recipients, []string{mailboxA}) {
+		t.Errorf("report sent as %s from %s to %v, want from and to %s", ndr.User, ndr.From, ndr.Recipients, mailboxA)
+	}
+	report := string(ndr.MIME)
+	for _, want := range []string{
+		"Content-Type: multipart/report; report-type=delivery-status;",
+		"Auto-Submitted: auto-replied",
+		"Content-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mailbridge\r\n",
+		"Final-Recipient: rfc822; x@example.org\r\nAction: failed\r\nStatus: 5.6.0\r\nDiagnostic-Code: x-graph; 400 ErrorInvalidRecipients",
+		"Content-Type: text/rfc822-headers\r\n\r\nFrom: orders@example.com\r\nTo: x@example.org\r\nMessage-ID: <m1@mailbridge.test>\r\n",
+		"Queue ID:   " + id,
+	} {
+		if !strings.Contains(report, want) {
+			t.Errorf("the report lacks %q:\n%s", want, report)
+		}
+	}
+	if !env.Failure.NDRSent || env.Failure.NDRRequestID != ndr.RequestID {
+		t.Errorf("failed/ records the report as %+v, want sent with request-id %s", env.Failure, ndr.RequestID)
+	}
+}
+
+// No report for an automatic message (Auto-Submitted), nor for a report:
+// no loop can start.
+func TestOutboxNoReportForAutomaticMessages(t *testing.T) {
+	fake := startFake(t)
+	b, logs := startOutboxBridge(t, fake, outboxConfig(t, fake))
+	fake.FailGraph(2, m365fake.Fault{Status: 400, Code: "ErrorInvalidRecipients", Message: "At least one recipient is not valid."})
+	c := dialAuth(t, b.SMTPAddr(), userA, passwordA)
+	for _, msg := range [][]byte{
+		crlf("From: orders@example.com\nTo: x@example.org\nAuto-Submitted: auto-generated\nSubject: auto\n\nx\n"),
+		crlf("From: orders@example.com\nTo: x@example.org\nContent-Type: multipart/report; report-type=delivery-status; boundary=b\n\n--b\n\nx\n--b--\n"),
+	} {
+		if _, err := send(c, mailboxA, []string{"x@example.org"}, msg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "both messages in failed/", func() bool { return strings.Count(logs.String(), `"message":"message failed"`) == 2 })
+	if n := len(fake.Sent()); n != 0 {
+		t.Errorf("%d reports sent for automatic messages", n)
+	}
+	for _, why := range []string{"the message is automatic (Auto-Submitted: auto-generated)", "the message is itself a report"} {
+		if !strings.Contains(logs.String(), why) {
+			t.Errorf("no log line says %q", why)
+		}
 	}
 }
 
@@ -335,5 +389,82 @@ func waitForLong(t testing.TB, what string, d time.Duration, cond func() bool) {
 			t.Fatalf("timed out waiting for %s", what)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// A wrong secret is known at start: with the outbox on, MAIL FROM gets 451
+// and nothing is queued (it could only wait until max_age); once the
+// secret is fixed and the configuration reloaded, messages are taken.
+func TestWrongSecretRefusedAtMailUntilFixed(t *testing.T) {
+	fake := startFake(t)
+	cfg := outboxConfig(t, fake)
+	cfg.Accounts[0].ClientSecret = "c0ffee00-1111-2222-3333-444444444444" // the secret's ID
+	b, logs := startOutboxBridge(t, fake, cfg)
+	c := dialAuth(t, b.SMTPAddr(), userA, passwordA)
+	err := c.Mail(mailboxA, nil)
+	if code, ec := smtpCode(err); code != 451 || ec != (smtp.EnhancedCode{4, 7, 0}) {
+		t.Fatalf("MAIL FROM with a refused secret: %v, want 451 4.7.0", err)
+	}
+	if !strings.Contains(err.Error(), "AADSTS7000215") {
+		t.Errorf("the reply does not name the refusal: %v", err)
+	}
+	line := findLogLine(t, logs.String(), "message refused at MAIL: Microsoft 365 refuses this account's sign-in")
+	if !strings.Contains(line, `"hint":"the client secret is wrong`) {
+		t.Errorf("refusal logged as %s", line)
+	}
+	if n := queueLen(b); n != 0 {
+		t.Fatalf("%d files queued", n)
+	}
+	fixed := *cfg
+	fixed.Accounts = slices.Clone(cfg.Accounts)
+	fixed.Accounts[0].ClientSecret = secretA
+	if err := b.Reload(&fixed); err != nil {
+		t.Fatal(err)
+	}
+	c2 := dialAuth(t, b.SMTPAddr(), userA, passwordA)
+	msg := numberedMessage(1)
+	reply, err := send(c2, mailboxA, []string{"x@example.org"}, msg)
+	if err != nil || !strings.Contains(reply, "queued as") {
+		t.Fatalf("after the fix: %q %v", reply, err)
+	}
+	waitDelivered(t, fake, b, map[string][32]byte{"<m1@mailbridge.test>": sha256.Sum256(msg)})
+}
+
+// A message queued by one run and delivered by the next ends in one
+// "message sent" line that still names the session that received it, its
+// Message-ID and its recipients.
+func TestFinalLineAfterRestart(t *testing.T) {
+	fake := startFake(t)
+	cfg := outboxConfig(t, fake)
+	b1, logs1 := startOutboxBridge(t, fake, cfg)
+	fake.FailGraph(10000, m365fake.Unavailable())
+	c := dialAuth(t, b1.SMTPAddr(), userA, passwordA)
+	if _, err := send(c, mailboxA, []string{"x@example.org", "y@example.org"}, numberedMessage(7)); err != nil {
+		t.Fatal(err)
+	}
+	queued := findLogLine(t, logs1.String(), "message queued")
+	session := regexp.MustCompile(`"session":"(\w+)"`).FindStringSubmatch(queued)[1]
+	c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	b1.Shutdown(ctx)
+	fake.ClearFaults()
+	_, logs2 := startOutboxBridge(t, fake, cfg)
+	waitFor(t, "the delivery", func() bool { return strings.Contains(logs2.String(), `"message":"message sent"`) })
+	line := findLogLine(t, logs2.String(), "message sent")
+	for _, want := range []string{
+		`"session":"` + session + `"`, `"remote":"127.0.0.1:`, `"account":"tm-master"`, `"queue_id":"`, `"message_id":"<m7@mailbridge.test>"`,
+		`"from":"orders@example.com"`, `"rcpt":["x@example.org","y@example.org"]`, `"rcpt_count":2`, `"bytes":`, `"graph_user":"orders@example.com"`,
+		`"graph_status":202`, `"request_id":"`, `"attempts":`, `"path":"sendMail"`, `"duration_ms":`,
+	} {
+		if !strings.Contains(line, want) {
+			t.Errorf("final line lacks %s: %s", want, line)
+		}
+	}
+	if !regexp.MustCompile(`"age_ms":\d+,`).MatchString(line) {
+		t.Errorf("age_ms is not an integer: %s", line)
+	}
+	if strings.Count(logs2.String(), `"message":"message sent"`) != 1 {
+		t.Error("more than one final line")
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/base64"
+	"fmt"
 	"net"
 	"os"
 	"slices"
@@ -307,14 +308,16 @@ func TestBadSecretGives451AndExplains(t *testing.T) {
 	if code, ec := smtpCode(err); code != 451 || ec != (smtp.EnhancedCode{4, 7, 0}) {
 		t.Fatalf("got %v, want 451 4.7.0", err)
 	}
-	line := findLogLine(t, logs.String(), "message not sent")
+	// Known at start: the sign-in was refused, so MAIL FROM is.
+	line := findLogLine(t, logs.String(), "Microsoft 365 refuses this account's sign-in: its messages are refused (451) until it is fixed")
 	for _, want := range []string{`"level":"error"`, `AADSTS7000215`, `"hint":"the client secret is wrong: copy the secret's Value (not its Secret ID)`, `"account":"tm-master"`} {
 		if !strings.Contains(line, want) {
 			t.Errorf("log line lacks %s:\n%s", want, line)
 		}
 	}
-	if fake.TokenRequests(upstream.GraphScope) != 1 {
-		t.Errorf("%d token requests, want 1 (a refusal is not retried)", fake.TokenRequests(upstream.GraphScope))
+	findLogLine(t, logs.String(), "message refused at MAIL: Microsoft 365 refuses this account's sign-in")
+	if n := b.Accounts()[0].GraphTokens.Requests(); n != 1 {
+		t.Errorf("%d token requests, want 1 (a refusal is not retried per message)", n)
 	}
 }
 
@@ -473,7 +476,7 @@ func TestOneTokenForManySessions(t *testing.T) {
 	if n := len(fake.Sent()); n != 60 {
 		t.Errorf("Graph accepted %d messages, want 60", n)
 	}
-	if n := fake.TokenRequests(upstream.GraphScope); n != 1 {
+	if n := b.Accounts()[0].GraphTokens.Requests(); n != 1 {
 		t.Errorf("%d token requests for 60 messages in 20 sessions, want 1", n)
 	}
 }
@@ -632,5 +635,42 @@ func TestMaxRecipientsRefusedAndLogged(t *testing.T) {
 	line := findLogLine(t, logs.String(), "recipient refused: smtp.max_recipients reached")
 	if !strings.Contains(line, `"to":"c@example.org"`) || !strings.Contains(line, `"hint":`) {
 		t.Errorf("refusal logged as %s", line)
+	}
+}
+
+// With the outbox off, sessions sending as one mailbox share its four
+// slots: Graph never sees a fifth request at once (it would answer 429
+// MailboxConcurrency).
+func TestSynchronousSessionsKeepFourPerMailbox(t *testing.T) {
+	fake := startFake(t)
+	b, _ := startBridge(t, fake, testConfig(fake))
+	fake.FailGraph(8, m365fake.Fault{Delay: 200 * time.Millisecond}) // Graph is slow: the sessions overlap
+	errs := make(chan error, 8)
+	for i := range 8 {
+		go func() {
+			c, err := smtp.Dial(b.SMTPAddr())
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer c.Close()
+			if err := c.Auth(sasl.NewPlainClient("", userA, passwordA)); err != nil {
+				errs <- err
+				return
+			}
+			_, err = send(c, mailboxA, []string{"x@example.org"}, crlf(fmt.Sprintf("From: orders@example.com\nTo: x@example.org\nSubject: %d\n\nhi\n", i)))
+			errs <- err
+		}()
+	}
+	for range 8 {
+		if err := <-errs; err != nil {
+			t.Errorf("send: %v", err)
+		}
+	}
+	if n := fake.MaxConcurrent(mailboxA); n > 4 || n < 2 {
+		t.Errorf("%d requests in flight at once for one mailbox, want at most 4 (and some overlap)", n)
+	}
+	if n := len(fake.Sent()); n != 8 {
+		t.Errorf("%d messages reached Graph, want 8", n)
 	}
 }

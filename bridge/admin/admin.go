@@ -111,6 +111,8 @@ type Queue interface {
 	// Depth returns the number of queued messages and the age of the
 	// oldest.
 	Depth() (int, time.Duration)
+	// FailedCount returns the number of messages in failed/.
+	FailedCount() int
 }
 
 // RegisterQueue adds the outbox's gauges.
@@ -120,5 +122,7 @@ func (m *Metrics) RegisterQueue(q Queue) {
 			func() float64 { n, _ := q.Depth(); return float64(n) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "mailbridge_outbox_oldest_age_seconds", Help: "Age of the oldest message waiting in the outbox."},
 			func() float64 { _, oldest := q.Depth(); return oldest.Seconds() }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "mailbridge_outbox_failed", Help: "Messages in the outbox's failed/ directory: given up, waiting for `mailbridge queue retry` or `delete`."},
+			func() float64 { return float64(q.FailedCount()) }),
 	)
 }

@@ -166,11 +166,23 @@ type OutboxConfig struct {
 	// RatePerSecond bounds Graph requests per account (Microsoft allows
 	// 10,000 per 10 minutes per mailbox).
 	RatePerSecond float64 `toml:"rate_per_second"`
+	// BounceSetting: nil means true. A message that fails for good comes
+	// back to its sender as a non-delivery report (RFC 3464).
+	BounceSetting *bool `toml:"bounce"`
+	Bounce        bool  `toml:"-"`
+	// Notify are addresses that get a copy of every non-delivery report.
+	Notify []string `toml:"notify"`
 }
 
 // AdminConfig is the [admin] table: /metrics (Prometheus) and /healthz.
 type AdminConfig struct {
 	Listen string `toml:"listen"` // "" turns it off; such as 127.0.0.1:9925
+	// MaxQueueAge: /healthz turns 503 when the oldest queued message is
+	// older.
+	MaxQueueAge Duration `toml:"max_queue_age"`
+	// FailedWindow: /healthz turns 503 while failed/ holds a message that
+	// failed within it.
+	FailedWindow Duration `toml:"failed_window"`
 }
 
 // AccountConfig is one [[account]] table: a local user and the app
@@ -271,6 +283,7 @@ func Default() *Config {
 			UploadBytesPer5Min: 150 << 20,
 			MaxSessions:        100,
 		},
+		Admin: AdminConfig{MaxQueueAge: Duration{15 * time.Minute}, FailedWindow: Duration{24 * time.Hour}},
 		Outbox: OutboxConfig{
 			MaxAge:        Duration{72 * time.Hour},
 			MaxBytes:      1 << 30,
@@ -400,9 +413,20 @@ func (c *Config) Complete(dir string) error {
 		if c.Outbox.RatePerSecond <= 0 {
 			bad("outbox.rate_per_second", "must be positive")
 		}
+		c.Outbox.Bounce = c.Outbox.BounceSetting == nil || *c.Outbox.BounceSetting
+		for _, a := range c.Outbox.Notify {
+			if !mime.IsAddress(a) {
+				bad("outbox.notify", "%q is not an email address", a)
+			}
+		}
 	}
 	if c.Admin.Listen != "" {
 		checkListen("admin.listen", c.Admin.Listen, bad)
+	}
+	for key, d := range map[string]Duration{"admin.max_queue_age": c.Admin.MaxQueueAge, "admin.failed_window": c.Admin.FailedWindow} {
+		if d.Duration <= 0 {
+			bad(key, "must be a positive duration such as \"15m\"")
+		}
 	}
 	if len(c.Accounts) == 0 {
 		bad("account", "no [[account]] table: add one per local user")

@@ -124,6 +124,7 @@ type Options struct {
 type Deliverer struct {
 	opts  Options
 	pacer *uploadPacer
+	slots *MailboxSlots
 }
 
 // New returns a Deliverer.
@@ -134,20 +135,29 @@ func New(opts Options) *Deliverer {
 	if opts.UploadBytesPer5Min <= 0 {
 		opts.UploadBytesPer5Min = 150 << 20
 	}
-	return &Deliverer{opts: opts, pacer: newUploadPacer(opts.UploadBytesPer5Min, 5*time.Minute)}
+	return &Deliverer{opts: opts, pacer: newUploadPacer(opts.UploadBytesPer5Min, 5*time.Minute), slots: NewMailboxSlots(PerMailboxInFlight)}
 }
+
+// Slots returns the limit of Graph requests in flight per app and mailbox
+// that every delivery through d keeps, direct or from the outbox.
+func (d *Deliverer) Slots() *MailboxSlots { return d.slots }
 
 var _ Submitter = (*Deliverer)(nil)
 
 // Submit sends m now, retrying transient failures within the send timeout:
 // direct delivery, for when the outbox is off.
 func (d *Deliverer) Submit(ctx context.Context, m *Message, log zerolog.Logger) (Receipt, error) {
-	if m.Size() > upstream.MaxSendMailMIME {
-		del, err := d.sendLarge(ctx, m, log)
-		return Receipt{Delivery: del}, err
-	}
 	sctx, cancel := context.WithTimeout(ctx, d.opts.SendTimeout)
 	defer cancel()
+	release, err := d.slots.Acquire(sctx, SlotKey(m))
+	if err != nil {
+		return Receipt{Delivery: Delivery{User: m.GraphUser}}, err
+	}
+	defer release()
+	if m.Size() > upstream.MaxSendMailMIME {
+		del, err := d.sendLarge(ctx, m, log) // each step has its own send_timeout
+		return Receipt{Delivery: del}, err
+	}
 	del := Delivery{User: m.GraphUser, Path: "sendMail"}
 	n, err := d.retry(sctx, func(ctx context.Context) error { return d.sendOnce(ctx, m, &del) })
 	del.Attempts += n
@@ -159,13 +169,18 @@ func (d *Deliverer) Submit(ctx context.Context, m *Message, log zerolog.Logger) 
 // (whose steps are retried within it, so that a throttled chunk does not
 // start the upload over).
 func (d *Deliverer) Attempt(ctx context.Context, m *Message, log zerolog.Logger) (Delivery, error) {
+	release, err := d.slots.Acquire(ctx, SlotKey(m))
+	if err != nil {
+		return Delivery{User: m.GraphUser}, err
+	}
+	defer release()
 	if m.Size() > upstream.MaxSendMailMIME {
 		return d.sendLarge(ctx, m, log)
 	}
 	sctx, cancel := context.WithTimeout(ctx, d.opts.SendTimeout)
 	defer cancel()
 	del := Delivery{User: m.GraphUser, Path: "sendMail"}
-	err := d.sendOnce(sctx, m, &del)
+	err = d.sendOnce(sctx, m, &del)
 	return del, err
 }
 

@@ -35,6 +35,10 @@ func ReadHead(r io.ReaderAt, size int64) (*Head, error) {
 	return &Head{raw: buf[:headerLen], bodyStart: bodyStart, Fields: parseHeader(buf[:headerLen])}, nil
 }
 
+// Raw returns the header fields as they came, up to and including the last
+// field's line break.
+func (h *Head) Raw() []byte { return h.raw }
+
 // Addresses returns the addresses of the named address-list fields, lower
 // case; a field that does not parse is read leniently.
 func (h *Head) Addresses(fields ...string) []string { return headerAddresses(h.Fields, fields...) }

@@ -69,6 +69,13 @@ type FailureRecord struct {
 	RequestID   string    `json:"request_id,omitempty"`
 	Hint        string    `json:"hint,omitempty"`
 	At          time.Time `json:"at"`
+	// The non-delivery report: sent (with Graph's request-id and its
+	// recipients), skipped (and why) or failed (and why).
+	NDRSent      bool     `json:"ndr_sent"`
+	NDRRequestID string   `json:"ndr_request_id,omitempty"`
+	NDRTo        []string `json:"ndr_to,omitempty"`
+	NDRSkipped   string   `json:"ndr_skipped,omitempty"`
+	NDRError     string   `json:"ndr_error,omitempty"`
 }
 
 // Store is the outbox's files, without the delivery worker: what
@@ -282,6 +289,22 @@ func (s *Store) ids(sub string) ([]string, error) {
 	}
 	slices.Sort(out)
 	return out, nil
+}
+
+// Failed returns how many messages failed/ holds, and how many of them
+// failed after since.
+func (s *Store) Failed(since time.Time) (total, recent int) {
+	entries, _ := os.ReadDir(s.path("failed"))
+	for _, e := range entries {
+		if !strings.HasSuffix(e.Name(), ".json") {
+			continue
+		}
+		total++
+		if info, err := e.Info(); err == nil && info.ModTime().After(since) {
+			recent++
+		}
+	}
+	return total, recent
 }
 
 // Outbox management for `mailbridge queue`.

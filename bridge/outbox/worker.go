@@ -58,6 +58,10 @@ type Options struct {
 	RatePerSecond float64
 	// Retry spaces the attempts; zero means DefaultRetry.
 	Retry deliver.RetryPolicy
+	// Bounce sends a non-delivery report for a message that failed for
+	// good; Notify get a copy of each.
+	Bounce bool
+	Notify []string
 }
 
 // Outbox is the store and its delivery worker. Queued messages known in
@@ -122,6 +126,9 @@ func New(store *Store, opts Options) *Outbox {
 		wake: make(chan struct{}, 1),
 	}
 }
+
+// FailedCount returns the number of messages in failed/.
+func (w *Outbox) FailedCount() int { n, _ := w.store.Failed(time.Now()); return n }
 
 // Store returns the outbox's files.
 func (w *Outbox) Store() *Store { return w.store }
@@ -333,12 +340,12 @@ func (w *Outbox) deliver(ctx context.Context, env *Envelope) bool {
 		Str("message_id", env.MessageID).Str("from", env.From).Strs("rcpt", env.Recipients).Int("rcpt_count", len(env.Recipients)).
 		Int64("bytes", env.Size).Logger()
 	if age := time.Since(env.Received); age > w.opts.MaxAge {
-		w.giveUp(log, env, &FailureRecord{Kind: string(failure.Timeout), Reason: "not delivered within outbox.max_age (" + w.opts.MaxAge.String() + "); last error: " + env.LastError})
+		w.giveUp(ctx, log, w.opts.Account(env.Account), env, &FailureRecord{Kind: string(failure.Timeout), Reason: "not delivered within outbox.max_age (" + w.opts.MaxAge.String() + "); last error: " + env.LastError})
 		return true
 	}
 	a := w.opts.Account(env.Account)
 	if a == nil {
-		w.giveUp(log, env, &FailureRecord{Kind: string(failure.Local), Reason: "the account is no longer in the configuration",
+		w.giveUp(ctx, log, nil, env, &FailureRecord{Kind: string(failure.Local), Reason: "the account is no longer in the configuration",
 			Hint: "put the account back in the configuration and run `mailbridge queue retry-failed`, or delete the message"})
 		return true
 	}
@@ -376,7 +383,7 @@ func (w *Outbox) deliver(ctx context.Context, env *Envelope) bool {
 		return false
 	}
 	if !fl.Temporary {
-		w.giveUp(ev, env, &FailureRecord{Kind: string(fl.Kind), Reason: fl.Reason, Hint: fl.Hint, At: time.Now(),
+		w.giveUp(ctx, ev, a, env, &FailureRecord{Kind: string(fl.Kind), Reason: fl.Reason, Hint: fl.Hint, At: time.Now(),
 			GraphStatus: fl.GraphStatus, GraphCode: fl.Code, RequestID: fl.RequestID})
 		return true
 	}
@@ -397,17 +404,25 @@ func (w *Outbox) deliver(ctx context.Context, env *Envelope) bool {
 	return false
 }
 
-func (w *Outbox) giveUp(log zerolog.Logger, env *Envelope, f *FailureRecord) {
-	if f.At.IsZero() {
-		f.At = time.Now()
+// giveUp moves env to failed/ with rec, after sending its non-delivery
+// report (a, the account, may be nil when it is gone), and logs the
+// message's final line.
+func (w *Outbox) giveUp(ctx context.Context, log zerolog.Logger, a *account.Account, env *Envelope, rec *FailureRecord) {
+	if rec.At.IsZero() {
+		rec.At = time.Now()
 	}
-	ev := log.Error().Str("reason", f.Kind).Str("error", f.Reason)
-	if f.Hint != "" {
-		ev = ev.Str("hint", f.Hint)
+	w.bounce(ctx, log, a, env, rec)
+	ev := log.Error().Str("reason", rec.Kind).Str("error", rec.Reason)
+	if rec.Hint != "" {
+		ev = ev.Str("hint", rec.Hint)
 	}
-	ev.Msg("message failed for good: moved to outbox/failed")
-	w.opts.Metrics.Message(env.Account, "failed", f.Kind, env.Size)
-	if err := w.store.fail(env, f); err != nil {
+	ev = ev.Bool("ndr_sent", rec.NDRSent)
+	if rec.NDRRequestID != "" {
+		ev = ev.Str("ndr_request_id", rec.NDRRequestID)
+	}
+	ev.Str("moved_to", "outbox/failed").Msg("message failed")
+	w.opts.Metrics.Message(env.Account, "failed", rec.Kind, env.Size)
+	if err := w.store.fail(env, rec); err != nil {
 		log.Error().Err(err).Msg("outbox: cannot move the message to failed/")
 	}
 }

@@ -116,3 +116,33 @@ func TestTemporaryFailureIsRetriedPermanentGoesToFailed(t *testing.T) {
 }
 
 func mimeOf(s string) mime.View { return mime.View{mime.BytesPiece([]byte(s))} }
+
+// A message with a null sender that fails for good gets no report: the
+// only delivery attempted is the message's own.
+func TestNoReportForNullSender(t *testing.T) {
+	rec := &recorder{script: func(int) error { return &upstream.APIError{Status: 400, Code: "ErrorInvalidRecipients"} }}
+	store, err := outbox.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	acct := &account.Account{Config: config.AccountConfig{Name: "a", Mailbox: "a@example.com"}}
+	o := outbox.New(store, outbox.Options{Deliver: rec.deliver, Account: func(string) *account.Account { return acct },
+		Metrics: admin.NewMetrics(), Log: zerolog.New(zerolog.NewTestWriter(t)), MaxAge: time.Hour, RatePerSecond: 100, Bounce: true,
+		Notify: []string{"it@example.com"}})
+	m := &deliver.Message{Account: acct, From: "", GraphUser: "a@example.com", Content: mimeOf("Subject: x\r\n\r\nx\r\n")}
+	if _, err := o.Submit(context.Background(), m, zerolog.Nop()); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); o.Run(ctx, context.Background()) }()
+	defer func() { cancel(); <-done }()
+	waitUntil(t, 10*time.Second, func() bool { return o.FailedCount() == 1 })
+	if n := len(rec.times()); n != 1 {
+		t.Errorf("%d deliveries attempted, want 1 (no report for a null sender)", n)
+	}
+	list, _ := store.List()
+	if len(list) != 1 || list[0].Failure.NDRSent || list[0].Failure.NDRSkipped != "the message has a null sender" {
+		t.Errorf("failed/ holds %+v", list)
+	}
+}

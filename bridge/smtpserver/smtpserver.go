@@ -183,6 +183,17 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 		s.log.Warn().Str("from", from).Msg("sender refused: MAIL FROM is not in the account's allowed_senders")
 		return replySenderNotAllowed(from, "Sender")
 	}
+	// A message is not taken while Microsoft refuses the account's
+	// sign-in for a reason only an administrator can fix: it could only
+	// wait in the outbox until max_age, and the sender would never know.
+	if err := s.account.GraphTokens.LastError(); err != nil {
+		if f := failure.Classify(err); f.Kind == failure.Credentials {
+			s.log.Warn().Err(err).Str("from", from).Str("reason", string(f.Kind)).Str("hint", f.Hint).
+				Msg("message refused at MAIL: Microsoft 365 refuses this account's sign-in")
+			s.srv.opts.Metrics.Message(s.account.Config.Name, "refused", string(f.Kind), 0)
+			return replyFor(f)
+		}
+	}
 	if opts != nil && opts.Size > 0 {
 		if limit := s.srv.opts.Config.MaxMessageBytes; opts.Size > limit {
 			s.log.Warn().Str("from", from).Int64("size", opts.Size).Int64("limit", limit).

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
+	"time"
 
 	"golang.org/x/crypto/bcrypt"
 
@@ -20,6 +22,11 @@ const (
 	demoClient   = "66666666-7777-8888-9999-000000000000"
 	demoMailbox  = "demo@example.com"
 	demoPassword = "demo"
+	// demoRefusedDomain is a domain the demo's fake Graph refuses, to show
+	// a non-delivery report.
+	demoRefusedDomain = "refused.example"
+	// demoDrainTime bounds how long Ctrl+C waits for the outbox to empty.
+	demoDrainTime = 30 * time.Second
 )
 
 // demo runs the bridge against a fake Microsoft 365 in this process, so a
@@ -30,6 +37,7 @@ func demo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	listen := fs.String("smtp", config.DefaultSMTPListen, "SMTP listen address")
 	pop3Listen := fs.String("pop3", config.DefaultPOP3Listen, "POP3 listen address")
 	format := fs.String("log-format", "console", "log format: json or console")
+	outboxDir := fs.String("outbox", filepath.Join(os.TempDir(), "mailbridge-demo-outbox"), "outbox directory, kept between runs")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -44,7 +52,8 @@ func demo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	defer fake.Close()
 	secret := "demo-secret"
 	fake.AddTenant(demoTenant)
-	fake.AddApp(demoTenant, demoClient, secret, "Mail.Send", "POP.AccessAsApp")
+	fake.AddApp(demoTenant, demoClient, secret, "Mail.Send", "Mail.ReadWrite", "POP.AccessAsApp")
+	fake.RefuseRecipients(demoRefusedDomain)
 	fake.AddMailbox(demoTenant, demoMailbox)
 	fake.GrantMailboxAccess(demoTenant, demoClient, demoMailbox)
 	fake.AddMessage(demoMailbox, []byte("From: Microsoft 365 <no-reply@example.com>\r\nTo: demo@example.com\r\nSubject: Welcome to the mailbridge demo\r\n\r\nThis message waits in the fake mailbox; fetch it through the bridge's POP3 side.\r\n"))
@@ -69,13 +78,9 @@ func demo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	cfg.SMTP.Listen = *listen
 	cfg.POP3.Listen = *pop3Listen
 	cfg.POP3.Upstream = pop3Upstream
-	outboxDir, err := os.MkdirTemp("", "mailbridge-demo-outbox-")
-	if err != nil {
-		log.Error().Err(err).Msg("cannot create the demo's outbox")
-		return 1
-	}
-	defer os.RemoveAll(outboxDir)
-	cfg.Outbox.Dir = outboxDir
+	// The outbox is kept between runs, in a directory the banner names:
+	// what a client was told was queued is never thrown away.
+	cfg.Outbox.Dir = *outboxDir
 	cfg.Accounts = []config.AccountConfig{{
 		Name: "demo", Username: "demo", PasswordHash: string(hash), Mailbox: demoMailbox,
 		TenantID: demoTenant, ClientID: demoClient, ClientSecret: secret,
@@ -98,6 +103,7 @@ func demo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fmt.Fprintf(stdout, `mailbridge demo: a fake Microsoft 365 runs inside this process; nothing leaves this machine.
 SMTP server %s, user "demo", password %q, sender %s.
 POP3 server %s, same user, reading the mailbox %[3]s. Ctrl+C stops.
+Outbox: %[5]s (kept between runs).
 
 Send a message with curl (to the demo mailbox itself, so that POP3 finds it):
   printf 'From: %[3]s\r\nTo: %[3]s\r\nSubject: hello\r\n\r\nHello through the bridge.\r\n' |
@@ -107,9 +113,22 @@ or with swaks:
 Then list and read the mailbox through POP3:
   curl pop3://%[4]s/ --user demo:demo
   curl pop3://%[4]s/1 --user demo:demo
+A recipient at %[6]s is refused by the fake Graph: the bridge then sends a
+non-delivery report to the sender, which appears in the demo mailbox (POP3):
+  printf 'From: %[3]s\r\nTo: nobody@%[6]s\r\nSubject: bounce me\r\n\r\nx\r\n' |
+    curl smtp://%[1]s --user demo:demo --mail-from %[3]s --mail-rcpt nobody@%[6]s -T -
 
-`, addr, demoPassword, demoMailbox, popAddr)
+`, addr, demoPassword, demoMailbox, popAddr, *outboxDir, demoRefusedDomain)
 	<-ctx.Done()
+	// Let the outbox drain before the fake Microsoft 365 goes away with
+	// this process, within a bound.
+	deadline := time.Now().Add(demoDrainTime)
+	for n, _ := b.QueueDepth(); n > 0 && time.Now().Before(deadline); n, _ = b.QueueDepth() {
+		time.Sleep(100 * time.Millisecond)
+	}
+	if n, _ := b.QueueDepth(); n > 0 {
+		log.Warn().Int("queued", n).Str("dir", *outboxDir).Msg("demo stopping with messages still queued: they stay in the outbox and go at the next run")
+	}
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.SMTP.ShutdownTimeout.Duration)
 	defer cancel()
 	b.Shutdown(sctx)

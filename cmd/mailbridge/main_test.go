@@ -281,7 +281,7 @@ func TestVersion(t *testing.T) {
 }
 
 func TestDemoServesTheWholeLoop(t *testing.T) {
-	cmd := exec.Command(binary, "demo", "-smtp", "127.0.0.1:0", "-pop3", "127.0.0.1:0", "-log-format", "json")
+	cmd := exec.Command(binary, "demo", "-smtp", "127.0.0.1:0", "-pop3", "127.0.0.1:0", "-log-format", "json", "-outbox", t.TempDir())
 	stdout, _ := cmd.StdoutPipe()
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
@@ -312,6 +312,16 @@ func TestDemoServesTheWholeLoop(t *testing.T) {
 	if err := c.SendMail("demo@example.com", []string{"demo@example.com"}, strings.NewReader("From: demo@example.com\r\nTo: demo@example.com\r\nSubject: demo\r\n\r\nhi\r\n")); err != nil {
 		t.Fatal(err)
 	}
+	// A 10 MB attachment goes too (the demo's app has Mail.ReadWrite), and
+	// a refused recipient comes back as a non-delivery report.
+	big := "From: demo@example.com\r\nTo: demo@example.com\r\nSubject: big\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\nsee the file\r\n--b\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename=big.bin\r\nContent-Transfer-Encoding: base64\r\n\r\n" +
+		strings.Repeat(strings.Repeat("QUFB", 19)+"\r\n", 180000) + "--b--\r\n"
+	if err := c.SendMail("demo@example.com", []string{"demo@example.com"}, strings.NewReader(big)); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SendMail("demo@example.com", []string{"nobody@refused.example"}, strings.NewReader("From: demo@example.com\r\nTo: nobody@refused.example\r\nSubject: bounce me\r\n\r\nx\r\n")); err != nil {
+		t.Fatal(err)
+	}
 	c.Quit()
 	host, port, _ := net.SplitHostPort(popAddr)
 	pn, _ := strconv.Atoi(port)
@@ -325,7 +335,7 @@ func TestDemoServesTheWholeLoop(t *testing.T) {
 		if err := pc.Auth("demo", "demo"); err != nil {
 			t.Fatalf("POP3 login: %v", err)
 		}
-		if n, _, err := pc.Stat(); err == nil && n >= 2 {
+		if n, _, err := pc.Stat(); err == nil && n >= 4 {
 			break
 		}
 		pc.Quit()
@@ -334,9 +344,18 @@ func TestDemoServesTheWholeLoop(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	raw, err := pc.RetrRaw(2)
-	if err != nil || !strings.Contains(raw.String(), "Subject: demo") {
-		t.Fatalf("RETR 2 through the demo's POP3: %v %q", err, raw)
+	var all strings.Builder
+	for i := 2; i <= 4; i++ {
+		raw, err := pc.RetrRaw(i)
+		if err != nil {
+			t.Fatalf("RETR %d through the demo's POP3: %v", i, err)
+		}
+		all.WriteString(raw.String()[:min(raw.Len(), 4000)])
+	}
+	for _, want := range []string{"Subject: demo", "Subject: big", "Undeliverable: bounce me", "Final-Recipient: rfc822; nobody@refused.example"} {
+		if !strings.Contains(all.String(), want) {
+			t.Errorf("the demo mailbox lacks %q", want)
+		}
 	}
 	pc.Quit()
 	cmd.Process.Signal(syscall.SIGINT)

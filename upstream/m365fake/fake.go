@@ -41,6 +41,7 @@ type Server struct {
 	tenants       map[string]*tenant
 	sent          []SentMessage
 	onSend        func(SentMessage)
+	refused       []string // recipient domains sendMail refuses
 	tokenFaults   []Fault
 	graphFaults   map[string][]Fault // by endpoint
 	tokenRequests map[string]int     // by scope
@@ -360,4 +361,25 @@ func (s *Server) SetTokenLifetime(d time.Duration) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.tokenLifetime = d
+}
+
+// RefuseRecipients makes sendMail and draft sending refuse any message
+// with a recipient in domain, with 400 ErrorInvalidRecipients: a fault for
+// tests and for the demo's non-delivery report. (Exchange itself takes
+// such a message with 202 and reports later.)
+func (s *Server) RefuseRecipients(domain string) {
+	s.mu.Lock()
+	s.refused = append(s.refused, strings.ToLower(domain))
+	s.mu.Unlock()
+}
+
+func (s *Server) refusesRecipient(addr string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, d := range s.refused {
+		if strings.HasSuffix(addr, "@"+d) {
+			return true
+		}
+	}
+	return false
 }

@@ -39,6 +39,7 @@ type graphRequest struct {
 	user      string // lower case, as in the path
 	claims    claims
 	mailbox   *mailbox
+	server    *Server
 }
 
 func (g *graphRequest) fail(status int, code, message string) {
@@ -49,9 +50,13 @@ func (g *graphRequest) fail(status int, code, message string) {
 // injected faults for endpoint, the bearer token (Graph audience, role)
 // and the user of the path (a primary address: /users/{id} takes the UPN,
 // not an alias).
+// MailboxConcurrency is how many Graph requests Exchange takes at once per
+// app and mailbox; more are answered 429 ApplicationThrottled.
+const MailboxConcurrency = 4
+
 func (s *Server) graph(endpoint, role string, serve func(g *graphRequest)) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		g := &graphRequest{w: w, r: r, requestID: newGUID(), user: strings.ToLower(r.PathValue("user"))}
+		g := &graphRequest{w: w, r: r, requestID: newGUID(), user: strings.ToLower(r.PathValue("user")), server: s}
 		w.Header().Set("request-id", g.requestID)
 		if c := r.Header.Get("client-request-id"); c != "" {
 			w.Header().Set("client-request-id", c)
@@ -61,12 +66,18 @@ func (s *Server) graph(endpoint, role string, serve func(g *graphRequest)) http.
 		s.mu.Lock()
 		s.inflight[g.user]++
 		s.maxInflight[g.user] = max(s.maxInflight[g.user], s.inflight[g.user])
+		over := s.inflight[g.user] > MailboxConcurrency
 		s.mu.Unlock()
 		defer func() {
 			s.mu.Lock()
 			s.inflight[g.user]--
 			s.mu.Unlock()
 		}()
+		if over { // as Exchange answers the fifth concurrent request
+			w.Header().Set("Retry-After", "1")
+			g.fail(http.StatusTooManyRequests, "ApplicationThrottled", "Application is over its MailboxConcurrency limit.")
+			return
+		}
 		if f, ok := s.takeEndpointFault(endpoint); ok {
 			if applyFault(w, r, f, func(f Fault) { g.fail(f.Status, f.Code, f.Message) }) {
 				return
@@ -153,7 +164,12 @@ func (g *graphRequest) sentMessage(raw []byte, msg *mail.Message) (SentMessage, 
 			return sent, false
 		}
 		for _, a := range list {
-			sent.Recipients = append(sent.Recipients, strings.ToLower(a.Address))
+			addr := strings.ToLower(a.Address)
+			if g.server.refusesRecipient(addr) {
+				g.fail(http.StatusBadRequest, "ErrorInvalidRecipients", "At least one recipient is not valid., Recipient '"+addr+"' is not valid.")
+				return sent, false
+			}
+			sent.Recipients = append(sent.Recipients, addr)
 		}
 	}
 	if len(sent.Recipients) == 0 {
