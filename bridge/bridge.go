@@ -208,9 +208,10 @@ func (b *Bridge) Start() error {
 			}
 		})
 	}
-	serveSMTP(b.conns.Wrap(b.smtpWatch.Listener(b.smtp.LimitListener(ln, b.smtpSlots))))
+	idle := b.cfg.SMTP.IdleTimeout.Duration
+	serveSMTP(b.conns.Wrap(b.smtpWatch.Listener(b.smtp.Guard(conntrack.IdleListener(b.smtp.LimitListener(ln, b.smtpSlots), idle)))))
 	if b.smtpTLSLn != nil {
-		serveSMTP(tls.NewListener(b.conns.Wrap(b.smtpWatch.Listener(b.smtp.LimitListener(b.smtpTLSLn, b.smtpSlots))), b.smtpTLS))
+		serveSMTP(tls.NewListener(b.conns.Wrap(b.smtpWatch.Listener(conntrack.IdleListener(b.smtp.LimitListener(b.smtpTLSLn, b.smtpSlots), idle))), b.smtpTLS))
 	}
 	if b.cfg.Admin.Listen != "" {
 		aln, err := b.listen("admin", b.cfg.Admin.Listen, nil)

@@ -190,3 +190,48 @@ func SessionID() string {
 	rand.Read(b)
 	return hex.EncodeToString(b)
 }
+
+// IdleListener returns ln whose connections push their read deadline, when
+// one is set, to timeout from now whenever bytes arrive: a deadline set
+// for a whole message (go-smtp sets one at each command) then means
+// "silent for timeout", and a slow but live client is never cut off.
+func IdleListener(ln net.Listener, timeout time.Duration) net.Listener {
+	return &idleListener{Listener: ln, timeout: timeout}
+}
+
+type idleListener struct {
+	net.Listener
+	timeout time.Duration
+}
+
+func (l *idleListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return &idleConn{Conn: c, timeout: l.timeout}, nil
+}
+
+type idleConn struct {
+	net.Conn
+	timeout  time.Duration
+	deadline atomic.Bool // a read deadline is set
+}
+
+func (c *idleConn) SetReadDeadline(t time.Time) error {
+	c.deadline.Store(!t.IsZero())
+	return c.Conn.SetReadDeadline(t)
+}
+
+func (c *idleConn) SetDeadline(t time.Time) error {
+	c.deadline.Store(!t.IsZero())
+	return c.Conn.SetDeadline(t)
+}
+
+func (c *idleConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if n > 0 && c.deadline.Load() {
+		c.Conn.SetReadDeadline(time.Now().Add(c.timeout))
+	}
+	return n, err
+}

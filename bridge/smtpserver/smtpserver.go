@@ -77,6 +77,11 @@ func New(opts Options) *Server {
 	return srv
 }
 
+// Guard wraps a plain (not implicit-TLS) listener so that command lines
+// are bounded at MaxCommandLine and every byte of DATA reaches the
+// session: see guardConn.
+func (srv *Server) Guard(ln net.Listener) net.Listener { return &guardListener{Listener: ln, srv: srv} }
+
 // LimitListener wraps ln so that connections over smtp.max_sessions are
 // refused with 421.
 func (srv *Server) LimitListener(ln net.Listener, slots chan struct{}) net.Listener {
@@ -132,7 +137,7 @@ func (srv *Server) newSession(c *smtp.Conn) (smtp.Session, error) {
 		started: time.Now(),
 	}
 	s.log = srv.log.With().Str("session", s.id).Str("remote", remote).Logger()
-	s.log.Info().Str("helo", c.Hostname()).Msg("session started")
+	s.log.Info().Str("helo", clip(c.Hostname())).Msg("session started")
 	srv.opts.Metrics.SessionStarted("smtp")
 	return s, nil
 }
@@ -160,7 +165,7 @@ func (s *session) login(username, password string) error {
 	ip, _, _ := net.SplitHostPort(s.remote)
 	a, err := s.srv.opts.Accounts.Authenticate(s.ctx, "smtp", ip, username, password)
 	if err != nil {
-		s.log.Warn().Str("username", username).Msg("authentication failed: unknown user name or wrong password")
+		s.log.Warn().Str("username", clip(username)).Msg("authentication failed: unknown user name or wrong password")
 		return smtp.ErrAuthFailed
 	}
 	s.account = a
@@ -172,7 +177,7 @@ func (s *session) login(username, password string) error {
 // Mail implements smtp.Session.
 func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	if s.account == nil {
-		s.log.Warn().Str("from", from).Msg("sender refused: MAIL FROM before AUTH")
+		s.log.Warn().Str("from", clip(from)).Msg("sender refused: MAIL FROM before AUTH")
 		return replyAuthRequired
 	}
 	if from == "" {
@@ -180,7 +185,7 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 		return replyNullSender
 	}
 	if !s.account.Senders.Allows(from) {
-		s.log.Warn().Str("from", from).Msg("sender refused: MAIL FROM is not in the account's allowed_senders")
+		s.log.Warn().Str("from", clip(from)).Msg("sender refused: MAIL FROM is not in the account's allowed_senders")
 		return replySenderNotAllowed(from, "Sender")
 	}
 	// A message is not taken while Microsoft refuses the account's
@@ -188,7 +193,7 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	// wait in the outbox until max_age, and the sender would never know.
 	if err := s.account.GraphTokens.LastError(); err != nil {
 		if f := failure.Classify(err); f.Kind == failure.Credentials {
-			s.log.Warn().Err(err).Str("from", from).Str("reason", string(f.Kind)).Str("hint", f.Hint).
+			s.log.Warn().Err(err).Str("from", clip(from)).Str("reason", string(f.Kind)).Str("hint", f.Hint).
 				Msg("message refused at MAIL: Microsoft 365 refuses this account's sign-in")
 			s.srv.opts.Metrics.Message(s.account.Config.Name, "refused", string(f.Kind), 0)
 			return replyFor(f)
@@ -196,12 +201,12 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	}
 	if opts != nil && opts.Size > 0 {
 		if limit := s.srv.opts.Config.MaxMessageBytes; opts.Size > limit {
-			s.log.Warn().Str("from", from).Int64("size", opts.Size).Int64("limit", limit).
+			s.log.Warn().Str("from", clip(from)).Int64("size", opts.Size).Int64("limit", limit).
 				Str("hint", "raise smtp.max_message_bytes if the mailbox's send limit allows").Msg("message refused at MAIL: SIZE is over smtp.max_message_bytes")
 			return replyOverMaxSize(limit)
 		}
 		if opts.Size > upstream.MaxSendMailMIME && !s.account.Config.LargeMessages {
-			s.log.Warn().Str("from", from).Int64("size", opts.Size).
+			s.log.Warn().Str("from", clip(from)).Int64("size", opts.Size).
 				Str("hint", "set large_messages = true (needs Mail.ReadWrite) to send messages over 3 MB").Msg("message refused at MAIL: SIZE is over sendMail's limit and large_messages is off")
 			return replyFor(failure.Classify(deliver.ErrLargeMessagesOff))
 		}
@@ -214,7 +219,7 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 // Rcpt implements smtp.Session.
 func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 	if s.account == nil {
-		s.log.Warn().Str("to", to).Msg("recipient refused: RCPT TO before AUTH")
+		s.log.Warn().Str("to", clip(to)).Msg("recipient refused: RCPT TO before AUTH")
 		return replyAuthRequired
 	}
 	for _, r := range s.rcpts {
@@ -223,7 +228,7 @@ func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 		}
 	}
 	if limit := s.srv.opts.Config.MaxRecipients; len(s.rcpts) >= limit {
-		s.log.Warn().Str("from", s.from).Str("to", to).Int("limit", limit).
+		s.log.Warn().Str("from", clip(s.from)).Str("to", clip(to)).Int("limit", limit).
 			Str("hint", "the client sends to more recipients than smtp.max_recipients; Exchange Online allows 500 by default").Msg("recipient refused: smtp.max_recipients reached")
 		return replyTooManyRecipients
 	}
@@ -253,12 +258,14 @@ func (s *session) Data(r io.Reader) error {
 	start := time.Now()
 	sp := mime.NewSpool(s.srv.opts.Config.SpoolDir)
 	defer sp.Close()
+	// The idle timeout counts from the last bytes received, not from the
+	// DATA command (conntrack.IdleListener): a slow line keeps it going.
 	n, err := io.Copy(sp, r)
 	if err != nil {
 		var se *smtp.SMTPError
 		if errors.As(err, &se) {
 			if se == smtp.ErrDataTooLarge {
-				s.log.Warn().Str("from", s.from).Int64("limit", s.srv.opts.Config.MaxMessageBytes).Msg("message refused: larger than smtp.max_message_bytes")
+				s.log.Warn().Str("from", clip(s.from)).Int64("limit", s.srv.opts.Config.MaxMessageBytes).Msg("message refused: larger than smtp.max_message_bytes")
 			}
 			return se
 		}
@@ -267,8 +274,14 @@ func (s *session) Data(r io.Reader) error {
 			s.log.Error().Err(err).Str("reason", string(f.Kind)).Str("hint", f.Hint).Msg("message not received: cannot write the spool file")
 			return replyFor(f)
 		}
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			s.log.Warn().Int64("bytes", n).Dur("idle_timeout", s.srv.opts.Config.IdleTimeout.Duration).
+				Msg("message not received: the client stopped sending within DATA for smtp.idle_timeout")
+			return replyDataTimeout
+		}
 		s.log.Info().Err(err).Int64("bytes", n).Msg("message not received: client connection failed in DATA")
-		return err
+		return replyDataBroken
 	}
 	m, err := s.prepare(sp)
 	if err != nil {
@@ -276,7 +289,7 @@ func (s *session) Data(r io.Reader) error {
 	}
 	size := m.Size()
 	if size > upstream.MaxSendMailMIME && !s.account.Config.LargeMessages {
-		s.log.Warn().Str("from", s.from).Int64("bytes", size).Msg("message refused: over sendMail's limit and large_messages is off")
+		s.log.Warn().Str("from", clip(s.from)).Int64("bytes", size).Msg("message refused: over sendMail's limit and large_messages is off")
 		return replyFor(failure.Classify(deliver.ErrLargeMessagesOff))
 	}
 	receipt, err := s.srv.opts.Submit.Submit(s.ctx, m, s.log)
@@ -304,7 +317,7 @@ func (s *session) finish(m *deliver.Message, r deliver.Receipt, err error, start
 	if requestID == "" {
 		requestID = f.RequestID
 	}
-	ev = ev.Str("message_id", m.MessageID).Str("from", s.from).Strs("rcpt", m.Recipients).Int("rcpt_count", len(m.Recipients)).Int64("bytes", size).
+	ev = ev.Str("message_id", m.MessageID).Str("from", clip(s.from)).Strs("rcpt", m.Recipients).Int("rcpt_count", len(m.Recipients)).Int64("bytes", size).
 		Str("graph_user", r.User).Int64("duration_ms", time.Since(start).Milliseconds())
 	switch {
 	case err != nil:
@@ -347,7 +360,7 @@ func (s *session) prepare(sp *mime.Spool) (*deliver.Message, error) {
 			}
 			for _, a := range addrs {
 				if !s.account.Senders.Allows(a) {
-					s.log.Warn().Str("from", s.from).Str("field", field).Str("address", a).Msg("sender refused: header address is not in the account's allowed_senders")
+					s.log.Warn().Str("from", clip(s.from)).Str("field", field).Str("address", a).Msg("sender refused: header address is not in the account's allowed_senders")
 					return nil, replySenderNotAllowed(a, field+":")
 				}
 			}
@@ -366,4 +379,16 @@ func (s *session) prepare(sp *mime.Spool) (*deliver.Message, error) {
 	}
 	m.Content = content
 	return m, nil
+}
+
+// maxLogged bounds a value the client chose (HELO, user name, address) in
+// a log line.
+const maxLogged = 256
+
+// clip returns s, cut at maxLogged bytes and marked as cut.
+func clip(s string) string {
+	if len(s) <= maxLogged {
+		return s
+	}
+	return s[:maxLogged] + "…(truncated)"
 }

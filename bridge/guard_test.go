@@ -1,0 +1,139 @@
+package bridge_test
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"mailbridge/bridge/config"
+	"net"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+)
+
+// A line that starts with an unstuffed ".\r" keeps its CR (RFC 5321 §4.5.2
+// removes only the dot), and bare CR and LF reach Graph as they came.
+func TestDataIsByteExactForDotCRAndBareLineEnds(t *testing.T) {
+	fake := startFake(t)
+	b, _ := startBridge(t, fake, testConfig(fake))
+	r := dialRaw(t, b.SMTPAddr())
+	r.cmd(235, "AUTH PLAIN AHRtbWFzdGVyAGNvcnJlY3QgaG9yc2U=")
+	r.cmd(250, "MAIL FROM:<orders@example.com>")
+	r.cmd(250, "RCPT TO:<x@example.org>")
+	r.cmd(354, "DATA")
+	head := "From: orders@example.com\r\nTo: x@example.org\r\nSubject: dots\r\n\r\n"
+	wire := head + ".\rX\r\n.\n\r\nbare\rcr and bare\nlf\r\n..stuffed\r\n.\r\r\nend\r\n.\r\n"
+	want := head + "\rX\r\n\n\r\nbare\rcr and bare\nlf\r\n.stuffed\r\n\r\r\nend\r\n"
+	r.conn.Write([]byte(wire))
+	r.expect(250)
+	sent := fake.Sent()
+	if len(sent) != 1 {
+		t.Fatalf("%d messages sent", len(sent))
+	}
+	if got := string(sent[0].MIME); got != want {
+		t.Errorf("Graph got\n%q\nwant\n%q", got, want)
+	}
+}
+
+// Before login a client costs a few kilobytes however long the lines it
+// sends: a command line over 4096 bytes is answered 500 5.5.2 and dropped,
+// and after three of them the connection is closed.
+func TestLongCommandLinesBeforeLogin(t *testing.T) {
+	fake := startFake(t)
+	b, logs := startBridge(t, fake, testConfig(fake))
+	// One client: three long lines, then the bridge hangs up.
+	c, err := net.Dial("tcp", b.SMTPAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	br := bufio.NewReader(c)
+	br.ReadString('\n') // greeting
+	long := "EHLO " + strings.Repeat("x", 5000) + "\r\n"
+	for i, want := range []string{"500 5.5.2 Line too long", "500 5.5.2 Line too long", "421 4.7.0 Too many long lines"} {
+		c.Write([]byte(long))
+		if l, _ := br.ReadString('\n'); !strings.HasPrefix(l, want) {
+			t.Fatalf("long line %d: %q, want %q", i+1, l, want)
+		}
+	}
+	if _, err := br.ReadString('\n'); err == nil {
+		t.Error("the connection stayed open after three long lines")
+	}
+	if !strings.Contains(logs.String(), "connection closed: too many command lines over 4096 bytes") {
+		t.Error("the closing is not logged")
+	}
+	// A line of 4096 bytes is still a command.
+	r := dialRaw(t, b.SMTPAddr())
+	r.cmd(250, "NOOP %s", strings.Repeat("y", 4000))
+
+	// 100 clients each sending a 4 MiB line (after EHLO): the heap grows by
+	// a few kilobytes per connection, not by the lines.
+	runtime.GC()
+	var before runtime.MemStats
+	runtime.ReadMemStats(&before)
+	var conns []net.Conn
+	chunk := bytes.Repeat([]byte("z"), 64<<10)
+	for range 100 {
+		c, err := net.Dial("tcp", b.SMTPAddr())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(30 * time.Second))
+		bufio.NewReader(c).ReadString('\n')
+		c.Write([]byte("EHLO attacker\r\nNOOP "))
+		for range 64 { // 4 MiB without a line end
+			c.Write(chunk)
+		}
+		conns = append(conns, c)
+	}
+	runtime.GC()
+	var after runtime.MemStats
+	runtime.ReadMemStats(&after)
+	grown := int64(after.HeapInuse) - int64(before.HeapInuse)
+	if grown > 20<<20 {
+		t.Errorf("heap grew by %d MB for 100 connections with 4 MiB lines, want a few kilobytes each", grown>>20)
+	}
+	t.Logf("heap grew by %d KB for %d connections with 4 MiB lines", grown>>10, len(conns))
+}
+
+// DATA keeps its deadline fresh while bytes arrive: a client sending a line
+// every 200 ms with a 500 ms idle timeout gets its message through; one
+// that stops gets a temporary 451 4.4.2 that names no internal address.
+func TestSlowDataCompletesStalledDataGets451(t *testing.T) {
+	fake := startFake(t)
+	cfg := testConfig(fake)
+	cfg.SMTP.IdleTimeout = config.Duration{Duration: 500 * time.Millisecond}
+	b, logs := startBridge(t, fake, cfg)
+	r := dialRaw(t, b.SMTPAddr())
+	r.cmd(235, "AUTH PLAIN AHRtbWFzdGVyAGNvcnJlY3QgaG9yc2U=")
+	r.cmd(250, "MAIL FROM:<orders@example.com>")
+	r.cmd(250, "RCPT TO:<x@example.org>")
+	r.cmd(354, "DATA")
+	r.conn.Write([]byte("From: orders@example.com\r\nTo: x@example.org\r\n\r\n"))
+	for i := range 8 { // 1.6 s in all, over three idle timeouts
+		time.Sleep(200 * time.Millisecond)
+		fmt.Fprintf(r.conn, "line %d\r\n", i)
+	}
+	r.conn.Write([]byte(".\r\n"))
+	r.expect(250)
+
+	r2 := dialRaw(t, b.SMTPAddr())
+	r2.cmd(235, "AUTH PLAIN AHRtbWFzdGVyAGNvcnJlY3QgaG9yc2U=")
+	r2.cmd(250, "MAIL FROM:<orders@example.com>")
+	r2.cmd(250, "RCPT TO:<x@example.org>")
+	r2.cmd(354, "DATA")
+	r2.conn.Write([]byte("From: orders@example.com\r\n"))
+	msg := r2.expect(451) // and nothing more arrives
+	if strings.Contains(msg, "127.0.0.1") || !strings.Contains(msg, "Timeout") {
+		t.Errorf("stalled DATA answered %q", msg)
+	}
+	if !strings.Contains(logs.String(), "message not received: the client stopped sending within DATA for smtp.idle_timeout") {
+		t.Error("the stall is not logged")
+	}
+	if n := len(fake.Sent()); n != 1 {
+		t.Errorf("%d messages sent, want the slow one only", n)
+	}
+}

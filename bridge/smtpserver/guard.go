@@ -1,0 +1,233 @@
+package smtpserver
+
+import (
+	"bytes"
+	"io"
+	"net"
+	"strconv"
+	"strings"
+	"sync"
+)
+
+// Limits of the guard.
+const (
+	// MaxCommandLine bounds an SMTP command line: RFC 5321 §4.5.3.1.4
+	// allows 512 octets; AUTH PLAIN lines and long addresses need more.
+	MaxCommandLine = 4096
+	// maxLongLines is how many over-long command lines a client may send
+	// before the connection is closed.
+	maxLongLines = 3
+)
+
+// guardConn sits between the client's connection and go-smtp, which has
+// one line limit for commands and message lines (a message line may be as
+// long as a message Graph takes). It reads the client's bytes as go-smtp
+// will and:
+//
+//   - bounds command lines at MaxCommandLine: a longer line is dropped
+//     unread by go-smtp and answered "500 5.5.2 Line too long"; after
+//     maxLongLines of them the connection is closed. So a client that has
+//     not logged in costs a few kilobytes, whatever it sends.
+//   - keeps every byte of the message in DATA: go-smtp's dot-reader drops
+//     the CR of a line that starts with an unstuffed ".\r" (RFC 5321
+//     §4.5.2 removes only the dot), so such a CR is doubled for it to
+//     remove.
+//
+// It follows the conversation by the server's replies: "354" starts a
+// message (which ends at CRLF "." CRLF), "220" to STARTTLS hands the
+// connection to TLS, which it then passes through untouched, as it does
+// BDAT chunks.
+type guardConn struct {
+	net.Conn
+	log func(what string)
+
+	mu       sync.Mutex // guards mode against the writes of replies
+	mode     int
+	line     []byte // the command line so far (command mode)
+	dropping bool   // inside an over-long line
+	long     int    // over-long lines so far
+	startTLS bool   // the last command was STARTTLS
+	bdat     int64  // chunk bytes still to pass (BDAT)
+	dot      int    // data mode: 0 in a line, 1 at a line start, 2 after ".", 3 after ".\r"; -1 after CR
+	out      []byte // transformed bytes not yet returned
+	buf      []byte
+	closing  bool
+}
+
+const (
+	modeCommand = iota
+	modeData
+	modePass
+)
+
+func newGuardConn(c net.Conn, log func(string)) *guardConn {
+	return &guardConn{Conn: c, log: log, buf: make([]byte, 32<<10)}
+}
+
+// Write passes the server's replies and watches them for the ones that
+// change what the client sends next.
+func (g *guardConn) Write(p []byte) (int, error) {
+	g.mu.Lock()
+	// Pipelined replies may come in one write: look at each line start.
+	switch {
+	case g.mode == modeCommand && replyStarts(p, "354"):
+		g.mode, g.dot = modeData, 1
+	case g.mode == modeCommand && g.startTLS && replyStarts(p, "220"):
+		g.mode = modePass
+	}
+	g.mu.Unlock()
+	return g.Conn.Write(p)
+}
+
+// Read returns the client's bytes as go-smtp must see them.
+func (g *guardConn) Read(p []byte) (int, error) {
+	for len(g.out) == 0 {
+		if g.closing {
+			return 0, io.EOF
+		}
+		n, err := g.Conn.Read(g.buf[:min(len(g.buf), max(len(p), 512))])
+		if n > 0 {
+			g.filter(g.buf[:n])
+		}
+		if err != nil {
+			if len(g.out) > 0 {
+				break
+			}
+			return 0, err
+		}
+	}
+	n := copy(p, g.out)
+	g.out = g.out[n:]
+	if len(g.out) == 0 {
+		g.out = nil
+	}
+	return n, nil
+}
+
+// filter appends the bytes of in that go-smtp may read to g.out.
+func (g *guardConn) filter(in []byte) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for len(in) > 0 {
+		switch {
+		case g.mode == modePass:
+			g.out = append(g.out, in...)
+			return
+		case g.bdat > 0:
+			n := int(min(int64(len(in)), g.bdat))
+			g.out = append(g.out, in[:n]...)
+			g.bdat -= int64(n)
+			in = in[n:]
+		case g.mode == modeData:
+			in = g.filterData(in)
+		default:
+			in = g.filterCommand(in)
+		}
+	}
+}
+
+// filterCommand takes command bytes up to the end of a line.
+func (g *guardConn) filterCommand(in []byte) []byte {
+	i := bytes.IndexByte(in, '\n')
+	chunk := in
+	if i >= 0 {
+		chunk = in[:i+1]
+	}
+	rest := in[len(chunk):]
+	if g.dropping {
+		if i >= 0 {
+			g.dropping = false
+		}
+		return rest
+	}
+	if len(g.line)+len(chunk) > MaxCommandLine+2 {
+		g.line = g.line[:0]
+		g.long++
+		g.dropping = i < 0
+		if g.long >= maxLongLines {
+			g.Conn.Write([]byte("421 4.7.0 Too many long lines, closing connection\r\n"))
+			g.log("connection closed: too many command lines over 4096 bytes")
+			g.closing = true
+			return nil
+		}
+		g.Conn.Write([]byte("500 5.5.2 Line too long\r\n"))
+		g.log("command refused: line over 4096 bytes")
+		return rest
+	}
+	g.line = append(g.line, chunk...)
+	if i < 0 {
+		return rest
+	}
+	cmd := strings.TrimRight(string(g.line), "\r\n")
+	g.line = g.line[:0]
+	g.out = append(g.out, cmd...)
+	g.out = append(g.out, '\r', '\n')
+	verb, arg, _ := strings.Cut(cmd, " ")
+	g.startTLS = strings.EqualFold(verb, "STARTTLS")
+	if strings.EqualFold(verb, "BDAT") {
+		if n, err := strconv.ParseInt(strings.Fields(arg + " x")[0], 10, 64); err == nil && n > 0 {
+			g.bdat = n
+		}
+	}
+	return rest
+}
+
+// filterData passes message bytes, doubling the CR of a line that starts
+// with ".\r" not followed by LF, until the CRLF "." CRLF that ends the
+// message.
+func (g *guardConn) filterData(in []byte) []byte {
+	for i, c := range in {
+		switch g.dot {
+		case 1: // at a line start
+			g.dot = 0
+			if c == '.' {
+				g.dot = 2
+			}
+		case 2: // after a line-start "."
+			g.dot = 0
+			if c == '\r' {
+				g.dot = 3
+			}
+		case 3: // after a line-start ".\r"
+			if c == '\n' { // the end of the message
+				g.out = append(g.out, c)
+				g.mode, g.dot = modeCommand, 0
+				return in[i+1:]
+			}
+			g.out = append(g.out, '\r') // go-smtp drops one CR here
+			g.dot = 0
+		case -1: // after a CR
+			g.dot = 0
+			if c == '\n' {
+				g.out = append(g.out, c)
+				g.dot = 1
+				continue
+			}
+		}
+		if g.dot == 0 && c == '\r' {
+			g.dot = -1
+		}
+		g.out = append(g.out, c)
+	}
+	return nil
+}
+
+// replyStarts reports whether a line of p starts with code and a space.
+func replyStarts(p []byte, code string) bool {
+	return bytes.HasPrefix(p, []byte(code+" ")) || bytes.Contains(p, []byte("\n"+code+" "))
+}
+
+// guardListener wraps the connections it accepts in a guardConn.
+type guardListener struct {
+	net.Listener
+	srv *Server
+}
+
+func (l *guardListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	remote := c.RemoteAddr().String()
+	return newGuardConn(c, func(what string) { l.srv.log.Warn().Str("remote", remote).Msg(what) }), nil
+}
