@@ -111,7 +111,7 @@ func New(cfg *config.Config, opts Options) (*Bridge, error) {
 		metrics:    admin.NewMetrics(),
 	}
 	b.baseCtx, b.cancelBase = context.WithCancel(context.Background())
-	b.accounts = account.NewRegistry(b.httpClient, opts.RootCAs, opts.AuthFailureDelay)
+	b.accounts = account.NewRegistry(b.httpClient, opts.RootCAs, opts.AuthFailureDelay, b.log)
 	b.accounts.Load(cfg, res)
 	upstream.Observe(b.httpClient, b.metrics.ObserveUpstream)
 	b.deliverer = deliver.New(deliver.Options{

@@ -618,3 +618,43 @@ func TestPOP3StalledUpstreamEndsSession(t *testing.T) {
 		t.Errorf("slow login: %q", l)
 	}
 }
+
+// Passwords never reach the debug log, whatever the client sends: a PASS
+// or AUTH after login, a tab instead of a space before login.
+func TestPOP3PasswordsNeverLogged(t *testing.T) {
+	fake := startFake(t)
+	b, logs := startBridge(t, fake, testConfig(fake)) // debug level
+	p := dialPOP3(t, b.POP3Addr())
+	p.cmd("USER %s", userA)
+	p.cmd("PASS\tTabSecret-777")
+	p.login(userA, passwordA)
+	p.cmd("PASS PostLoginSecret-999")
+	p.cmd("AUTH PLAIN %s", plainB64(userA, "AuthSecret-555"))
+	p.cmd("APOP x ApopSecret-333")
+	p.cmd("QUIT")
+	waitFor(t, "the session's end", func() bool { return strings.Contains(logs.String(), `"ended":"quit"`) })
+	for _, secret := range []string{"TabSecret-777", "PostLoginSecret-999", plainB64(userA, "AuthSecret-555"), "ApopSecret-333", passwordA} {
+		if strings.Contains(logs.String(), secret) {
+			t.Errorf("the log holds %q", secret)
+		}
+	}
+	if !strings.Contains(logs.String(), `"command":"PASS"`) {
+		t.Error("the PASS commands are not logged by their verb")
+	}
+}
+
+func TestPOP3ThreeFailedLoginsClose(t *testing.T) {
+	fake := startFake(t)
+	b, _ := startBridge(t, fake, testConfig(fake))
+	p := dialPOP3(t, b.POP3Addr())
+	for i, want := range []string{"-ERR [AUTH] Authentication failed", "-ERR [AUTH] Authentication failed", "-ERR [AUTH] Too many failed logins"} {
+		p.cmd("USER %s", userA)
+		if l := p.cmd("PASS wrong%d", i); !strings.HasPrefix(l, want) {
+			t.Fatalf("failure %d: %q, want %q", i+1, l, want)
+		}
+	}
+	p.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := p.r.ReadString('\n'); err == nil {
+		t.Error("the connection stayed open")
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"encoding/base64"
 	"fmt"
 	"net"
+	"net/textproto"
 	"os"
 	"slices"
 	"strings"
@@ -673,4 +674,78 @@ func TestSynchronousSessionsKeepFourPerMailbox(t *testing.T) {
 	if n := len(fake.Sent()); n != 8 {
 		t.Errorf("%d messages reached Graph, want 8", n)
 	}
+}
+
+// Envelope addresses are parsed as mailboxes: a second "@", a NUL or an
+// 8-bit local part is refused, and an allow-list domain matches only the
+// parsed domain.
+func TestMalformedAddressesRefused(t *testing.T) {
+	fake := startFake(t)
+	cfg := testConfig(fake)
+	cfg.Accounts[0].AllowedSenders = []string{"*@example.com"}
+	b, _ := startBridge(t, fake, cfg)
+	r := dialRaw(t, b.SMTPAddr())
+	r.cmd(235, "AUTH PLAIN AHRtbWFzdGVyAGNvcnJlY3QgaG9yc2U=")
+	for _, bad := range []string{"ceo@evil.example@example.com", "orders\x00x@example.com", "müller@example.com"} {
+		if msg := r.cmd(501, "MAIL FROM:<%s>", bad); !strings.Contains(msg, "5.1.7") {
+			t.Errorf("MAIL FROM:<%q>: %q", bad, msg)
+		}
+	}
+	r.cmd(250, "MAIL FROM:<orders@example.com>")
+	if msg := r.cmd(553, "RCPT TO:<a@b@example.org>"); !strings.Contains(msg, "5.1.3") {
+		t.Errorf("RCPT TO with two @: %q", msg)
+	}
+	r.cmd(250, "RCPT TO:<x@example.org>")
+}
+
+// At most three failed logins per connection; failures from other
+// loopback addresses for the same account are slowed down by the
+// account's count, and a success from one address does not reset the
+// others.
+func TestLoginThrottleCannotBeSidestepped(t *testing.T) {
+	fake := startFake(t)
+	b, logs := startBridge(t, fake, testConfig(fake))
+	r := dialRaw(t, b.SMTPAddr())
+	r.cmd(535, "AUTH PLAIN %s", plainB64(userA, "wrong1"))
+	r.cmd(535, "AUTH PLAIN %s", plainB64(userA, "wrong2"))
+	r.cmd(421, "AUTH PLAIN %s", plainB64(userA, "wrong3"))
+	r.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := r.tp.ReadLine(); err == nil {
+		t.Error("the connection stayed open after three failed logins")
+	}
+	findLogLine(t, logs.String(), "session closed: too many failed logins on one connection")
+
+	// Three more failures from other loopback addresses: each waits longer
+	// than the one before, as the account's count grows.
+	var waits []time.Duration
+	for i := 2; i <= 4; i++ {
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(i))}}
+		c, err := d.Dial("tcp", b.SMTPAddr())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		tp := textproto.NewConn(c)
+		tp.ReadResponse(220)
+		tp.PrintfLine("EHLO other")
+		tp.ReadResponse(250)
+		start := time.Now()
+		tp.PrintfLine("AUTH PLAIN %s", plainB64(userA, "wrong"))
+		if code, _, _ := tp.ReadResponse(535); code != 535 {
+			t.Fatalf("from 127.0.0.%d: %d", i, code)
+		}
+		waits = append(waits, time.Since(start))
+		c.Close()
+	}
+	// testAuthFailDelay is 5 ms: the account has failed 3 times before, so
+	// the next wait is 8 times that, then 16, then 30 (the cap).
+	if waits[0] < 30*time.Millisecond || waits[1] < waits[0] {
+		t.Errorf("waits from other addresses %v: not slowed down by the account's failures", waits)
+	}
+	// The right password is never refused.
+	dialAuth(t, b.SMTPAddr(), userA, passwordA)
+}
+
+func plainB64(user, pass string) string {
+	return base64.StdEncoding.EncodeToString([]byte("\x00" + user + "\x00" + pass))
 }

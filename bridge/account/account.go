@@ -18,8 +18,11 @@ import (
 	"time"
 
 	"mailbridge/bridge/config"
+	"mailbridge/bridge/conntrack"
 	"mailbridge/bridge/mime"
 	"mailbridge/upstream"
+
+	"github.com/rs/zerolog"
 )
 
 // ErrBadCredentials is a login with an unknown user name or a wrong
@@ -59,14 +62,18 @@ type Registry struct {
 	rootCAs    *x509.CertPool
 	key        *[32]byte
 	throttle   *throttle
+	log        zerolog.Logger
 }
 
 // NewRegistry returns an empty registry whose accounts use httpClient for
 // Microsoft's HTTPS endpoints and trust rootCAs (nil: the system's) for
 // Outlook's mail services. A failed login waits failureDelay, doubling with
-// each further failure from the same address up to 30 times as long.
-func NewRegistry(httpClient *http.Client, rootCAs *x509.CertPool, failureDelay time.Duration) *Registry {
+// each further failure from the same address or for the same account, up
+// to 30 times as long. An account over 10 failed logins a minute is
+// reported to log.
+func NewRegistry(httpClient *http.Client, rootCAs *x509.CertPool, failureDelay time.Duration, log zerolog.Logger) *Registry {
 	r := &Registry{
+		log:        log,
 		tokens:     upstream.NewTokenSources(httpClient),
 		httpClient: httpClient,
 		rootCAs:    rootCAs,
@@ -117,18 +124,29 @@ func (r *Registry) ByName(name string) *Account {
 // may use protocol, and returns the account. Failures are slowed down per
 // remote address; they are ErrBadCredentials.
 func (r *Registry) Authenticate(ctx context.Context, protocol, remoteIP, username, password string) (*Account, error) {
-	a := r.current.Load().byUser[strings.ToLower(username)]
+	user := strings.ToLower(username)
+	a := r.current.Load().byUser[user]
 	if a != nil && !a.Config.Uses(protocol) {
 		a = nil
 	}
 	if a != nil && a.password.check(password) {
-		r.throttle.succeeded(remoteIP)
+		r.throttle.succeeded(remoteIP, user)
 		return a, nil
 	}
 	if a == nil {
 		spendBcrypt(password)
 	}
-	t := time.NewTimer(r.throttle.failed(remoteIP))
+	delay, report := r.throttle.failed(remoteIP, user)
+	if report != nil {
+		name := ""
+		if a != nil {
+			name = a.Config.Name
+		}
+		r.log.Warn().Str("proto", protocol).Str("username", conntrack.Clip(username)).Str("account", name).Strs("remotes", report).
+			Str("hint", "someone is guessing this account's password: check the addresses; the right password still logs in").
+			Msg("many failed logins for one account within a minute")
+	}
+	t := time.NewTimer(delay)
 	defer t.Stop()
 	select {
 	case <-t.C:

@@ -2,6 +2,7 @@ package account
 
 import (
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -47,20 +48,46 @@ func TestAuthThrottleDoublesAndForgets(t *testing.T) {
 	th.now = func() time.Time { return now }
 	want := []time.Duration{100, 200, 400, 800, 1000, 1000}
 	for i, w := range want {
-		if got := th.failed("192.0.2.1"); got != w*time.Millisecond && !(w == 1000 && got == time.Second) {
+		if got, _ := th.failed("192.0.2.1", "a"); got != w*time.Millisecond {
 			t.Fatalf("failure %d: delay %v, want %v", i+1, got, w*time.Millisecond)
 		}
 	}
-	if got := th.failed("192.0.2.2"); got != 100*time.Millisecond {
-		t.Errorf("another address is slowed down too: %v", got)
+	if got, _ := th.failed("192.0.2.2", "b"); got != 100*time.Millisecond {
+		t.Errorf("another address and account is slowed down too: %v", got)
 	}
-	th.succeeded("192.0.2.2")
-	if got := th.failed("192.0.2.2"); got != 100*time.Millisecond {
-		t.Errorf("after a success: %v", got)
+	// Other addresses guessing account a are slowed down by a's count.
+	if got, _ := th.failed("127.0.0.2", "a"); got != time.Second {
+		t.Errorf("another address for the same account: %v, want the account's delay", got)
+	}
+	// A success clears its own pair only: the attacker's other pair and
+	// the other address's failures stay.
+	th.failed("192.0.2.1", "b")
+	th.succeeded("192.0.2.1", "b")
+	if got, _ := th.failed("192.0.2.1", "c"); got != time.Second {
+		t.Errorf("after another account's success from the same address: %v, want the address's delay", got)
 	}
 	now = now.Add(16 * time.Minute)
-	if got := th.failed("192.0.2.1"); got != 100*time.Millisecond {
-		t.Errorf("after a quiet quarter hour: %v, want the base delay", got)
+	if got, _ := th.failed("192.0.2.9", "z"); got != 100*time.Millisecond {
+		t.Errorf("a fresh pair: %v, want the base delay", got)
+	}
+}
+
+func TestAuthThrottleReportsAnAccountOverItsCap(t *testing.T) {
+	now := time.Unix(1000, 0)
+	th := newThrottle(time.Millisecond, time.Millisecond)
+	th.now = func() time.Time { return now }
+	var reported [][]string
+	for i := range 25 {
+		if _, r := th.failed(fmt.Sprintf("127.0.0.%d", i%3+1), "victim"); r != nil {
+			reported = append(reported, r)
+		}
+	}
+	if len(reported) != 1 || len(reported[0]) != 3 {
+		t.Fatalf("reports %v, want one naming the three addresses", reported)
+	}
+	now = now.Add(time.Minute)
+	if _, r := th.failed("127.0.0.1", "victim"); r != nil {
+		t.Error("a new minute starts with a report")
 	}
 }
 

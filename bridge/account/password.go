@@ -4,6 +4,7 @@ import (
 	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -62,57 +63,113 @@ func newProcessKey() *[32]byte {
 	return &k
 }
 
-// throttle slows down clients that keep failing to log in: after each
-// failure from an address its next refusal waits twice as long, from base
-// up to max. An address that stays quiet for forgetAfter starts afresh.
+// throttle slows down clients that keep failing to log in. Failures are
+// counted per (address, account) pair and summed per address and per
+// account: the next refusal for an address or an account waits twice as
+// long as the one before, from base up to max, so that neither many
+// accounts from one address nor one account from many addresses (other
+// loopback addresses, say) go fast. A success clears only its own pair.
+// A pair that stays quiet for forgetAfter is forgotten. An account that
+// fails more than capPerMinute times in a minute is reported.
 type throttle struct {
-	base, max   time.Duration
-	forgetAfter time.Duration
-	now         func() time.Time
+	base, max    time.Duration
+	forgetAfter  time.Duration
+	capPerMinute int
+	now          func() time.Time
 
-	mu    sync.Mutex
-	fails map[string]*failRecord
+	mu      sync.Mutex
+	pairs   map[pairKey]*failRecord
+	byIP    map[string]int
+	byAcct  map[string]int
+	windows map[string]*minuteWindow // by account
 }
+
+type pairKey struct{ ip, account string }
 
 type failRecord struct {
 	count int
 	last  time.Time
 }
 
-func newThrottle(base, max time.Duration) *throttle {
-	return &throttle{base: base, max: max, forgetAfter: 15 * time.Minute, now: time.Now, fails: map[string]*failRecord{}}
+type minuteWindow struct {
+	start    time.Time
+	count    int
+	ips      []string
+	reported bool
 }
 
-// failed records a failed login from ip and returns how long to wait
-// before answering it.
-func (t *throttle) failed(ip string) time.Duration {
+func newThrottle(base, max time.Duration) *throttle {
+	return &throttle{base: base, max: max, forgetAfter: 15 * time.Minute, capPerMinute: 10, now: time.Now,
+		pairs: map[pairKey]*failRecord{}, byIP: map[string]int{}, byAcct: map[string]int{}, windows: map[string]*minuteWindow{}}
+}
+
+// failed records a failed login from ip for account (the lower-case user
+// name given) and returns how long to wait before answering it, and, once
+// per minute when the account is over its cap, the addresses it failed
+// from.
+func (t *throttle) failed(ip, account string) (time.Duration, []string) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	now := t.now()
-	if len(t.fails) > 10000 {
-		for k, r := range t.fails {
+	if len(t.pairs) > 10000 {
+		for k, r := range t.pairs {
 			if now.Sub(r.last) > t.forgetAfter {
-				delete(t.fails, k)
+				t.forget(k, r)
 			}
 		}
 	}
-	r := t.fails[ip]
-	if r == nil || now.Sub(r.last) > t.forgetAfter {
+	k := pairKey{ip, account}
+	r := t.pairs[k]
+	if r != nil && now.Sub(r.last) > t.forgetAfter {
+		t.forget(k, r)
+		r = nil
+	}
+	if r == nil {
 		r = &failRecord{}
-		t.fails[ip] = r
+		t.pairs[k] = r
 	}
 	r.count++
 	r.last = now
+	t.byIP[ip]++
+	t.byAcct[account]++
+	n := max(t.byIP[ip], t.byAcct[account])
 	d := t.base
-	for i := 1; i < r.count && d < t.max; i++ {
+	for i := 1; i < n && d < t.max; i++ {
 		d *= 2
 	}
-	return min(d, t.max)
+	w := t.windows[account]
+	if w == nil || now.Sub(w.start) >= time.Minute {
+		w = &minuteWindow{start: now}
+		t.windows[account] = w
+	}
+	w.count++
+	if !slices.Contains(w.ips, ip) && len(w.ips) < 20 {
+		w.ips = append(w.ips, ip)
+	}
+	var report []string
+	if w.count > t.capPerMinute && !w.reported {
+		w.reported = true
+		report = slices.Clone(w.ips)
+	}
+	return min(d, t.max), report
 }
 
-// succeeded forgets ip's failures.
-func (t *throttle) succeeded(ip string) {
+// forget drops a pair's failures from the sums; t.mu is held.
+func (t *throttle) forget(k pairKey, r *failRecord) {
+	delete(t.pairs, k)
+	if t.byIP[k.ip] -= r.count; t.byIP[k.ip] <= 0 {
+		delete(t.byIP, k.ip)
+	}
+	if t.byAcct[k.account] -= r.count; t.byAcct[k.account] <= 0 {
+		delete(t.byAcct, k.account)
+	}
+}
+
+// succeeded forgets the failures of the pair (ip, account), and no other.
+func (t *throttle) succeeded(ip, account string) {
 	t.mu.Lock()
-	delete(t.fails, ip)
+	if r := t.pairs[pairKey{ip, account}]; r != nil {
+		t.forget(pairKey{ip, account}, r)
+	}
 	t.mu.Unlock()
 }

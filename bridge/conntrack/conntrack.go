@@ -33,7 +33,12 @@ type Tracker struct {
 type State struct {
 	busy      atomic.Bool
 	idleSince atomic.Int64 // unix nanoseconds
+	closeNext atomic.Bool
 }
+
+// CloseAfterNextWrite closes the connection once the next reply has been
+// written to it (the 421 of a session the bridge ends).
+func (s *State) CloseAfterNextWrite() { s.closeNext.Store(true) }
 
 // SetBusy marks the connection busy, or idle from now.
 func (s *State) SetBusy(busy bool) {
@@ -129,6 +134,14 @@ type trackedConn struct {
 	t     *Tracker
 	state *State
 	once  sync.Once
+}
+
+func (c *trackedConn) Write(p []byte) (int, error) {
+	n, err := c.Conn.Write(p)
+	if c.state.closeNext.Load() {
+		c.Close()
+	}
+	return n, err
 }
 
 func (c *trackedConn) Close() error {
@@ -234,4 +247,16 @@ func (c *idleConn) Read(p []byte) (int, error) {
 		c.Conn.SetReadDeadline(time.Now().Add(c.timeout))
 	}
 	return n, err
+}
+
+// MaxLogged bounds a value a client chose (HELO, user name, address,
+// command argument) in a log line.
+const MaxLogged = 256
+
+// Clip returns s cut at MaxLogged bytes and marked as cut, for the log.
+func Clip(s string) string {
+	if len(s) <= MaxLogged {
+		return s
+	}
+	return s[:MaxLogged] + "…(truncated)"
 }

@@ -50,17 +50,19 @@ func ParseSenderPolicy(patterns []string) (SenderPolicy, error) {
 
 // Allows reports whether addr matches one of the patterns. Addresses are
 // compared without regard to case.
+// An address that is not a well-formed mailbox (ParseMailbox) matches
+// nothing; a domain pattern compares the parsed domain exactly.
 func (p SenderPolicy) Allows(addr string) bool {
-	addr = strings.ToLower(addr)
-	at := strings.LastIndexByte(addr, '@')
-	if at < 1 {
+	local, domain, err := ParseMailbox(addr)
+	if err != nil {
 		return false
 	}
+	full := strings.ToLower(local) + "@" + domain
 	for _, pat := range p {
-		if pat.address != "" && pat.address == addr {
+		if pat.address != "" && pat.address == full {
 			return true
 		}
-		if pat.domain != "" && pat.domain == addr[at+1:] {
+		if pat.domain != "" && pat.domain == domain {
 			return true
 		}
 	}

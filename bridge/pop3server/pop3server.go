@@ -35,6 +35,10 @@ import (
 	"mailbridge/upstream"
 )
 
+// maxLoginFailures is how many failed logins a connection may make before
+// the bridge closes it.
+const maxLoginFailures = 3
+
 // maxCommand bounds a client's command line (RFC 2449 §4 allows 255
 // octets; AUTH responses are longer).
 const maxCommand = 1024
@@ -113,6 +117,7 @@ type session struct {
 	up      *upstream.POP3Conn
 
 	commands, retrCount, deleCount int
+	loginFails                     int
 	retrBytes                      int64
 	ended                          string
 }
@@ -373,7 +378,7 @@ func (s *session) parseCommand(line string) (cmd, arg string) {
 	case "PASS", "AUTH", "APOP":
 		s.log.Debug().Str("command", cmd).Msg("command")
 	default:
-		s.log.Debug().Str("command", cmd).Str("arg", arg).Msg("command")
+		s.log.Debug().Str("command", cmd).Str("arg", conntrack.Clip(arg)).Msg("command")
 	}
 	return cmd, arg
 }
@@ -385,7 +390,14 @@ func (s *session) login(username, password string) {
 	ip, _, _ := net.SplitHostPort(s.remote)
 	a, err := s.srv.opts.Accounts.Authenticate(s.ctx, "pop3", ip, username, password)
 	if err != nil {
-		s.log.Warn().Str("username", username).Msg("authentication failed: unknown user name or wrong password")
+		s.loginFails++
+		s.log.Warn().Str("username", conntrack.Clip(username)).Int("failures", s.loginFails).Msg("authentication failed: unknown user name or wrong password")
+		if s.loginFails >= maxLoginFailures {
+			s.log.Warn().Msg("session closed: too many failed logins on one connection")
+			s.reply("-ERR [AUTH] Too many failed logins, closing connection")
+			s.ended = "too many failed logins"
+			return
+		}
 		s.reply("-ERR [AUTH] Authentication failed")
 		return
 	}

@@ -109,9 +109,10 @@ type session struct {
 	remote  string
 	started time.Time
 
-	account *account.Account
-	from    string
-	rcpts   []string
+	account    *account.Account
+	from       string
+	rcpts      []string
+	loginFails int
 
 	messages int
 }
@@ -137,7 +138,7 @@ func (srv *Server) newSession(c *smtp.Conn) (smtp.Session, error) {
 		started: time.Now(),
 	}
 	s.log = srv.log.With().Str("session", s.id).Str("remote", remote).Logger()
-	s.log.Info().Str("helo", clip(c.Hostname())).Msg("session started")
+	s.log.Info().Str("helo", conntrack.Clip(c.Hostname())).Msg("session started")
 	srv.opts.Metrics.SessionStarted("smtp")
 	return s, nil
 }
@@ -165,7 +166,13 @@ func (s *session) login(username, password string) error {
 	ip, _, _ := net.SplitHostPort(s.remote)
 	a, err := s.srv.opts.Accounts.Authenticate(s.ctx, "smtp", ip, username, password)
 	if err != nil {
-		s.log.Warn().Str("username", clip(username)).Msg("authentication failed: unknown user name or wrong password")
+		s.loginFails++
+		s.log.Warn().Str("username", conntrack.Clip(username)).Int("failures", s.loginFails).Msg("authentication failed: unknown user name or wrong password")
+		if s.loginFails >= maxLoginFailures {
+			s.log.Warn().Msg("session closed: too many failed logins on one connection")
+			s.state.CloseAfterNextWrite()
+			return replyTooManyFailures
+		}
 		return smtp.ErrAuthFailed
 	}
 	s.account = a
@@ -177,15 +184,19 @@ func (s *session) login(username, password string) error {
 // Mail implements smtp.Session.
 func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	if s.account == nil {
-		s.log.Warn().Str("from", clip(from)).Msg("sender refused: MAIL FROM before AUTH")
+		s.log.Warn().Str("from", conntrack.Clip(from)).Msg("sender refused: MAIL FROM before AUTH")
 		return replyAuthRequired
 	}
 	if from == "" {
 		s.log.Warn().Msg("sender refused: the null sender cannot send through Graph")
 		return replyNullSender
 	}
+	if _, _, err := mime.ParseMailbox(from); err != nil {
+		s.log.Warn().Str("from", conntrack.Clip(from)).Msg("sender refused: MAIL FROM is not a well-formed address")
+		return replyBadSender
+	}
 	if !s.account.Senders.Allows(from) {
-		s.log.Warn().Str("from", clip(from)).Msg("sender refused: MAIL FROM is not in the account's allowed_senders")
+		s.log.Warn().Str("from", conntrack.Clip(from)).Msg("sender refused: MAIL FROM is not in the account's allowed_senders")
 		return replySenderNotAllowed(from, "Sender")
 	}
 	// A message is not taken while Microsoft refuses the account's
@@ -193,7 +204,7 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	// wait in the outbox until max_age, and the sender would never know.
 	if err := s.account.GraphTokens.LastError(); err != nil {
 		if f := failure.Classify(err); f.Kind == failure.Credentials {
-			s.log.Warn().Err(err).Str("from", clip(from)).Str("reason", string(f.Kind)).Str("hint", f.Hint).
+			s.log.Warn().Err(err).Str("from", conntrack.Clip(from)).Str("reason", string(f.Kind)).Str("hint", f.Hint).
 				Msg("message refused at MAIL: Microsoft 365 refuses this account's sign-in")
 			s.srv.opts.Metrics.Message(s.account.Config.Name, "refused", string(f.Kind), 0)
 			return replyFor(f)
@@ -201,12 +212,12 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	}
 	if opts != nil && opts.Size > 0 {
 		if limit := s.srv.opts.Config.MaxMessageBytes; opts.Size > limit {
-			s.log.Warn().Str("from", clip(from)).Int64("size", opts.Size).Int64("limit", limit).
+			s.log.Warn().Str("from", conntrack.Clip(from)).Int64("size", opts.Size).Int64("limit", limit).
 				Str("hint", "raise smtp.max_message_bytes if the mailbox's send limit allows").Msg("message refused at MAIL: SIZE is over smtp.max_message_bytes")
 			return replyOverMaxSize(limit)
 		}
 		if opts.Size > upstream.MaxSendMailMIME && !s.account.Config.LargeMessages {
-			s.log.Warn().Str("from", clip(from)).Int64("size", opts.Size).
+			s.log.Warn().Str("from", conntrack.Clip(from)).Int64("size", opts.Size).
 				Str("hint", "set large_messages = true (needs Mail.ReadWrite) to send messages over 3 MB").Msg("message refused at MAIL: SIZE is over sendMail's limit and large_messages is off")
 			return replyFor(failure.Classify(deliver.ErrLargeMessagesOff))
 		}
@@ -219,8 +230,12 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 // Rcpt implements smtp.Session.
 func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 	if s.account == nil {
-		s.log.Warn().Str("to", clip(to)).Msg("recipient refused: RCPT TO before AUTH")
+		s.log.Warn().Str("to", conntrack.Clip(to)).Msg("recipient refused: RCPT TO before AUTH")
 		return replyAuthRequired
+	}
+	if _, _, err := mime.ParseMailbox(to); err != nil {
+		s.log.Warn().Str("to", conntrack.Clip(to)).Msg("recipient refused: RCPT TO is not a well-formed address")
+		return replyBadRecipient
 	}
 	for _, r := range s.rcpts {
 		if strings.EqualFold(r, to) {
@@ -228,7 +243,7 @@ func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 		}
 	}
 	if limit := s.srv.opts.Config.MaxRecipients; len(s.rcpts) >= limit {
-		s.log.Warn().Str("from", clip(s.from)).Str("to", clip(to)).Int("limit", limit).
+		s.log.Warn().Str("from", conntrack.Clip(s.from)).Str("to", conntrack.Clip(to)).Int("limit", limit).
 			Str("hint", "the client sends to more recipients than smtp.max_recipients; Exchange Online allows 500 by default").Msg("recipient refused: smtp.max_recipients reached")
 		return replyTooManyRecipients
 	}
@@ -265,7 +280,7 @@ func (s *session) Data(r io.Reader) error {
 		var se *smtp.SMTPError
 		if errors.As(err, &se) {
 			if se == smtp.ErrDataTooLarge {
-				s.log.Warn().Str("from", clip(s.from)).Int64("limit", s.srv.opts.Config.MaxMessageBytes).Msg("message refused: larger than smtp.max_message_bytes")
+				s.log.Warn().Str("from", conntrack.Clip(s.from)).Int64("limit", s.srv.opts.Config.MaxMessageBytes).Msg("message refused: larger than smtp.max_message_bytes")
 			}
 			return se
 		}
@@ -289,7 +304,7 @@ func (s *session) Data(r io.Reader) error {
 	}
 	size := m.Size()
 	if size > upstream.MaxSendMailMIME && !s.account.Config.LargeMessages {
-		s.log.Warn().Str("from", clip(s.from)).Int64("bytes", size).Msg("message refused: over sendMail's limit and large_messages is off")
+		s.log.Warn().Str("from", conntrack.Clip(s.from)).Int64("bytes", size).Msg("message refused: over sendMail's limit and large_messages is off")
 		return replyFor(failure.Classify(deliver.ErrLargeMessagesOff))
 	}
 	receipt, err := s.srv.opts.Submit.Submit(s.ctx, m, s.log)
@@ -317,7 +332,7 @@ func (s *session) finish(m *deliver.Message, r deliver.Receipt, err error, start
 	if requestID == "" {
 		requestID = f.RequestID
 	}
-	ev = ev.Str("message_id", m.MessageID).Str("from", clip(s.from)).Strs("rcpt", m.Recipients).Int("rcpt_count", len(m.Recipients)).Int64("bytes", size).
+	ev = ev.Str("message_id", m.MessageID).Str("from", conntrack.Clip(s.from)).Strs("rcpt", m.Recipients).Int("rcpt_count", len(m.Recipients)).Int64("bytes", size).
 		Str("graph_user", r.User).Int64("duration_ms", time.Since(start).Milliseconds())
 	switch {
 	case err != nil:
@@ -360,7 +375,7 @@ func (s *session) prepare(sp *mime.Spool) (*deliver.Message, error) {
 			}
 			for _, a := range addrs {
 				if !s.account.Senders.Allows(a) {
-					s.log.Warn().Str("from", clip(s.from)).Str("field", field).Str("address", a).Msg("sender refused: header address is not in the account's allowed_senders")
+					s.log.Warn().Str("from", conntrack.Clip(s.from)).Str("field", field).Str("address", a).Msg("sender refused: header address is not in the account's allowed_senders")
 					return nil, replySenderNotAllowed(a, field+":")
 				}
 			}
@@ -381,14 +396,6 @@ func (s *session) prepare(sp *mime.Spool) (*deliver.Message, error) {
 	return m, nil
 }
 
-// maxLogged bounds a value the client chose (HELO, user name, address) in
-// a log line.
-const maxLogged = 256
-
-// clip returns s, cut at maxLogged bytes and marked as cut.
-func clip(s string) string {
-	if len(s) <= maxLogged {
-		return s
-	}
-	return s[:maxLogged] + "…(truncated)"
-}
+// maxLoginFailures is how many failed logins a connection may make before
+// the bridge closes it.
+const maxLoginFailures = 3
