@@ -75,6 +75,8 @@ type Bridge struct {
 	pop3TLS   *tls.Config
 	smtpWatch *localtls.Watcher
 	pop3Watch *localtls.Watcher
+	smtpLogin *conntrack.LoginPolicy
+	pop3Login *conntrack.LoginPolicy
 	smtpSlots chan struct{}
 	smtpLn    net.Listener
 	smtpTLSLn net.Listener
@@ -145,6 +147,8 @@ func New(cfg *config.Config, opts Options) (*Bridge, error) {
 	b.pop3Watch = localtls.NewWatcher(b.log, "pop3", config.TLSVersions[cfg.POP3.TLSMinVersion])
 	b.smtpTLS, b.pop3TLS = b.smtpWatch.Config(res.SMTPTLS), b.pop3Watch.Config(res.POP3TLS)
 	b.smtpSlots = make(chan struct{}, max(cfg.SMTP.MaxSessions, 1))
+	b.smtpLogin = b.loginPolicy("smtp", cfg.SMTP.LoginTimeout.Duration, cfg.SMTP.MaxSessions)
+	b.pop3Login = b.loginPolicy("pop3", cfg.POP3.LoginTimeout.Duration, cfg.POP3.MaxSessions)
 	b.smtp = smtpserver.New(smtpserver.Options{
 		Config: cfg.SMTP, TLS: b.smtpTLS, Accounts: b.accounts, Submit: submit,
 		Conns: &b.conns, Metrics: b.metrics, Log: b.log, Context: b.baseCtx,
@@ -154,6 +158,16 @@ func New(cfg *config.Config, opts Options) (*Bridge, error) {
 		Conns: &b.conns, Metrics: b.metrics, Log: b.log, Context: b.baseCtx,
 	})
 	return b, nil
+}
+
+// loginPolicy bounds the connections of proto that have not logged in: a
+// quarter of max_sessions is always left for clients that have.
+func (b *Bridge) loginPolicy(proto string, timeout time.Duration, maxSessions int) *conntrack.LoginPolicy {
+	return &conntrack.LoginPolicy{
+		Timeout: timeout, MaxUnauthenticated: max(1, maxSessions-max(1, maxSessions/4)), Key: proto + ".login_timeout",
+		Log:    b.log.With().Str("proto", proto).Logger(),
+		Opened: func() { b.metrics.ConnectionOpened(proto) }, Closed: func() { b.metrics.ConnectionClosed(proto) },
+	}
 }
 
 // Accounts returns the configured accounts in configuration order.
@@ -173,14 +187,16 @@ func (b *Bridge) Start() error {
 			return err
 		}
 		b.pop3Ln = pln
-		b.serve(func() { b.pop3.Serve(b.conns.Wrap(b.pop3Watch.Listener(pln))) })
+		b.serve(func() { b.pop3.Serve(b.conns.WrapLogin(b.pop3Watch.Listener(b.pop3.LimitListener(pln)), b.pop3Login)) })
 		if tl := b.cfg.POP3.TLSListen; tl != "" {
 			tln, err := b.listen("pop3", tl, b.pop3TLS)
 			if err != nil {
 				return err
 			}
 			b.pop3TLSLn = tln
-			b.serve(func() { b.pop3.Serve(tls.NewListener(b.conns.Wrap(b.pop3Watch.Listener(tln)), b.pop3TLS)) })
+			b.serve(func() {
+				b.pop3.Serve(tls.NewListener(b.conns.WrapLogin(b.pop3Watch.Listener(b.pop3.LimitListener(tln)), b.pop3Login), b.pop3TLS))
+			})
 		}
 	}
 	if tl := b.cfg.SMTP.TLSListen; tl != "" {
@@ -209,9 +225,9 @@ func (b *Bridge) Start() error {
 		})
 	}
 	idle := b.cfg.SMTP.IdleTimeout.Duration
-	serveSMTP(b.conns.Wrap(b.smtpWatch.Listener(b.smtp.Guard(conntrack.IdleListener(b.smtp.LimitListener(ln, b.smtpSlots), idle)))))
+	serveSMTP(b.conns.WrapLogin(b.smtpWatch.Listener(b.smtp.Guard(conntrack.IdleListener(b.smtp.LimitListener(ln, b.smtpSlots), idle))), b.smtpLogin))
 	if b.smtpTLSLn != nil {
-		serveSMTP(tls.NewListener(b.conns.Wrap(b.smtpWatch.Listener(conntrack.IdleListener(b.smtp.LimitListener(b.smtpTLSLn, b.smtpSlots), idle))), b.smtpTLS))
+		serveSMTP(tls.NewListener(b.conns.WrapLogin(b.smtpWatch.Listener(conntrack.IdleListener(b.smtp.LimitListener(b.smtpTLSLn, b.smtpSlots), idle)), b.smtpLogin), b.smtpTLS))
 	}
 	if b.cfg.Admin.Listen != "" {
 		aln, err := b.listen("admin", b.cfg.Admin.Listen, nil)

@@ -137,3 +137,46 @@ func TestSlowDataCompletesStalledDataGets451(t *testing.T) {
 		t.Errorf("%d messages sent, want the slow one only", n)
 	}
 }
+
+// Connections that never log in are closed after login_timeout, count in
+// the active-sessions metric from the first byte, and cannot hold every
+// slot: a new client finds room, the oldest idler is closed for it.
+func TestIdleUnauthenticatedConnectionsCannotLockOut(t *testing.T) {
+	fake := startFake(t)
+	cfg := testConfig(fake)
+	cfg.SMTP.MaxSessions = 4 // 3 may be unauthenticated
+	cfg.SMTP.LoginTimeout = config.Duration{Duration: 3 * time.Second}
+	cfg.Admin.Listen = "127.0.0.1:0"
+	b, logs := startBridge(t, fake, cfg)
+	var idle []net.Conn
+	for range 3 {
+		c, err := net.Dial("tcp", b.SMTPAddr())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		idle = append(idle, c)
+	}
+	waitFor(t, "three connections counted", func() bool {
+		_, m := scrape(t, "http://"+b.AdminAddr()+"/metrics")
+		return strings.Contains(m, `mailbridge_sessions_active{proto="smtp"} 3`+"\n")
+	})
+	time.Sleep(2100 * time.Millisecond) // older than a client's login
+	c := dialAuth(t, b.SMTPAddr(), userA, passwordA)
+	if _, err := send(c, mailboxA, []string{"x@example.org"}, crlf("From: orders@example.com\nTo: x@example.org\n\nhi\n")); err != nil {
+		t.Fatalf("a client that logs in is locked out: %v", err)
+	}
+	findLogLine(t, logs.String(), "connection closed: the oldest of too many that have not logged in, to make room")
+	// The others are closed at login_timeout.
+	idle[1].SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 512)
+	for {
+		if _, err := idle[1].Read(buf); err != nil {
+			break
+		}
+	}
+	line := findLogLine(t, logs.String(), "connection closed: not logged in in time")
+	if !strings.Contains(line, "smtp.login_timeout") {
+		t.Errorf("login timeout logged as %s", line)
+	}
+}

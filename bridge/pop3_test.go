@@ -522,7 +522,9 @@ func TestPOP3LimitsAndTimeouts(t *testing.T) {
 	cfg.POP3.MaxSessions = 2
 	cfg.POP3.IdleTimeout = config.Duration{Duration: 300 * time.Millisecond}
 	b, _ := startBridge(t, fake, cfg)
-	p1, p2 := dialPOP3(t, b.POP3Addr()), dialPOP3(t, b.POP3Addr()) // both slots taken
+	p1, p2 := dialPOP3(t, b.POP3Addr()), dialPOP3(t, b.POP3Addr()) // both slots taken by logged-in clients
+	p1.login(userA, passwordA)
+	p2.login(userA, passwordA)
 	c, err := net.Dial("tcp", b.POP3Addr())
 	if err != nil {
 		t.Fatal(err)

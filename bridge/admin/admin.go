@@ -93,13 +93,14 @@ func Serve(ln net.Listener, m *Metrics, health Health) error {
 }
 
 // SessionStarted counts a client session of proto that began.
-func (m *Metrics) SessionStarted(proto string) {
-	m.sessions.WithLabelValues(proto).Inc()
-	m.activeSessions.WithLabelValues(proto).Inc()
-}
+func (m *Metrics) SessionStarted(proto string) { m.sessions.WithLabelValues(proto).Inc() }
 
-// SessionEnded counts a client session of proto that ended.
-func (m *Metrics) SessionEnded(proto string) { m.activeSessions.WithLabelValues(proto).Dec() }
+// ConnectionOpened and ConnectionClosed keep the active-sessions gauge:
+// every open connection, logged in or not.
+func (m *Metrics) ConnectionOpened(proto string) { m.activeSessions.WithLabelValues(proto).Inc() }
+
+// ConnectionClosed: see ConnectionOpened.
+func (m *Metrics) ConnectionClosed(proto string) { m.activeSessions.WithLabelValues(proto).Dec() }
 
 // RetrBytes counts bytes of messages downloaded through the bridge.
 func (m *Metrics) RetrBytes(account string, n int64) {

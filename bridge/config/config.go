@@ -61,6 +61,7 @@ type SMTPConfig struct {
 	SendTimeout     Duration `toml:"send_timeout"`     // how long one message may take to reach Graph, retries included
 	MaxSessions     int      `toml:"max_sessions"`     // concurrent SMTP sessions
 	IdleTimeout     Duration `toml:"idle_timeout"`     // how long a client may stay silent
+	LoginTimeout    Duration `toml:"login_timeout"`    // how long a client may take to log in
 	ShutdownTimeout Duration `toml:"shutdown_timeout"` // how long a stop waits for messages being received
 	// SpoolDir holds messages over 4 MB while they are received and sent;
 	// "" is the system's temporary directory.
@@ -149,6 +150,7 @@ type POP3Config struct {
 	LocalTLS        `toml:",inline"`
 	Upstream        string   `toml:"upstream"`         // host:port, implicit TLS
 	IdleTimeout     Duration `toml:"idle_timeout"`     // how long a client may stay silent
+	LoginTimeout    Duration `toml:"login_timeout"`    // how long a client may take to log in
 	UpstreamTimeout Duration `toml:"upstream_timeout"` // how long Outlook may stay silent within an answer
 	MaxSessions     int      `toml:"max_sessions"`     // concurrent POP3 sessions
 }
@@ -279,6 +281,7 @@ func Default() *Config {
 			MaxRecipients:      DefaultMaxRecipients,
 			SendTimeout:        Duration{60 * time.Second},
 			IdleTimeout:        Duration{5 * time.Minute},
+			LoginTimeout:       Duration{60 * time.Second},
 			ShutdownTimeout:    Duration{30 * time.Second},
 			UploadBytesPer5Min: 150 << 20,
 			MaxSessions:        100,
@@ -294,6 +297,7 @@ func Default() *Config {
 			Upstream: upstream.DefaultPOP3Addr,
 			// RFC 1939 §3: an autologout timer of at least 10 minutes.
 			IdleTimeout:     Duration{10 * time.Minute},
+			LoginTimeout:    Duration{60 * time.Second},
 			UpstreamTimeout: Duration{2 * time.Minute},
 			MaxSessions:     100,
 		},
@@ -375,7 +379,7 @@ func (c *Config) Complete(dir string) error {
 	if c.SMTP.MaxRecipients <= 0 {
 		bad("smtp.max_recipients", "must be positive")
 	}
-	for key, d := range map[string]Duration{"smtp.send_timeout": c.SMTP.SendTimeout, "smtp.idle_timeout": c.SMTP.IdleTimeout, "smtp.shutdown_timeout": c.SMTP.ShutdownTimeout} {
+	for key, d := range map[string]Duration{"smtp.send_timeout": c.SMTP.SendTimeout, "smtp.idle_timeout": c.SMTP.IdleTimeout, "smtp.shutdown_timeout": c.SMTP.ShutdownTimeout, "smtp.login_timeout": c.SMTP.LoginTimeout} {
 		if d.Duration <= 0 {
 			bad(key, "must be a positive duration such as \"30s\"")
 		}
@@ -385,7 +389,7 @@ func (c *Config) Complete(dir string) error {
 		if _, port, err := net.SplitHostPort(c.POP3.Upstream); err != nil || port == "" {
 			bad("pop3.upstream", "%q is not host:port, such as %q", c.POP3.Upstream, upstream.DefaultPOP3Addr)
 		}
-		for key, d := range map[string]Duration{"pop3.idle_timeout": c.POP3.IdleTimeout, "pop3.upstream_timeout": c.POP3.UpstreamTimeout} {
+		for key, d := range map[string]Duration{"pop3.idle_timeout": c.POP3.IdleTimeout, "pop3.upstream_timeout": c.POP3.UpstreamTimeout, "pop3.login_timeout": c.POP3.LoginTimeout} {
 			if d.Duration <= 0 {
 				bad(key, "must be a positive duration such as \"30s\"")
 			}

@@ -29,11 +29,44 @@ type Tracker struct {
 	conns map[net.Conn]*State
 }
 
-// State is one connection's busy flag.
+// State is one connection's busy flag and login state.
 type State struct {
 	busy      atomic.Bool
 	idleSince atomic.Int64 // unix nanoseconds
 	closeNext atomic.Bool
+	authed    atomic.Bool
+	opened    time.Time
+	policy    *LoginPolicy
+	timer     *time.Timer
+}
+
+// MarkAuthenticated records that the client logged in: the login timeout
+// no longer applies, and the connection no longer counts as unauthenticated.
+func (s *State) MarkAuthenticated() {
+	s.authed.Store(true)
+	if s.timer != nil {
+		s.timer.Stop()
+	}
+}
+
+// evictAfter is how long a connection must have been open without logging
+// in before it may be closed to make room for a new one.
+const evictAfter = 2 * time.Second
+
+// LoginPolicy bounds the connections of one protocol that have not logged
+// in: each is closed after Timeout, and at most MaxUnauthenticated of
+// them are open at once (a new one closes the oldest), so that idle
+// connections never keep authenticated clients out.
+type LoginPolicy struct {
+	Timeout            time.Duration
+	MaxUnauthenticated int
+	// Key names the timeout's setting for the log, such as
+	// "smtp.login_timeout".
+	Key string
+	Log zerolog.Logger
+	// Opened and Closed, if set, are called as connections open and close
+	// (the active-sessions metric).
+	Opened, Closed func()
 }
 
 // CloseAfterNextWrite closes the connection once the next reply has been
@@ -51,16 +84,58 @@ func (s *State) SetBusy(busy bool) {
 // Wrap returns ln whose accepted connections are tracked.
 func (t *Tracker) Wrap(ln net.Listener) net.Listener { return &trackedListener{Listener: ln, t: t} }
 
-func (t *Tracker) add(c net.Conn) *trackedConn {
-	st := &State{}
+// WrapLogin is Wrap with a login policy for the connections of ln.
+func (t *Tracker) WrapLogin(ln net.Listener, p *LoginPolicy) net.Listener {
+	return &trackedListener{Listener: ln, t: t, policy: p}
+}
+
+func (t *Tracker) add(c net.Conn, p *LoginPolicy) *trackedConn {
+	st := &State{opened: time.Now(), policy: p}
 	st.SetBusy(false)
+	tc := &trackedConn{Conn: c, t: t, state: st}
+	var evict *trackedConn
 	t.mu.Lock()
 	if t.conns == nil {
 		t.conns = map[net.Conn]*State{}
 	}
-	tc := &trackedConn{Conn: c, t: t, state: st}
+	if p != nil && p.MaxUnauthenticated > 0 {
+		n := 0
+		var oldest time.Time
+		for other, ost := range t.conns {
+			if ost.policy == p && !ost.authed.Load() {
+				n++
+				// A client logs in within milliseconds of connecting: only
+				// one silent for longer is taken for an idler.
+				if oc, ok := other.(*trackedConn); ok && time.Since(ost.opened) > evictAfter && (evict == nil || ost.opened.Before(oldest)) {
+					evict, oldest = oc, ost.opened
+				}
+			}
+		}
+		if n < p.MaxUnauthenticated {
+			evict = nil
+		}
+	}
 	t.conns[tc] = st
 	t.mu.Unlock()
+	if p != nil {
+		if p.Opened != nil {
+			p.Opened()
+		}
+		if evict != nil {
+			p.Log.Warn().Str("remote", evict.RemoteAddr().String()).Int("max_unauthenticated", p.MaxUnauthenticated).
+				Msg("connection closed: the oldest of too many that have not logged in, to make room")
+			evict.Close()
+		}
+		if p.Timeout > 0 {
+			st.timer = time.AfterFunc(p.Timeout, func() {
+				if !st.authed.Load() {
+					p.Log.Warn().Str("remote", c.RemoteAddr().String()).Dur("login_timeout", p.Timeout).
+						Str("hint", "the client connected but did not log in within "+p.Key).Msg("connection closed: not logged in in time")
+					tc.Close()
+				}
+			})
+		}
+	}
 	return tc
 }
 
@@ -118,7 +193,8 @@ func (t *Tracker) closeWhere(match func(*State) bool) {
 
 type trackedListener struct {
 	net.Listener
-	t *Tracker
+	t      *Tracker
+	policy *LoginPolicy
 }
 
 func (l *trackedListener) Accept() (net.Conn, error) {
@@ -126,7 +202,7 @@ func (l *trackedListener) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return l.t.add(c), nil
+	return l.t.add(c, l.policy), nil
 }
 
 type trackedConn struct {
@@ -149,6 +225,12 @@ func (c *trackedConn) Close() error {
 		c.t.mu.Lock()
 		delete(c.t.conns, c)
 		c.t.mu.Unlock()
+		if c.state.timer != nil {
+			c.state.timer.Stop()
+		}
+		if p := c.state.policy; p != nil && p.Closed != nil {
+			p.Closed()
+		}
 	})
 	return c.Conn.Close()
 }

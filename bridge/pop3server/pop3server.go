@@ -77,12 +77,17 @@ func New(opts Options) *Server {
 // Wait waits until every session has ended.
 func (srv *Server) Wait() { srv.wg.Wait() }
 
+// LimitListener wraps ln so that connections over pop3.max_sessions are
+// refused with -ERR [SYS/TEMP].
+func (srv *Server) LimitListener(ln net.Listener) net.Listener {
+	return &conntrack.LimitListener{Listener: ln, Slots: srv.slots, Refusal: "-ERR [SYS/TEMP] Too many POP3 sessions, try again later\r\n",
+		Proto: "pop3", Key: "pop3.max_sessions", Log: srv.log}
+}
+
 // Serve accepts POP3 clients on ln until it is closed.
 func (srv *Server) Serve(ln net.Listener) {
-	lim := &conntrack.LimitListener{Listener: ln, Slots: srv.slots, Refusal: "-ERR [SYS/TEMP] Too many POP3 sessions, try again later\r\n",
-		Proto: "pop3", Key: "pop3.max_sessions", Log: srv.log}
 	for {
-		c, err := lim.Accept()
+		c, err := ln.Accept()
 		if err != nil {
 			if !errors.Is(err, net.ErrClosed) {
 				srv.log.Error().Err(err).Msg("pop3 listener stopped")
@@ -139,7 +144,6 @@ func (s *session) serve() {
 	defer s.finish()
 	s.log.Info().Msg("session started")
 	s.srv.opts.Metrics.SessionStarted("pop3")
-	defer s.srv.opts.Metrics.SessionEnded("pop3")
 	if s.reply("+OK mailbridge POP3 ready") != nil {
 		s.ended = "client gone"
 		return
@@ -402,6 +406,7 @@ func (s *session) login(username, password string) {
 		return
 	}
 	s.account = a
+	s.state.MarkAuthenticated()
 	s.log = s.log.With().Str("account", a.Config.Name).Logger()
 	s.state.SetBusy(true)
 	defer s.state.SetBusy(false)

@@ -176,6 +176,7 @@ func (s *session) login(username, password string) error {
 		return smtp.ErrAuthFailed
 	}
 	s.account = a
+	s.state.MarkAuthenticated()
 	s.log = s.log.With().Str("account", a.Config.Name).Logger()
 	s.log.Debug().Msg("authenticated")
 	return nil
@@ -260,7 +261,6 @@ func (s *session) Reset() {
 // Logout implements smtp.Session.
 func (s *session) Logout() error {
 	s.cancel()
-	s.srv.opts.Metrics.SessionEnded("smtp")
 	s.log.Info().Int("messages", s.messages).Int64("duration_ms", time.Since(s.started).Milliseconds()).Msg("session ended")
 	return nil
 }
