@@ -235,7 +235,14 @@ func (b *Bridge) Start() error {
 			return err
 		}
 		b.adminLn = aln
-		go admin.Serve(aln, b.metrics, b.health)
+		go admin.Serve(aln, b.metrics, b.health, b.cfg.Admin.IdleTimeout.Duration, b.log)
+		if host, _, _ := net.SplitHostPort(b.cfg.Admin.Listen); !config.IsLoopbackHost(host) {
+			b.log.Warn().Str("proto", "admin").Str("listen", b.cfg.Admin.Listen).
+				Msg("ADMIN ON THE NETWORK: /metrics and /healthz answer anyone who can reach this address (admin_allow_network = true); keep it behind a firewall")
+		}
+	}
+	for _, w := range b.cfg.ExposedSecrets() {
+		b.log.Warn().Msg("SECRET READABLE BY OTHERS: " + w)
 	}
 	for table, lt := range map[string]config.LocalTLS{"smtp": b.cfg.SMTP.LocalTLS, "pop3": b.cfg.POP3.LocalTLS} {
 		if lt.TLSCert != "" && config.TLSVersions[lt.TLSMinVersion] < tls.VersionTLS12 {

@@ -31,6 +31,9 @@ type CheckResult struct {
 // POP.AccessAsApp role, a login to Outlook and STAT.
 func (b *Bridge) Check(ctx context.Context, sendTestTo string) []CheckResult {
 	var results []CheckResult
+	for _, w := range b.cfg.ExposedSecrets() {
+		results = append(results, CheckResult{Check: "secret-file", OK: true, Warn: true, Detail: w})
+	}
 	for _, a := range b.Accounts() {
 		if w := a.Config.SecretExpiryWarning(time.Now()); w != "" {
 			results = append(results, CheckResult{Account: a.Config.Name, Check: "secret", OK: true, Warn: true,

@@ -1,13 +1,17 @@
 package bridge_test
 
 import (
+	"bufio"
 	"encoding/json"
+	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
 	"time"
 
+	"mailbridge/bridge/admin"
 	"mailbridge/bridge/config"
 	"mailbridge/upstream/m365fake"
 )
@@ -138,5 +142,55 @@ func TestHealthTellsOfFailedAndStuckMessages(t *testing.T) {
 	waitFor(t, "the stuck queue in /healthz", func() bool {
 		code, body := scrape(t, base+"/healthz")
 		return code == 503 && strings.Contains(body, "1 message(s) queued, the oldest for") && strings.Contains(body, "admin.max_queue_age")
+	})
+}
+
+// The admin listener closes silent keep-alive connections and caps how
+// many are open.
+func TestAdminIdleTimeoutAndCap(t *testing.T) {
+	fake := startFake(t)
+	cfg := testConfig(fake)
+	cfg.Admin.Listen = "127.0.0.1:0"
+	cfg.Admin.IdleTimeout = config.Duration{Duration: 300 * time.Millisecond}
+	b, _ := startBridge(t, fake, cfg)
+	c, err := net.Dial("tcp", b.AdminAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	fmt.Fprintf(c, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	start := time.Now()
+	if _, err := br.ReadByte(); err == nil {
+		t.Fatal("data after the response")
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("the idle keep-alive connection was closed after %v, want about 300 ms", d)
+	}
+	// Over the cap: 503 at once.
+	var conns []net.Conn
+	for range admin.MaxConnections {
+		c, err := net.Dial("tcp", b.AdminAddr())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		conns = append(conns, c)
+	}
+	waitFor(t, "the cap", func() bool {
+		c, err := net.Dial("tcp", b.AdminAddr())
+		if err != nil {
+			return false
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(2 * time.Second))
+		l, _ := bufio.NewReader(c).ReadString('\n')
+		return strings.HasPrefix(l, "HTTP/1.1 503")
 	})
 }

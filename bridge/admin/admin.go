@@ -2,11 +2,14 @@
 // metrics (in a registry of their own) and their recording methods, and
 // the HTTP server of /metrics and /healthz.
 //
-// It imports nothing of the bridge; what it reports is handed to it.
+// It imports only bridge/conntrack (for its connection cap); what it
+// reports is handed to it.
 package admin
 
 import (
 	"encoding/json"
+	"io"
+	stdlog "log"
 	"net"
 	"net/http"
 	"strconv"
@@ -15,6 +18,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/rs/zerolog"
+
+	"mailbridge/bridge/conntrack"
 )
 
 // Metrics are the bridge's Prometheus metrics, in a registry of its own.
@@ -74,8 +80,14 @@ func (m *Metrics) Message(account, result, reason string, bytes int64) {
 // Health reports whether the bridge is healthy and, if not, why.
 type Health func() (ok bool, reasons []string)
 
-// Serve serves /metrics and /healthz on ln until it is closed.
-func Serve(ln net.Listener, m *Metrics, health Health) error {
+// MaxConnections bounds the admin listener's open connections; more are
+// answered 503 and closed.
+const MaxConnections = 32
+
+// Serve serves /metrics and /healthz on ln until it is closed. A
+// keep-alive connection silent for idle is closed; a request has 10 s for
+// its header and 30 s in all.
+func Serve(ln net.Listener, m *Metrics, health Health, idle time.Duration, log zerolog.Logger) error {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
@@ -88,8 +100,11 @@ func Serve(ln net.Listener, m *Metrics, health Health) error {
 		}
 		json.NewEncoder(w).Encode(map[string]any{"status": "ok"})
 	})
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
-	return srv.Serve(ln)
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second,
+		WriteTimeout: 30 * time.Second, IdleTimeout: idle, ErrorLog: stdlog.New(io.Discard, "", 0)}
+	lim := &conntrack.LimitListener{Listener: ln, Slots: make(chan struct{}, MaxConnections), Proto: "admin", Key: "the admin connection cap",
+		Refusal: "HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", Log: log}
+	return srv.Serve(lim)
 }
 
 // SessionStarted counts a client session of proto that began.

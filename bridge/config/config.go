@@ -130,7 +130,7 @@ func checkListen(key, addr string, bad func(key, format string, args ...any)) bo
 	_, port, err := net.SplitHostPort(addr)
 	n, perr := strconv.Atoi(port)
 	if err != nil || port == "" || perr != nil || n < 0 || n > 65535 {
-		bad(key, "%q is not host:port with a port from 1 to 65535, such as %q", addr, "127.0.0.1:2525")
+		bad(key, "%q is not host:port with a port up to 65535, such as %q", addr, "127.0.0.1:2525")
 		return false
 	}
 	return true
@@ -179,6 +179,11 @@ type OutboxConfig struct {
 // AdminConfig is the [admin] table: /metrics (Prometheus) and /healthz.
 type AdminConfig struct {
 	Listen string `toml:"listen"` // "" turns it off; such as 127.0.0.1:9925
+	// AllowNetwork lets listen take a non-loopback address: /metrics and
+	// /healthz are then open to the network.
+	AllowNetwork bool `toml:"admin_allow_network"`
+	// IdleTimeout closes a keep-alive connection silent this long.
+	IdleTimeout Duration `toml:"idle_timeout"`
 	// MaxQueueAge: /healthz turns 503 when the oldest queued message is
 	// older.
 	MaxQueueAge Duration `toml:"max_queue_age"`
@@ -286,7 +291,7 @@ func Default() *Config {
 			UploadBytesPer5Min: 150 << 20,
 			MaxSessions:        100,
 		},
-		Admin: AdminConfig{MaxQueueAge: Duration{15 * time.Minute}, FailedWindow: Duration{24 * time.Hour}},
+		Admin: AdminConfig{MaxQueueAge: Duration{15 * time.Minute}, FailedWindow: Duration{24 * time.Hour}, IdleTimeout: Duration{60 * time.Second}},
 		Outbox: OutboxConfig{
 			MaxAge:        Duration{72 * time.Hour},
 			MaxBytes:      1 << 30,
@@ -424,10 +429,12 @@ func (c *Config) Complete(dir string) error {
 			}
 		}
 	}
-	if c.Admin.Listen != "" {
-		checkListen("admin.listen", c.Admin.Listen, bad)
+	if c.Admin.Listen != "" && checkListen("admin.listen", c.Admin.Listen, bad) {
+		if host, _, _ := net.SplitHostPort(c.Admin.Listen); !IsLoopbackHost(host) && !c.Admin.AllowNetwork {
+			bad("admin.listen", "%q is not a loopback address: /metrics and /healthz would be open to the network; set admin_allow_network = true if that is meant", c.Admin.Listen)
+		}
 	}
-	for key, d := range map[string]Duration{"admin.max_queue_age": c.Admin.MaxQueueAge, "admin.failed_window": c.Admin.FailedWindow} {
+	for key, d := range map[string]Duration{"admin.max_queue_age": c.Admin.MaxQueueAge, "admin.failed_window": c.Admin.FailedWindow, "admin.idle_timeout": c.Admin.IdleTimeout} {
 		if d.Duration <= 0 {
 			bad(key, "must be a positive duration such as \"15m\"")
 		}

@@ -4,6 +4,7 @@ import (
 	"mailbridge/bridge/config"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -161,4 +162,49 @@ func mustRead(t *testing.T, p string) string {
 func loadResolved(path string) (*config.Config, error) {
 	cfg, _, err := config.LoadResolved(path)
 	return cfg, err
+}
+
+func TestExposedSecrets(t *testing.T) {
+	if runtime.GOOS == "windows" {
+		t.Skip("file modes: the Windows ACL check is built for Windows only")
+	}
+	dir := t.TempDir()
+	p := filepath.Join(dir, "mailbridge.toml")
+	os.WriteFile(p, []byte(`
+[[account]]
+name = "x"
+username = "x"
+password_hash = "$2a$10$X.FmiwimM0FjfQl2Q48UhuOd9hztzcuSRK04xk4T0bEruuwmhLH66"
+mailbox = "x@example.com"
+tenant_id = "t"
+client_id = "c"
+client_secret = "plain-secret"
+`), 0o644)
+	cfg, err := loadResolved(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w := cfg.ExposedSecrets(); len(w) != 1 || !strings.Contains(w[0], "readable by everyone") || !strings.Contains(w[0], "chmod 600") {
+		t.Errorf("world-readable config with a secret: %v", w)
+	}
+	os.Chmod(p, 0o600)
+	if w := cfg.ExposedSecrets(); len(w) != 0 {
+		t.Errorf("owner-only config: %v", w)
+	}
+}
+
+func TestAdminOffLoopbackNeedsAllowNetwork(t *testing.T) {
+	cfg := config.Default()
+	cfg.Admin.Listen = "0.0.0.0:9925"
+	if err := cfg.Complete(""); err == nil || !strings.Contains(err.Error(), "admin.listen: \"0.0.0.0:9925\" is not a loopback address") {
+		t.Errorf("got %v", err)
+	}
+	cfg.Admin.AllowNetwork = true
+	if err := cfg.Complete(""); err != nil && strings.Contains(err.Error(), "admin.listen") {
+		t.Errorf("with admin_allow_network: %v", err)
+	}
+	cfg.SMTP.Listen = "127.0.0.1:99999"
+	if err := cfg.Complete(""); err == nil || !strings.Contains(err.Error(), "smtp.listen: \"127.0.0.1:99999\" is not host:port with a port from 1 to 65535") {
+		t.Errorf("port 99999: %v", err)
+	}
 }

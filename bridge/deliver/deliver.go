@@ -55,6 +55,12 @@ type Message struct {
 	// Session and Remote name the SMTP session that received the message,
 	// MessageID its Message-ID header: for the log.
 	Session, Remote, MessageID string
+	// StaleDraft is a draft an earlier, interrupted attempt left at Graph:
+	// it is deleted before the message goes again.
+	StaleDraft string
+	// OnDraft, if set, is told the id of the draft a large message's
+	// attempt created, before anything is uploaded to it.
+	OnDraft func(id string)
 }
 
 // Size is the number of bytes of the message's content.

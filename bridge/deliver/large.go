@@ -57,17 +57,22 @@ func (dl *Deliverer) sendLarge(ctx context.Context, m *Message, log zerolog.Logg
 		return d, err
 	}
 	log.Debug().Int64("draft_bytes", draft.Size()).Int("attachments", len(atts)).Msg("sending as draft with attachments")
-
-	step := func(name string, op func(ctx context.Context) error) error {
-		sctx, cancel := context.WithTimeout(ctx, dl.opts.SendTimeout)
-		defer cancel()
-		n, err := dl.retry(sctx, op)
-		d.Attempts += n
+	if m.StaleDraft != "" {
+		err := dl.step(ctx, &d, "delete the draft of an interrupted attempt", func(ctx context.Context) error {
+			err := gc.DeleteMessage(ctx, d.User, m.StaleDraft)
+			if failure.Classify(err).Kind == failure.Mailbox { // 404: already gone
+				return nil
+			}
+			return err
+		})
 		if err != nil {
-			return fmt.Errorf("%s: %w", name, err)
+			log.Error().Err(err).Str("draft_id", m.StaleDraft).Msg("could not delete the draft of an interrupted attempt")
+		} else {
+			log.Info().Str("draft_id", m.StaleDraft).Msg("deleted the draft of an interrupted attempt")
 		}
-		return nil
 	}
+
+	step := func(name string, op func(ctx context.Context) error) error { return dl.step(ctx, &d, name, op) }
 
 	var draftID string
 	err = step("create draft", func(ctx context.Context) error {
@@ -81,6 +86,9 @@ func (dl *Deliverer) sendLarge(ctx context.Context, m *Message, log zerolog.Logg
 		draftID = id
 		return err
 	})
+	if err == nil && m.OnDraft != nil {
+		m.OnDraft(draftID)
+	}
 	if err != nil {
 		if failure.IsAccessDenied(err) {
 			return d, &failure.Error{Kind: failure.TooLarge, Hint: failure.ReadWriteHint, Err: err,
@@ -184,4 +192,17 @@ func (dl *Deliverer) decodeAttachments(msg mime.View, parts []*mime.Part) ([]lar
 		atts[len(atts)-1].Size = n
 	}
 	return atts, nil
+}
+
+// step runs one step of a large message with its own send_timeout,
+// retrying transient failures, and counts its attempts in d.
+func (dl *Deliverer) step(ctx context.Context, d *Delivery, name string, op func(ctx context.Context) error) error {
+	sctx, cancel := context.WithTimeout(ctx, dl.opts.SendTimeout)
+	defer cancel()
+	n, err := dl.retry(sctx, op)
+	d.Attempts += n
+	if err != nil {
+		return fmt.Errorf("%s: %w", name, err)
+	}
+	return nil
 }

@@ -22,6 +22,7 @@
 package outbox
 
 import (
+	"bytes"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
@@ -55,6 +56,13 @@ type Envelope struct {
 	Session   string `json:"session,omitempty"`
 	Remote    string `json:"remote,omitempty"`
 	MessageID string `json:"message_id,omitempty"`
+	// InFlight is set, durably, before each attempt at Graph and cleared
+	// after it: found set at start-up, it means a crash during an attempt
+	// whose outcome is unknown.
+	InFlight bool `json:"in_flight,omitempty"`
+	// DraftID is the draft a large message's attempt created at Graph;
+	// found set at start-up, it is deleted before the message goes again.
+	DraftID string `json:"draft_id,omitempty"`
 	// Failure is set for a message in failed/: why it was given up, and
 	// Graph's answer.
 	Failure *FailureRecord `json:"failure,omitempty"`
@@ -203,17 +211,66 @@ func writeFileSync(name string, write func(io.Writer) error) error {
 	return f.Close()
 }
 
-// readEnvelope reads the envelope of id in sub ("queue" or "failed").
+// corruptError is an entry of the outbox that cannot be trusted: it is
+// never delivered, but moved to failed/ with the reason.
+type corruptError struct{ reason string }
+
+func (e *corruptError) Error() string { return "outbox: corrupt entry: " + e.reason }
+
+// readEnvelope reads the envelope of id in sub ("queue" or "failed"),
+// trusting nothing: an empty or unparseable file, an id that is not the
+// file's name, or (in queue/) a message file of another size than the
+// envelope says is a *corruptError.
 func (s *Store) readEnvelope(sub, id string) (*Envelope, error) {
 	b, err := os.ReadFile(s.file(sub, id, "json"))
 	if err != nil {
 		return nil, err
 	}
 	var env Envelope
+	if len(bytes.TrimSpace(b)) == 0 {
+		return nil, &corruptError{"the envelope " + id + ".json is empty"}
+	}
 	if err := json.Unmarshal(b, &env); err != nil {
-		return nil, fmt.Errorf("outbox: envelope %s: %w", id, err)
+		return nil, &corruptError{fmt.Sprintf("the envelope %s.json cannot be read: %v", id, err)}
+	}
+	if env.ID != id {
+		return &env, &corruptError{fmt.Sprintf("the envelope %s.json names another message (%s): a copy, or a file renamed by hand", id, env.ID)}
+	}
+	if sub == "queue" {
+		st, err := os.Stat(s.file(sub, id, "eml"))
+		switch {
+		case err != nil:
+			return &env, &corruptError{fmt.Sprintf("the message file %s.eml is missing", id)}
+		case st.Size() != env.Size:
+			return &env, &corruptError{fmt.Sprintf("the message file %s.eml has %d bytes, its envelope says %d", id, st.Size(), env.Size)}
+		}
 	}
 	return &env, nil
+}
+
+// quarantine moves the entry id of queue/ to failed/ with reason, for an
+// entry readEnvelope found corrupt; env is what could be read of it, if
+// anything. The original envelope is kept beside as <id>.json.orig.
+func (s *Store) quarantine(id string, env *Envelope, reason string) error {
+	if env == nil {
+		env = &Envelope{}
+	}
+	orig := *env
+	orig.ID = id
+	orig.Failure = &FailureRecord{Kind: "local", Reason: reason, At: time.Now(),
+		Hint: "the outbox entry was damaged or changed by hand; inspect outbox/failed/" + id + ".*, then `mailbridge queue retry` or `delete` it"}
+	os.Rename(s.file("queue", id, "json"), s.file("failed", id, "json.orig"))
+	if _, err := os.Stat(s.file("queue", id, "eml")); err == nil {
+		if err := os.Rename(s.file("queue", id, "eml"), s.file("failed", id, "eml")); err != nil {
+			return err
+		}
+	}
+	if err := s.saveEnvelope("failed", &orig); err != nil {
+		return err
+	}
+	syncDir(s.path("queue"))
+	syncDir(s.path("failed"))
+	return nil
 }
 
 // saveEnvelope replaces the envelope of a queued message (attempts, next
@@ -325,7 +382,18 @@ func (s *Store) List() ([]QueueEntry, error) {
 		}
 		for _, id := range ids {
 			env, err := s.readEnvelope(sub, id)
-			if err != nil {
+			var ce *corruptError
+			switch {
+			case errors.As(err, &ce):
+				// Shown as it is; the worker moves it to failed/.
+				e := Envelope{ID: id, LastError: ce.reason}
+				if env != nil {
+					e = *env
+					e.ID, e.LastError = id, ce.reason
+				}
+				out = append(out, QueueEntry{State: "corrupt", Envelope: e})
+				continue
+			case err != nil:
 				continue // delivered or moved meanwhile
 			}
 			state := "queued"

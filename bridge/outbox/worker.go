@@ -3,6 +3,7 @@ package outbox
 import (
 	"container/heap"
 	"context"
+	"errors"
 	"mailbridge/bridge/account"
 	"mailbridge/bridge/admin"
 	"mailbridge/bridge/deliver"
@@ -239,6 +240,16 @@ func (w *Outbox) rescan() {
 			continue
 		}
 		env, err := w.store.readEnvelope("queue", id)
+		var ce *corruptError
+		if errors.As(err, &ce) {
+			w.log.Error().Str("queue_id", id).Str("reason", "local").Str("error", ce.reason).
+				Str("hint", "the entry was damaged or changed by hand: it goes to outbox/failed and is not delivered").Msg("outbox: corrupt entry moved to failed/")
+			if err := w.store.quarantine(id, env, ce.reason); err != nil {
+				w.log.Error().Err(err).Str("queue_id", id).Msg("outbox: cannot move a corrupt entry to failed/")
+			}
+			delete(present, id)
+			continue
+		}
 		if err != nil {
 			continue
 		}
@@ -357,10 +368,28 @@ func (w *Outbox) deliver(ctx context.Context, env *Envelope) bool {
 	}
 	defer f.Close()
 	m := &deliver.Message{Account: a, From: env.From, Recipients: env.Recipients, GraphUser: env.GraphUser, FallbackUser: env.FallbackUser,
-		Content: mime.View{mime.NewPiece(f, 0, env.Size)}, Session: env.Session, Remote: env.Remote, MessageID: env.MessageID}
+		Content: mime.View{mime.NewPiece(f, 0, env.Size)}, Session: env.Session, Remote: env.Remote, MessageID: env.MessageID,
+		StaleDraft: env.DraftID}
+	// An attempt that was under way when the bridge died may have reached
+	// Graph: this one may then send the message twice.
+	possibleDuplicate := env.InFlight
+	if possibleDuplicate {
+		log = log.With().Bool("possible_duplicate", true).Logger()
+	}
+	env.InFlight = true
+	if err := w.store.saveEnvelope("queue", env); err != nil {
+		log.Error().Err(err).Msg("outbox: cannot mark the message in flight")
+	}
+	m.OnDraft = func(id string) { // kept, so that a crash leaves no draft behind
+		env.DraftID = id
+		if err := w.store.saveEnvelope("queue", env); err != nil {
+			log.Error().Err(err).Msg("outbox: cannot record the draft")
+		}
+	}
 	start := time.Now()
 	d, err := w.opts.Deliver(ctx, m, log)
 	env.Attempts++
+	env.InFlight, env.DraftID = false, "" // the draft was sent, or deleted
 	fl := failure.Classify(err)
 	status := d.Result.Status
 	if fl.GraphStatus != 0 {
@@ -380,6 +409,10 @@ func (w *Outbox) deliver(ctx context.Context, env *Envelope) bool {
 	if ctx.Err() != nil {
 		ev.Info().Msg("outbox: delivery interrupted by shutdown; the message stays queued")
 		env.Attempts--
+		env.InFlight = true // the outcome is unknown
+		if err := w.store.saveEnvelope("queue", env); err != nil {
+			ev.Error().Err(err).Msg("outbox: cannot save the envelope")
+		}
 		return false
 	}
 	if !fl.Temporary {

@@ -2,6 +2,10 @@ package outbox_test
 
 import (
 	"context"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -145,4 +149,92 @@ func TestNoReportForNullSender(t *testing.T) {
 	if len(list) != 1 || list[0].Failure.NDRSent || list[0].Failure.NDRSkipped != "the message has a null sender" {
 		t.Errorf("failed/ holds %+v", list)
 	}
+}
+
+// Entries planted or damaged while the bridge was stopped are never
+// delivered (a copy of a queued envelope under another name is not a
+// second message): each goes to failed/ with its reason.
+func TestCorruptEntriesGoToFailed(t *testing.T) {
+	dir := t.TempDir()
+	store, err := outbox.Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	add := func(body string) *outbox.Envelope {
+		env := &outbox.Envelope{Account: "a", From: "a@example.com", GraphUser: "a@example.com", Size: int64(len(body)), Received: time.Now(), NextAttempt: time.Now()}
+		if err := store.Add(env, strings.NewReader(body), 0); err != nil {
+			t.Fatal(err)
+		}
+		return env
+	}
+	good := add("Subject: good\r\n\r\nx\r\n")
+	short := add("Subject: short\r\n\r\nthis body is cut\r\n")
+	q := func(name string) string { return filepath.Join(dir, "queue", name) }
+	data, _ := os.ReadFile(q(good.ID + ".json"))
+	os.WriteFile(q("20260101T000000-0000000000000001.json"), data, 0o600) // a copy under another name
+	os.WriteFile(q("20260101T000000-0000000000000002.json"), []byte("{not json"), 0o600)
+	os.WriteFile(q("20260101T000000-0000000000000002.eml"), []byte("x"), 0o600)
+	os.WriteFile(q("20260101T000000-0000000000000003.json"), nil, 0o600) // empty
+	os.WriteFile(q("20260101T000000-0000000000000003.eml"), []byte("x"), 0o600)
+	os.Truncate(q(short.ID+".eml"), 10)
+
+	list, _ := store.List()
+	corrupt := 0
+	for _, e := range list {
+		if e.State == "corrupt" {
+			corrupt++
+		}
+	}
+	if corrupt != 4 {
+		t.Errorf("queue list shows %d corrupt entries, want 4: %+v", corrupt, list)
+	}
+
+	rec := &recorder{}
+	store, _ = outbox.Open(dir)
+	acct := &account.Account{Config: config.AccountConfig{Name: "a", Mailbox: "a@example.com"}}
+	var logs strings.Builder
+	var mu sync.Mutex
+	o := outbox.New(store, outbox.Options{Deliver: rec.deliver, Account: func(string) *account.Account { return acct },
+		Metrics: admin.NewMetrics(), Log: zerolog.New(syncWriter{&mu, &logs}), MaxAge: time.Hour, RatePerSecond: 100})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); o.Run(ctx, context.Background()) }()
+	defer func() { cancel(); <-done }()
+	waitUntil(t, 10*time.Second, func() bool { n, _ := o.Depth(); return n == 0 && o.FailedCount() == 4 })
+	time.Sleep(300 * time.Millisecond) // a second rescan must not bring any back
+	if n := len(rec.times()); n != 1 {
+		t.Errorf("%d deliveries, want the good message alone, once", n)
+	}
+	list, _ = store.List()
+	reasons := map[string]bool{}
+	for _, e := range list {
+		if e.State != "failed" || e.Failure == nil {
+			t.Errorf("left %+v", e)
+			continue
+		}
+		for _, want := range []string{"names another message", "cannot be read", "is empty", "has 10 bytes, its envelope says"} {
+			if strings.Contains(e.Failure.Reason, want) {
+				reasons[want] = true
+			}
+		}
+	}
+	if len(reasons) != 4 {
+		t.Errorf("reasons found %v in %+v", reasons, list)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if n := strings.Count(logs.String(), `"message":"outbox: corrupt entry moved to failed/"`); n != 4 {
+		t.Errorf("%d corrupt entries logged, want 4", n)
+	}
+}
+
+type syncWriter struct {
+	mu *sync.Mutex
+	w  io.Writer
+}
+
+func (s syncWriter) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.w.Write(p)
 }

@@ -11,8 +11,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -537,5 +539,120 @@ func TestSIGHUPReloads(t *testing.T) {
 	defer c.Close()
 	if err := c.Auth(sasl.NewPlainClient("", "tm", "rotated")); err != nil {
 		t.Fatalf("the new password after SIGHUP: %v", err)
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for a writer and a reader at once.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// startServe starts `mailbridge serve` and returns it, its SMTP address and
+// everything it logs.
+func startServe(t *testing.T, path string, env []string) (*exec.Cmd, string, *syncBuffer) {
+	t.Helper()
+	cmd := exec.Command(binary, "serve", "-config", path)
+	cmd.Env = env
+	logs := &syncBuffer{}
+	cmd.Stderr = logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	re := regexp.MustCompile(`"proto":"smtp","listen":"([^"]+)","accounts"`)
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		if m := re.FindStringSubmatch(logs.String()); m != nil {
+			return cmd, m[1], logs
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("no listening line:\n%s", logs)
+	return nil, "", nil
+}
+
+// TestKill9WithMessagesInFlight kills the bridge while Graph holds three
+// sendMail requests and a large message's upload: after the restart each
+// of them is delivered again with "possible_duplicate":true in its log
+// line, and the interrupted draft is deleted, not left at Graph.
+func TestKill9WithMessagesInFlight(t *testing.T) {
+	fake, path, env := fakeAndConfig(t, "127.0.0.1:0", "")
+	fake.FailGraph(3, m365fake.Fault{Delay: 30 * time.Second})
+	fake.FailEndpoint(m365fake.EndpointUpload, 1, m365fake.Fault{Delay: 30 * time.Second})
+	cmd, addr, _ := startServe(t, path, env)
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Auth(sasl.NewPlainClient("", "tm", "pw")); err != nil {
+		t.Fatal(err)
+	}
+	large := "From: orders@example.com\r\nTo: a@example.org\r\nMessage-ID: <large@test>\r\nSubject: large in flight\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\ntext\r\n--b\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename=a.bin\r\nContent-Transfer-Encoding: base64\r\n\r\n" +
+		strings.Repeat(strings.Repeat("QUFB", 19)+"\r\n", 70000) + "--b--\r\n"
+	if err := c.SendMail(mailbox, []string{"a@example.org"}, strings.NewReader(large)); err != nil {
+		t.Fatal(err)
+	}
+	// The large one takes one of the mailbox's four slots: three small ones
+	// take the others.
+	for start := time.Now(); fake.Drafts() < 1; time.Sleep(10 * time.Millisecond) {
+		if time.Since(start) > 20*time.Second {
+			t.Fatal("the large message never created its draft")
+		}
+	}
+	for i := range 3 {
+		msg := fmt.Sprintf("From: orders@example.com\r\nTo: a@example.org\r\nMessage-ID: <f%d@test>\r\nSubject: in flight %d\r\n\r\nx\r\n", i, i)
+		if err := c.SendMail(mailbox, []string{"a@example.org"}, strings.NewReader(msg)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for fake.MaxConcurrent(mailbox) < 3 || fake.Drafts() < 1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the requests never got in flight: %d concurrent, %d drafts", fake.MaxConcurrent(mailbox), fake.Drafts())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(200 * time.Millisecond) // the upload is under way
+	cmd.Process.Signal(syscall.SIGKILL)
+	cmd.Wait()
+	fake.ClearFaults()
+	_, _, logs := startServe(t, path, env)
+	waitSent(t, fake, 4)
+	waitFor := time.Now().Add(10 * time.Second)
+	for strings.Count(logs.String(), `"message":"message sent"`) < 4 && time.Now().Before(waitFor) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	var lines []string
+	for _, l := range strings.Split(logs.String(), "\n") {
+		if strings.Contains(l, `"message":"message sent"`) {
+			lines = append(lines, l)
+		}
+	}
+	if len(lines) != 4 {
+		t.Fatalf("%d deliveries after the restart, want 4:\n%s", len(lines), logs)
+	}
+	for _, l := range lines {
+		if !strings.Contains(l, `"possible_duplicate":true`) {
+			t.Errorf("a redelivery of a message that was in flight is not flagged: %s", l)
+		}
+	}
+	if n := fake.Drafts(); n != 0 {
+		t.Errorf("%d drafts left at Graph", n)
+	}
+	if !strings.Contains(logs.String(), "deleted the draft of an interrupted attempt") {
+		t.Error("the interrupted draft's deletion is not logged")
 	}
 }

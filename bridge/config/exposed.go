@@ -1,0 +1,32 @@
+package config
+
+// ExposedSecrets names the files holding a secret (the configuration with
+// a client_secret in it, a client_secret_file, a client certificate with
+// its key, the proxy password) that other users of this machine can read,
+// each with what to do about it.
+func (c *Config) ExposedSecrets() []string {
+	var files []string
+	for _, a := range c.Accounts {
+		if a.ClientSecret != "" && c.Path != "" {
+			files = append(files, c.Path)
+		}
+		if a.ClientSecretFile != "" {
+			files = append(files, absPath(c.dir, a.ClientSecretFile))
+		}
+		if a.ClientCertificateFile != "" {
+			files = append(files, absPath(c.dir, a.ClientCertificateFile))
+		}
+	}
+	var out []string
+	seen := map[string]bool{}
+	for _, f := range files {
+		if seen[f] {
+			continue
+		}
+		seen[f] = true
+		if who := readableByOthers(f); who != "" {
+			out = append(out, f+" holds a secret and is readable by "+who+": "+restrictHint(f))
+		}
+	}
+	return out
+}
