@@ -121,6 +121,7 @@ func New(cfg *config.Config, opts Options) (*Bridge, error) {
 		SendTimeout:        cfg.SMTP.SendTimeout.Duration,
 		UploadBytesPer5Min: cfg.SMTP.UploadBytesPer5Min,
 		SpoolDir:           cfg.SMTP.SpoolDir,
+		MaxRequests:        cfg.SMTP.MaxGraphRequestsPerMessage,
 	})
 	var submit deliver.Submitter = b.deliverer
 	if cfg.Outbox.Enabled {
@@ -150,7 +151,7 @@ func New(cfg *config.Config, opts Options) (*Bridge, error) {
 	b.smtpLogin = b.loginPolicy("smtp", cfg.SMTP.LoginTimeout.Duration, cfg.SMTP.MaxSessions)
 	b.pop3Login = b.loginPolicy("pop3", cfg.POP3.LoginTimeout.Duration, cfg.POP3.MaxSessions)
 	b.smtp = smtpserver.New(smtpserver.Options{
-		Config: cfg.SMTP, TLS: b.smtpTLS, Accounts: b.accounts, Submit: submit,
+		Config: cfg.SMTP, TLS: b.smtpTLS, Accounts: b.accounts, Submit: submit, Plan: b.deliverer.Plan,
 		Conns: &b.conns, Metrics: b.metrics, Log: b.log, Context: b.baseCtx,
 	})
 	b.pop3 = pop3server.New(pop3server.Options{

@@ -364,3 +364,49 @@ func TestOverMaxMessageBytes(t *testing.T) {
 	}
 	noSpoolLeft(t, cfg.SMTP.SpoolDir)
 }
+
+// A message that could only go in thousands of Graph requests, or whose
+// body is over sendMail's limit without its attachments, is refused at
+// DATA with 552 5.3.4 saying why, with the outbox on or off; nothing is
+// queued or sent.
+func TestUnsendableLargeMessagesRefusedAtData(t *testing.T) {
+	var many mimeBuilder
+	many.line("From: orders@example.com")
+	many.line("To: x@example.org")
+	many.line(`Content-Type: multipart/mixed; boundary="m"`)
+	many.line("")
+	for i := range 8500 {
+		many.base64Part("m", fmt.Sprintf("Content-Type: application/octet-stream\nContent-Disposition: attachment; filename=\"f%d.bin\"\n", i), randomBytes(200, uint64(i)))
+	}
+	many.line("--m--")
+	body := crlf("From: orders@example.com\nTo: x@example.org\n\n" + strings.Repeat(strings.Repeat("b", 76)+"\n", 48000))
+	for _, outbox := range []bool{false, true} {
+		fake := startFake(t)
+		grantReadWrite(fake)
+		cfg := largeTestConfig(t, fake)
+		if outbox {
+			cfg = outboxConfig(t, fake)
+		}
+		b, logs := startBridge(t, fake, cfg)
+		c := dialAuth(t, b.SMTPAddr(), userA, passwordA)
+		for _, tc := range []struct {
+			msg  []byte
+			want string
+		}{
+			{many.Bytes(), "more than the 50 the bridge makes for one message"},
+			{body, "even without its attachments the message has"},
+		} {
+			_, err := send(c, mailboxA, []string{"x@example.org"}, tc.msg)
+			if code, ec := smtpCode(err); code != 552 || ec != (smtp.EnhancedCode{5, 3, 4}) || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("outbox %v: %d bytes: %v, want 552 5.3.4 %q", outbox, len(tc.msg), err, tc.want)
+			}
+			c.Reset()
+		}
+		if n := len(fake.Sent()) + fake.Drafts(); n != 0 {
+			t.Errorf("outbox %v: %d messages or drafts reached Graph", outbox, n)
+		}
+		if strings.Count(logs.String(), "message refused at DATA: it cannot be sent through Graph") != 2 {
+			t.Errorf("outbox %v: the refusals are not logged", outbox)
+		}
+	}
+}

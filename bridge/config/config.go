@@ -69,6 +69,11 @@ type SMTPConfig struct {
 	// UploadBytesPer5Min paces uploads per mailbox (Graph allows 150 MB per
 	// 5 minutes).
 	UploadBytesPer5Min int64 `toml:"upload_bytes_per_5min"`
+	// MaxGraphRequestsPerMessage bounds the Graph requests one message may
+	// take (a draft, its attachments, its send); a message that would take
+	// more is refused at DATA. Microsoft allows 10,000 per 10 minutes per
+	// mailbox.
+	MaxGraphRequestsPerMessage int `toml:"max_graph_requests_per_message"`
 }
 
 // LocalTLS is the TLS the bridge offers its own clients, for those whose
@@ -281,15 +286,16 @@ func Default() *Config {
 	return &Config{
 		Log: LogConfig{Level: "info", Format: "json", MaxSizeMB: 50, MaxBackups: 10, MaxAgeDays: 30},
 		SMTP: SMTPConfig{
-			Listen:             DefaultSMTPListen,
-			MaxMessageBytes:    DefaultMaxMessageBytes,
-			MaxRecipients:      DefaultMaxRecipients,
-			SendTimeout:        Duration{60 * time.Second},
-			IdleTimeout:        Duration{5 * time.Minute},
-			LoginTimeout:       Duration{60 * time.Second},
-			ShutdownTimeout:    Duration{30 * time.Second},
-			UploadBytesPer5Min: 150 << 20,
-			MaxSessions:        100,
+			Listen:                     DefaultSMTPListen,
+			MaxMessageBytes:            DefaultMaxMessageBytes,
+			MaxRecipients:              DefaultMaxRecipients,
+			SendTimeout:                Duration{60 * time.Second},
+			IdleTimeout:                Duration{5 * time.Minute},
+			LoginTimeout:               Duration{60 * time.Second},
+			ShutdownTimeout:            Duration{30 * time.Second},
+			UploadBytesPer5Min:         150 << 20,
+			MaxGraphRequestsPerMessage: 50,
+			MaxSessions:                100,
 		},
 		Admin: AdminConfig{MaxQueueAge: Duration{15 * time.Minute}, FailedWindow: Duration{24 * time.Hour}, IdleTimeout: Duration{60 * time.Second}},
 		Outbox: OutboxConfig{
@@ -374,6 +380,9 @@ func (c *Config) Complete(dir string) error {
 	c.SMTP.LocalTLS.validate("smtp", c.SMTP.Listen, dir, bad)
 	if c.SMTP.MaxMessageBytes <= 0 {
 		bad("smtp.max_message_bytes", "must be a positive number of bytes")
+	}
+	if c.SMTP.MaxGraphRequestsPerMessage < 3 {
+		bad("smtp.max_graph_requests_per_message", "must be at least 3 (a draft, an attachment, the send)")
 	}
 	if c.SMTP.UploadBytesPer5Min <= 0 {
 		bad("smtp.upload_bytes_per_5min", "must be a positive number of bytes")

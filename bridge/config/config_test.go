@@ -204,7 +204,7 @@ func TestAdminOffLoopbackNeedsAllowNetwork(t *testing.T) {
 		t.Errorf("with admin_allow_network: %v", err)
 	}
 	cfg.SMTP.Listen = "127.0.0.1:99999"
-	if err := cfg.Complete(""); err == nil || !strings.Contains(err.Error(), "smtp.listen: \"127.0.0.1:99999\" is not host:port with a port from 1 to 65535") {
+	if err := cfg.Complete(""); err == nil || !strings.Contains(err.Error(), "smtp.listen: \"127.0.0.1:99999\" is not host:port with a port up to 65535") {
 		t.Errorf("port 99999: %v", err)
 	}
 }

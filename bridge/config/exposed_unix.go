@@ -20,4 +20,6 @@ func readableByOthers(p string) string {
 	return ""
 }
 
-func restrictHint(p string) string { return "run chmod 600 " + p + " (or 640 with the service's group)" }
+func restrictHint(p string) string {
+	return "run chmod 600 " + p + " (or 640 with the service's group)"
+}

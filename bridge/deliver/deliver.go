@@ -124,6 +124,9 @@ type Options struct {
 	// SpoolDir holds decoded attachments; "" is the system's temporary
 	// directory.
 	SpoolDir string
+	// MaxRequests bounds the Graph requests of one message (Plan); zero
+	// means 50.
+	MaxRequests int
 }
 
 // Deliverer sends messages through Graph. It is safe for concurrent use.
@@ -137,6 +140,9 @@ type Deliverer struct {
 func New(opts Options) *Deliverer {
 	if opts.Retry == (RetryPolicy{}) {
 		opts.Retry = DefaultRetry
+	}
+	if opts.MaxRequests <= 0 {
+		opts.MaxRequests = 50
 	}
 	if opts.UploadBytesPer5Min <= 0 {
 		opts.UploadBytesPer5Min = 150 << 20

@@ -20,10 +20,61 @@ import (
 const draftTarget = 2_500_000
 
 // largeAttachment is a part taken out of the message, decoded to a
-// temporary file.
+// temporary file (closed until it is added).
 type largeAttachment struct {
 	upstream.Attachment
-	file *os.File
+	path string
+}
+
+// split chooses the parts of msg to take out and returns them with the
+// draft, or refuses a message whose draft would still be over sendMail's
+// limit.
+func (dl *Deliverer) split(msg mime.View) ([]*mime.Part, mime.View, error) {
+	root, err := mime.Parse(msg, msg.Size())
+	if err != nil {
+		return nil, nil, fmt.Errorf("parse MIME: %w", err)
+	}
+	removed, draft := mime.SplitForDraft(root, msg, draftTarget)
+	if draft.Size() > upstream.MaxSendMailMIME {
+		return nil, nil, errLargeNotAllowed(fmt.Sprintf("even without its attachments the message has %d bytes", draft.Size()), "")
+	}
+	return removed, draft, nil
+}
+
+// Plan checks, before a message over sendMail's limit is accepted, that it
+// can be sent the draft way within MaxRequests Graph requests: a draft,
+// each attachment taken out (one request under 3 MB, else an upload
+// session and its chunks), and the send. A message that cannot is refused
+// now, with the reason, rather than failing later. A message that fits
+// sendMail is always fine.
+func (dl *Deliverer) Plan(m *Message) error {
+	if m.Size() <= upstream.MaxSendMailMIME {
+		return nil
+	}
+	if !m.Account.Config.LargeMessages {
+		return ErrLargeMessagesOff
+	}
+	removed, _, err := dl.split(m.Content)
+	if err != nil {
+		return err
+	}
+	requests := 2 // the draft and its send
+	for _, p := range removed {
+		size := p.EncodedSize() // base64 grows by 4/3: a bound on the decoded size
+		if p.IsBase64() {
+			size = size / 4 * 3
+		}
+		if size < upstream.MaxAttachmentPost {
+			requests++
+		} else {
+			requests += 1 + int((size+upstream.UploadChunk-1)/upstream.UploadChunk)
+		}
+	}
+	if requests > dl.opts.MaxRequests {
+		return errLargeNotAllowed(fmt.Sprintf("sending its %d attachments would take %d Graph requests, more than the %d the bridge makes for one message (smtp.max_graph_requests_per_message); send fewer, larger attachments (a zip)",
+			len(removed), requests, dl.opts.MaxRequests), "")
+	}
+	return nil
 }
 
 // sendLarge sends a message over sendMail's limit: the attachments that
@@ -38,19 +89,14 @@ func (dl *Deliverer) sendLarge(ctx context.Context, m *Message, log zerolog.Logg
 	}
 	var gc Graph = m.Account.Graph
 	msg := m.Content
-	root, err := mime.Parse(msg, msg.Size())
+	removed, draft, err := dl.split(msg)
 	if err != nil {
-		return d, fmt.Errorf("parse MIME: %w", err)
-	}
-	removed, draft := mime.SplitForDraft(root, msg, draftTarget)
-	if draft.Size() > upstream.MaxSendMailMIME {
-		return d, errLargeNotAllowed(fmt.Sprintf("even without its attachments the message has %d bytes", draft.Size()), "")
+		return d, err
 	}
 	atts, err := dl.decodeAttachments(msg, removed)
 	defer func() {
 		for _, at := range atts {
-			at.file.Close()
-			os.Remove(at.file.Name())
+			os.Remove(at.path)
 		}
 	}()
 	if err != nil {
@@ -136,7 +182,7 @@ func (dl *Deliverer) addAttachment(ctx context.Context, gc Graph, user, draftID 
 			if err := dl.pacer.wait(ctx, user, at.Size); err != nil {
 				return err
 			}
-			return gc.AddAttachment(ctx, user, draftID, at.Attachment, at.file)
+			return withFile(at.path, func(f *os.File) error { return gc.AddAttachment(ctx, user, draftID, at.Attachment, f) })
 		})
 	}
 	var sess *upstream.UploadSession
@@ -147,7 +193,9 @@ func (dl *Deliverer) addAttachment(ctx context.Context, gc Graph, user, draftID 
 	})
 	var apiErr *upstream.APIError
 	if errors.As(err, &apiErr) && apiErr.Code == "ErrorAttachmentSizeShouldNotBeLessThanMinimumSize" {
-		return step(name, func(ctx context.Context) error { return gc.AddAttachment(ctx, user, draftID, at.Attachment, at.file) })
+		return step(name, func(ctx context.Context) error {
+			return withFile(at.path, func(f *os.File) error { return gc.AddAttachment(ctx, user, draftID, at.Attachment, f) })
+		})
 	}
 	if err != nil {
 		return err
@@ -157,9 +205,11 @@ func (dl *Deliverer) addAttachment(ctx context.Context, gc Graph, user, draftID 
 			if err := dl.pacer.wait(ctx, user, min(int64(upstream.UploadChunk), sess.Size-sess.Next)); err != nil {
 				return err
 			}
-			var err error
-			done, err = gc.UploadChunk(ctx, sess, at.file)
-			return err
+			return withFile(at.path, func(f *os.File) error {
+				var err error
+				done, err = gc.UploadChunk(ctx, sess, f)
+				return err
+			})
 		})
 		if err != nil {
 			gc.CancelUpload(context.WithoutCancel(ctx), sess)
@@ -179,9 +229,14 @@ func (dl *Deliverer) decodeAttachments(msg mime.View, parts []*mime.Part) ([]lar
 		if err != nil {
 			return atts, fmt.Errorf("%w: %v", mime.ErrSpool, err)
 		}
-		at := largeAttachment{Attachment: upstream.Attachment{Name: name, ContentType: ctype, ContentID: cid, IsInline: inline}, file: f}
+		at := largeAttachment{Attachment: upstream.Attachment{Name: name, ContentType: ctype, ContentID: cid, IsInline: inline}, path: f.Name()}
 		atts = append(atts, at)
 		n, err := io.Copy(f, p.DecodedBody(msg))
+		// Closed at once: a message with many attachments holds one file
+		// open at a time, however many it has.
+		if cerr := f.Close(); err == nil && cerr != nil {
+			err = &os.PathError{Op: "close", Path: f.Name(), Err: cerr}
+		}
 		if err != nil {
 			var pe *os.PathError
 			if errors.As(err, &pe) {
@@ -205,4 +260,14 @@ func (dl *Deliverer) step(ctx context.Context, d *Delivery, name string, op func
 		return fmt.Errorf("%s: %w", name, err)
 	}
 	return nil
+}
+
+// withFile opens the file at p for fn and closes it after.
+func withFile(p string, fn func(f *os.File) error) error {
+	f, err := os.Open(p)
+	if err != nil {
+		return fmt.Errorf("%w: %v", mime.ErrSpool, err)
+	}
+	defer f.Close()
+	return fn(f)
 }

@@ -22,17 +22,13 @@ func SplitForDraft(root *Part, msg View, target int64) (removed []*Part, draft V
 	}
 	slices.SortFunc(removed, func(x, y *Part) int { return int(x.delimStart - y.delimStart) })
 	// Multiparts that lose every part keep an empty text part.
-	emptied := map[*Part]bool{}
+	lost := map[*Part]int{} // removed children, by parent
 	for _, r := range removed {
-		all := true
-		for _, sib := range r.parent.children {
-			if !slices.Contains(removed, sib) {
-				all = false
-			}
-		}
-		if all {
-			emptied[r.parent] = true
-		}
+		lost[r.parent]++
+	}
+	emptied := map[*Part]bool{}
+	for parent, n := range lost {
+		emptied[parent] = n == len(parent.children)
 	}
 	var pos int64
 	for _, r := range removed {

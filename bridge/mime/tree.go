@@ -293,3 +293,12 @@ func (f *base64Filter) Read(p []byte) (int, error) {
 		}
 	}
 }
+
+// EncodedSize is the number of bytes of the part's body as it is in the
+// message (encoded).
+func (p *Part) EncodedSize() int64 { return p.end - p.bodyStart }
+
+// IsBase64 reports whether the part's body is base64-encoded.
+func (p *Part) IsBase64() bool {
+	return strings.EqualFold(strings.TrimSpace(p.header.Get("Content-Transfer-Encoding")), "base64")
+}

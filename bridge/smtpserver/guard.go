@@ -31,7 +31,10 @@ const (
 //   - keeps every byte of the message in DATA: go-smtp's dot-reader drops
 //     the CR of a line that starts with an unstuffed ".\r" (RFC 5321
 //     §4.5.2 removes only the dot), so such a CR is doubled for it to
-//     remove.
+//     remove. It follows go-smtp's idea of where lines start, so that both
+//     agree on where the message ends; go-smtp misses a line start after
+//     "\r\r\n" (a CR after a CR is data to it), which the guard cannot
+//     mend without changing the message.
 //
 // It follows the conversation by the server's replies: "354" starts a
 // message (which ends at CRLF "." CRLF), "220" to STARTTLS hands the
@@ -198,11 +201,13 @@ func (g *guardConn) filterData(in []byte) []byte {
 			g.dot = 0
 		case -1: // after a CR
 			g.dot = 0
+			g.out = append(g.out, c)
 			if c == '\n' {
-				g.out = append(g.out, c)
 				g.dot = 1
-				continue
 			}
+			// As go-smtp's reader: a CR after a CR is data, not the start of
+			// a line end (so "\r\r\n." is no line start to it either).
+			continue
 		}
 		if g.dot == 0 && c == '\r' {
 			g.dot = -1

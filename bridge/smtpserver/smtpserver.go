@@ -40,9 +40,12 @@ type Options struct {
 	TLS      *tls.Config
 	Accounts *account.Registry
 	Submit   deliver.Submitter
-	Conns    *conntrack.Tracker
-	Metrics  *admin.Metrics
-	Log      zerolog.Logger
+	// Plan, if set, refuses at DATA a message that could not be sent (too
+	// many Graph requests, a body over the limit without its attachments).
+	Plan    func(*deliver.Message) error
+	Conns   *conntrack.Tracker
+	Metrics *admin.Metrics
+	Log     zerolog.Logger
 	// Context is the parent of every session's context: cancelling it
 	// interrupts the sessions' upstream calls.
 	Context context.Context
@@ -306,6 +309,14 @@ func (s *session) Data(r io.Reader) error {
 	if size > upstream.MaxSendMailMIME && !s.account.Config.LargeMessages {
 		s.log.Warn().Str("from", conntrack.Clip(s.from)).Int64("bytes", size).Msg("message refused: over sendMail's limit and large_messages is off")
 		return replyFor(failure.Classify(deliver.ErrLargeMessagesOff))
+	}
+	if plan := s.srv.opts.Plan; plan != nil {
+		if err := plan(m); err != nil {
+			f := failure.Classify(err)
+			s.log.Warn().Err(err).Str("from", conntrack.Clip(s.from)).Int64("bytes", size).Str("reason", string(f.Kind)).Msg("message refused at DATA: it cannot be sent through Graph")
+			s.srv.opts.Metrics.Message(s.account.Config.Name, "refused", string(f.Kind), size)
+			return replyFor(f)
+		}
 	}
 	receipt, err := s.srv.opts.Submit.Submit(s.ctx, m, s.log)
 	s.messages++
