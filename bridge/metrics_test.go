@@ -174,14 +174,12 @@ func TestAdminIdleTimeoutAndCap(t *testing.T) {
 		t.Errorf("the idle keep-alive connection was closed after %v, want about 300 ms", d)
 	}
 	// Over the cap: 503 at once.
-	var conns []net.Conn
 	for range admin.MaxConnections {
 		c, err := net.Dial("tcp", b.AdminAddr())
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer c.Close()
-		conns = append(conns, c)
 	}
 	waitFor(t, "the cap", func() bool {
 		c, err := net.Dial("tcp", b.AdminAddr())
