@@ -3,9 +3,11 @@ package bridge
 import (
 	"io"
 	"mailbridge/bridge/config"
+	"os"
 	"time"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/term"
 	"gopkg.in/natefinch/lumberjack.v2"
 )
 
@@ -23,7 +25,10 @@ func LogOutput(cfg config.LogConfig, stderr io.Writer) (io.Writer, io.Closer) {
 // per line, or aligned text for a human at a console.
 func NewLogger(w io.Writer, cfg config.LogConfig) zerolog.Logger {
 	if cfg.Format == "console" {
-		w = zerolog.ConsoleWriter{Out: w, TimeFormat: time.DateTime}
+		// Colours only for a person at a terminal: never in a file, a pipe
+		// or a service's log.
+		f, ok := w.(*os.File)
+		w = zerolog.ConsoleWriter{Out: w, TimeFormat: time.DateTime, NoColor: !ok || !term.IsTerminal(int(f.Fd()))}
 	}
 	level, err := zerolog.ParseLevel(cfg.Level)
 	if err != nil || cfg.Level == "" {

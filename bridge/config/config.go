@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"net"
 	"net/url"
+	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -325,6 +326,12 @@ func Load(path string) (*Config, error) {
 		var perr toml.ParseError
 		if errors.As(err, &perr) {
 			if perr.LastKey != "" {
+				// The parser notices an unclosed [ or " where the next key
+				// starts: name the line where the unfinished value began.
+				if start := keyLine(path, perr.LastKey, perr.Position.Line); start > 0 && start < perr.Position.Line {
+					return nil, fmt.Errorf("%s: line %d: %s: its value is not closed (a [ or \" without its end?): %s on line %d",
+						path, start, perr.LastKey, perr.Message, perr.Position.Line)
+				}
 				return nil, fmt.Errorf("%s: line %d: %s: %s", path, perr.Position.Line, perr.LastKey, perr.Message)
 			}
 			return nil, fmt.Errorf("%s: line %d: %s", path, perr.Position.Line, perr.Message)
@@ -594,4 +601,22 @@ func accountKey(i int, a *AccountConfig, k string) string {
 		return fmt.Sprintf("account[%d] (%s).%s", i+1, a.Name, k)
 	}
 	return fmt.Sprintf("account[%d].%s", i+1, k)
+}
+
+// keyLine returns the number of the last line at or before line where key
+// (its last part) is assigned, 0 if none.
+func keyLine(path, key string, line int) int {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return 0
+	}
+	name := key[strings.LastIndexByte(key, '.')+1:]
+	lines := strings.Split(string(data), "\n")
+	for i := min(line, len(lines)) - 1; i >= 0; i-- {
+		l := strings.TrimSpace(lines[i])
+		if rest, ok := strings.CutPrefix(l, name); ok && strings.HasPrefix(strings.TrimSpace(rest), "=") {
+			return i + 1
+		}
+	}
+	return 0
 }

@@ -98,6 +98,15 @@ token_url = "http://127.0.0.1:8080/{tenant}/token"
 	}
 }
 
+func TestConfigSyntaxErrorNamesTheLineWhereTheProblemStarts(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "x.toml")
+	os.WriteFile(p, []byte("[smtp]\nlisten = \"127.0.0.1:2525\"\n[[account]]\nname = \"x\"\nallowed_senders = [\"a@example.com\",\nusername = \"x\"\nmailbox = \"y\"\n\n\n"), 0o600)
+	_, err := loadResolved(p)
+	if err == nil || !strings.Contains(err.Error(), "x.toml: line 5: account.allowed_senders: its value is not closed") {
+		t.Errorf("got %v, want line 5, where the [ is not closed", err)
+	}
+}
+
 func TestConfigSyntaxErrorNamesLine(t *testing.T) {
 	p := filepath.Join(t.TempDir(), "x.toml")
 	os.WriteFile(p, []byte("[smtp]\nlisten = \n"), 0o600)

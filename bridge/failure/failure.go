@@ -11,6 +11,8 @@ package failure
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
@@ -107,6 +109,9 @@ type Failure struct {
 	// PossibleDuplicate: Graph may have taken the message although no
 	// answer came, so a retry may send it twice.
 	PossibleDuplicate bool
+	// UntrustedCertificate: a Microsoft endpoint's certificate did not
+	// verify (an unknown CA, or a TLS-inspecting proxy).
+	UntrustedCertificate bool
 	// Err is the error classified.
 	Err error
 }
@@ -123,7 +128,13 @@ func Classify(err error) Failure {
 	var tokErr *upstream.TokenError
 	var popErr *upstream.POP3AuthError
 	var opErr *net.OpError
+	var verifyErr *tls.CertificateVerificationError
+	var unknownCA x509.UnknownAuthorityError
+	var hostErr x509.HostnameError
 	switch {
+	case errors.As(err, &verifyErr) || errors.As(err, &unknownCA) || errors.As(err, &hostErr):
+		f.Kind, f.Temporary, f.UntrustedCertificate = Network, true, true
+		f.Hint = CertificateHint
 	case errors.As(err, &own):
 		f.Kind, f.Temporary, f.Hint = own.Kind, own.Temporary, own.Hint
 	case errors.As(err, &apiErr):
@@ -221,6 +232,10 @@ func IsAccessDenied(err error) bool {
 func RoleHint(role, api string) string {
 	return fmt.Sprintf("add %s as an Application permission (%s) and click 'Grant admin consent'", role, api)
 }
+
+// CertificateHint explains a Microsoft endpoint whose certificate did not
+// verify.
+const CertificateHint = "the certificate of Microsoft's server was not trusted: this machine lacks the CA, or a TLS-inspecting proxy or firewall re-signs HTTPS; add that CA to the system's trusted roots (Windows: certutil -addstore Root ca.crt), or point SSL_CERT_FILE at a PEM file holding it"
 
 // ReadWriteHint tells how to allow messages over sendMail's limit.
 const ReadWriteHint = "grant Mail.ReadWrite as an Application permission (Microsoft Graph) and click 'Grant admin consent', or set large_messages = false (messages over 3 MB are then refused)"

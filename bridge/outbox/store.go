@@ -30,6 +30,8 @@ import (
 	"fmt"
 	"io"
 	"mailbridge/bridge/failure"
+	bmime "mailbridge/bridge/mime"
+	"mime"
 	"os"
 	"path/filepath"
 	"slices"
@@ -368,8 +370,27 @@ func (s *Store) Failed(since time.Time) (total, recent int) {
 
 // QueueEntry is one message of the outbox, for listing.
 type QueueEntry struct {
-	State string // "queued" or "failed"
+	State   string // "queued", "failed", or "corrupt" (moved to failed/ by the running bridge)
+	Subject string // decoded
 	Envelope
+}
+
+// subject reads the decoded Subject of the message id in sub.
+func (s *Store) subject(sub, id string, size int64) string {
+	f, err := os.Open(s.file(sub, id, "eml"))
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	h, err := bmime.ReadHead(f, size)
+	if err != nil {
+		return ""
+	}
+	subj, err := new(mime.WordDecoder).DecodeHeader(h.Fields.Get("Subject"))
+	if err != nil {
+		return h.Fields.Get("Subject")
+	}
+	return subj
 }
 
 // List returns the queued and failed messages, oldest first.
@@ -400,7 +421,7 @@ func (s *Store) List() ([]QueueEntry, error) {
 			if sub == "failed" {
 				state = "failed"
 			}
-			out = append(out, QueueEntry{State: state, Envelope: *env})
+			out = append(out, QueueEntry{State: state, Subject: s.subject(sub, id, env.Size), Envelope: *env})
 		}
 	}
 	return out, nil

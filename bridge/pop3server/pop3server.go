@@ -442,7 +442,7 @@ func LoginHint(err error, token string) string {
 			return failure.RoleHint("POP.AccessAsApp", "Office 365 Exchange Online")
 		}
 		return f.Hint
-	case f.Upstream == "token":
+	case f.Upstream == "token", f.UntrustedCertificate:
 		return f.Hint
 	}
 	return "Outlook's POP3 service could not be reached: check the network, firewall (port 995) and DNS, and pop3.upstream"

@@ -19,7 +19,7 @@ func genCert(args []string, stdout, stderr io.Writer) int {
 	flags.SetOutput(stderr)
 	host := flags.String("host", "", "the name (or IP address) clients connect to, such as the machine's name")
 	out := flags.String("out", ".", "directory for mailbridge.crt and mailbridge.key")
-	if err := flags.Parse(args); err != nil {
+	if _, err := parseAnywhere(flags, args); err != nil {
 		return 2
 	}
 	if *host == "" {
@@ -34,6 +34,10 @@ func genCert(args []string, stdout, stderr io.Writer) int {
 	}
 	certPEM, keyPEM, err := localtls.GenerateSelfSigned(hosts)
 	if err != nil {
+		fmt.Fprintln(stderr, "mailbridge:", err)
+		return 1
+	}
+	if err := os.MkdirAll(*out, 0o755); err != nil {
 		fmt.Fprintln(stderr, "mailbridge:", err)
 		return 1
 	}

@@ -4,6 +4,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"flag"
@@ -14,7 +15,9 @@ import (
 	"runtime"
 	"runtime/debug"
 	"strings"
+	"sync/atomic"
 	"syscall"
+	"text/tabwriter"
 	"time"
 
 	"github.com/kardianos/service"
@@ -26,8 +29,9 @@ import (
 	"mailbridge/bridge/outbox"
 )
 
-// version is set at build time with -ldflags "-X main.version=...".
-var version = ""
+// version and commit are set by .ci/release with -ldflags "-X
+// main.version=... -X main.commit=...".
+var version, commit = "", ""
 
 const usage = `usage: mailbridge COMMAND [flags]
 
@@ -40,9 +44,12 @@ commands:
                                      run as a Windows service or systemd unit
   queue list|retry ID|retry-failed|delete ID -config FILE
                                      show and manage the outbox
+  init [-config FILE] [flags]        write a first configuration, asking for each value
   gen-cert -host NAME [-out DIR]     write a self-signed certificate for the local TLS listeners
-  hash-password                      read a password on standard input, print its bcrypt hash
+  hash-password [-bare]              read a password, print its password_hash line
   version                            print the version
+
+Flags may come before or after the command's arguments.
 `
 
 func main() {
@@ -73,7 +80,11 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	case "gen-cert":
 		return genCert(args, stdout, stderr)
 	case "hash-password":
-		return hashPassword(stdin, stdout, stderr)
+		return hashPassword(args, stdin, stdout, stderr)
+	case "init":
+		return initConfig(ctx, args, stdin, stdout, stderr)
+	case "install-config":
+		return installConfig(args, stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "mailbridge", versionString())
 		return 0
@@ -85,37 +96,84 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	return 2
 }
 
+// versionString is the release version, or "devel" for a build from a
+// checkout, with the commit and the Go version: "0.3.0 (commit 1a2b3c4d5e6f,
+// go1.26.8)".
 func versionString() string {
-	if version != "" {
-		return version
+	v, c := version, commit
+	bi, ok := debug.ReadBuildInfo()
+	if v == "" {
+		v = "devel"
+		if ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+			v = bi.Main.Version
+		}
 	}
-	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
-		return bi.Main.Version
+	if c == "" && ok {
+		dirty := ""
+		for _, s := range bi.Settings {
+			switch s.Key {
+			case "vcs.revision":
+				c = s.Value[:min(12, len(s.Value))]
+			case "vcs.modified":
+				if s.Value == "true" {
+					dirty = "-dirty"
+				}
+			}
+		}
+		if c != "" {
+			c += dirty
+		}
 	}
-	return "devel"
+	if c == "" {
+		c = "unknown"
+	}
+	return fmt.Sprintf("%s (commit %s, %s)", v, c, runtime.Version())
 }
 
-// loadConfig parses the -config flag and loads the file; on failure it
-// prints every problem, one per line, and returns exit status 2.
-func loadConfig(fs *flag.FlagSet, args []string, stderr io.Writer) (*config.Config, int) {
+// parseAnywhere parses the flags of fs wherever they stand among args and
+// returns the other arguments in order: `queue retry ID -config F` and
+// `queue -config F retry ID` mean the same.
+func parseAnywhere(fs *flag.FlagSet, args []string) ([]string, error) {
+	var positional []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			return nil, err
+		}
+		args = fs.Args()
+		if len(args) == 0 {
+			return positional, nil
+		}
+		if args[0] == "--" {
+			return append(positional, args[1:]...), nil
+		}
+		positional = append(positional, args[0])
+		args = args[1:]
+	}
+}
+
+// loadConfig parses the flags (the -config flag among them) wherever they
+// stand, and loads the file; on failure it prints every problem, one per
+// line, and returns exit status 2. It returns the other arguments too.
+func loadConfig(fs *flag.FlagSet, args []string, stderr io.Writer) (*config.Config, []string, int) {
 	path := fs.String("config", "mailbridge.toml", "configuration file")
-	if err := fs.Parse(args); err != nil {
-		return nil, 2
+	rest, err := parseAnywhere(fs, args)
+	if err != nil {
+		return nil, nil, 2
 	}
 	cfg, err := loadResolved(*path)
 	if err != nil {
 		for _, line := range strings.Split(err.Error(), "\n") {
 			fmt.Fprintln(stderr, "mailbridge: config:", line)
 		}
-		return nil, 2
+		return nil, nil, 2
 	}
-	return cfg, 0
+	return cfg, rest, 0
 }
 
 func serve(ctx context.Context, args []string, stderr io.Writer) int {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	cfg, status := loadConfig(fs, args, stderr)
+	cfg, _, status := loadConfig(fs, args, stderr)
 	if cfg == nil {
 		return status
 	}
@@ -130,15 +188,34 @@ func serve(ctx context.Context, args []string, stderr io.Writer) int {
 }
 
 // runBridge runs the bridge until ctx ends; SIGHUP reloads its accounts.
+// With [log] file set and a person at the terminal, the start-up lines and
+// any error also go to the terminal, so that nothing fails unseen.
 func runBridge(ctx context.Context, cfg *config.Config, stderr io.Writer) int {
 	out, closeLog := bridge.LogOutput(cfg.Log, stderr)
 	defer closeLog.Close()
+	var tee *terminalTee
+	if cfg.Log.File != "" && isTerminal(stderr) && service.Interactive() {
+		tee = &terminalTee{terminal: stderr}
+		out = io.MultiWriter(out, tee)
+	}
 	log := bridge.NewLogger(out, cfg.Log)
-	log.Info().Str("version", versionString()).Str("config", cfg.Path).Msg("mailbridge starting")
+	ev := log.Info().Str("version", versionString()).Str("config", cfg.Path)
+	if cfg.Log.File != "" {
+		ev = ev.Str("log_file", cfg.Log.File)
+	}
+	ev.Msg("mailbridge starting")
 	b, err := bridge.New(cfg, bridge.Options{Logger: log})
 	if err != nil {
 		log.Error().Err(err).Msg("cannot start")
 		return 1
+	}
+	if err := b.Start(); err != nil {
+		log.Error().Err(err).Msg("cannot start")
+		return 1
+	}
+	if tee != nil {
+		log.Info().Str("log_file", cfg.Log.File).Msg("started: from now on only errors are shown here; the whole log is in the log file")
+		tee.startedUp()
 	}
 	// SIGHUP (Linux: kill -HUP, systemctl reload) reloads the accounts.
 	hup := make(chan os.Signal, 1)
@@ -150,7 +227,10 @@ func runBridge(ctx context.Context, cfg *config.Config, stderr io.Writer) int {
 			b.ReloadFrom(cfg.Path)
 		}
 	}()
-	if err := b.Run(ctx); err != nil {
+	<-ctx.Done()
+	sctx, cancel := context.WithTimeout(context.Background(), cfg.SMTP.ShutdownTimeout.Duration)
+	defer cancel()
+	if err := b.Shutdown(sctx); err != nil {
 		log.Error().Err(err).Msg("stopped with an error")
 		return 1
 	}
@@ -162,59 +242,38 @@ func check(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("check", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	sendTest := fs.String("send-test", "", "also send a test message to this address")
-	cfg, status := loadConfig(fs, args, stderr)
+	cfg, _, status := loadConfig(fs, args, stderr)
 	if cfg == nil {
 		return status
 	}
-	cfg.Log.Level = "warn"
-	b, err := bridge.New(cfg, bridge.Options{Logger: bridge.NewLogger(stderr, cfg.Log)})
-	if err != nil {
-		fmt.Fprintln(stderr, "mailbridge:", err)
-		return 1
-	}
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-	defer cancel()
-	failed := 0
-	for _, r := range b.Check(ctx, *sendTest) {
-		mark := "ok  "
-		if r.Warn {
-			mark = "WARN"
-		}
-		if !r.OK {
-			mark = "FAIL"
-			failed++
-		}
-		fmt.Fprintf(stdout, "%s  %-20s %-10s %s\n", mark, r.Account, r.Check, r.Detail)
-		if r.Hint != "" {
-			fmt.Fprintf(stdout, "      fix: %s\n", r.Hint)
-		}
-	}
-	if failed > 0 {
-		fmt.Fprintf(stdout, "%d check(s) failed\n", failed)
-		return 1
-	}
-	return 0
+	return runCheck(ctx, cfg, *sendTest, stdout, stderr)
 }
 
 func queue(args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 {
-		fmt.Fprint(stderr, "usage: mailbridge queue list|retry ID|retry-failed|delete ID -config FILE\n")
+	const queueUsage = "usage: mailbridge queue list|retry ID|retry-failed|delete ID -config FILE\n"
+	fs := flag.NewFlagSet("queue", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	cfg, rest, status := loadConfig(fs, args, stderr)
+	if cfg == nil {
+		return status
+	}
+	if len(rest) == 0 {
+		fmt.Fprint(stderr, queueUsage)
 		return 2
 	}
-	action, args := args[0], args[1:]
+	action, rest := rest[0], rest[1:]
 	var id string
-	if action == "retry" || action == "delete" {
-		if len(args) == 0 || strings.HasPrefix(args[0], "-") {
+	switch action {
+	case "retry", "delete":
+		if len(rest) != 1 {
 			fmt.Fprintf(stderr, "mailbridge: queue %s needs a message ID (see mailbridge queue list)\n", action)
 			return 2
 		}
-		id, args = args[0], args[1:]
-	}
-	fs := flag.NewFlagSet("queue", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	cfg, status := loadConfig(fs, args, stderr)
-	if cfg == nil {
-		return status
+		id = rest[0]
+	case "list", "retry-failed":
+	default:
+		fmt.Fprintf(stderr, "mailbridge: unknown queue action %q\n%s", action, queueUsage)
+		return 2
 	}
 	if !cfg.Outbox.Enabled {
 		fmt.Fprintln(stderr, "mailbridge: the outbox is off in this configuration ([outbox] enabled = false)")
@@ -232,36 +291,77 @@ func queue(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintln(stderr, "mailbridge:", err)
 			return 1
 		}
-		fmt.Fprintf(stdout, "%-34s %-7s %-12s %10s %8s %-8s %-20s %s\n", "ID", "STATE", "ACCOUNT", "BYTES", "AGE", "ATTEMPTS", "NEXT ATTEMPT", "LAST ERROR")
+		tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "ID\tSTATE\tAGE\tATTEMPTS\tNEXT ATTEMPT\tFROM\tRECIPIENTS\tSUBJECT\tBYTES\tLAST ERROR")
 		for _, e := range entries {
 			next, last := e.NextAttempt.Local().Format(time.DateTime), e.LastError
 			if e.State == "failed" {
 				next, last = "-", e.Failure.Reason
 			}
-			fmt.Fprintf(stdout, "%-34s %-7s %-12s %10d %8s %8d %-20s %s\n", e.ID, e.State, e.Account, e.Size,
-				time.Since(e.Received).Round(time.Second), e.Attempts, next, last)
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%d\t%s\n", e.ID, e.State, time.Since(e.Received).Round(time.Second), e.Attempts, next,
+				e.From, strings.Join(e.Recipients, ","), oneLine(e.Subject, 60), e.Size, oneLine(last, 120))
 		}
+		tw.Flush()
 		fmt.Fprintf(stdout, "%d message(s)\n", len(entries))
 	case "retry":
-		err = store.Retry(id)
+		if err := store.Retry(id); err != nil {
+			fmt.Fprintln(stderr, "mailbridge:", err)
+			return 1
+		}
+		fmt.Fprintf(stdout, "%s: due now; the running bridge sends it within a few seconds\n", id)
 	case "retry-failed":
-		var n int
-		n, err = store.RetryFailed()
+		n, err := store.RetryFailed()
 		fmt.Fprintf(stdout, "%d failed message(s) back in the queue\n", n)
+		if err != nil {
+			fmt.Fprintln(stderr, "mailbridge:", err)
+			return 1
+		}
 	case "delete":
-		err = store.Delete(id)
-	default:
-		fmt.Fprintf(stderr, "mailbridge: unknown queue action %q\n", action)
-		return 2
-	}
-	if err != nil {
-		fmt.Fprintln(stderr, "mailbridge:", err)
-		return 1
+		if err := store.Delete(id); err != nil {
+			fmt.Fprintln(stderr, "mailbridge:", err)
+			return 1
+		}
+		fmt.Fprintf(stdout, "%s: deleted\n", id)
 	}
 	return 0
 }
 
-func hashPassword(stdin io.Reader, stdout, stderr io.Writer) int {
+// oneLine returns s on one line, cut at n characters.
+func oneLine(s string, n int) string {
+	s = strings.Join(strings.Fields(s), " ")
+	if r := []rune(s); len(r) > n {
+		return string(r[:n-1]) + "…"
+	}
+	return s
+}
+
+func hashPassword(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("hash-password", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	bare := fs.Bool("bare", false, "print the hash alone, not a password_hash line")
+	if _, err := parseAnywhere(fs, args); err != nil {
+		return 2
+	}
+	password, status := readPassword(stdin, stderr)
+	if password == nil {
+		return status
+	}
+	hash, err := bcrypt.GenerateFromPassword(password, bcrypt.DefaultCost)
+	if err != nil {
+		fmt.Fprintln(stderr, "mailbridge:", err)
+		return 1
+	}
+	if *bare {
+		fmt.Fprintln(stdout, string(hash))
+	} else {
+		fmt.Fprintf(stdout, "password_hash = %q\n", hash)
+	}
+	return 0
+}
+
+// readPassword reads a password: twice without echo from a terminal, else
+// one line of stdin. nil and an exit status when there is none.
+func readPassword(stdin io.Reader, stderr io.Writer) ([]byte, int) {
 	var password []byte
 	if f, ok := stdin.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
 		fmt.Fprint(stderr, "Password: ")
@@ -269,39 +369,33 @@ func hashPassword(stdin io.Reader, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr)
 		if err != nil {
 			fmt.Fprintln(stderr, "mailbridge:", err)
-			return 1
+			return nil, 1
 		}
 		fmt.Fprint(stderr, "Again: ")
 		p2, err := term.ReadPassword(int(f.Fd()))
 		fmt.Fprintln(stderr)
 		if err != nil || string(p1) != string(p2) {
 			fmt.Fprintln(stderr, "mailbridge: the passwords differ")
-			return 1
+			return nil, 1
 		}
 		password = p1
 	} else {
 		line, err := bufio.NewReader(stdin).ReadString('\n')
 		if err != nil && !errors.Is(err, io.EOF) {
 			fmt.Fprintln(stderr, "mailbridge:", err)
-			return 1
+			return nil, 1
 		}
 		password = []byte(strings.TrimRight(line, "\r\n"))
 	}
 	if len(password) == 0 {
 		fmt.Fprintln(stderr, "mailbridge: empty password")
-		return 2
+		return nil, 2
 	}
 	if len(password) > 72 {
 		fmt.Fprintln(stderr, "mailbridge: a password is at most 72 bytes (bcrypt's limit)")
-		return 2
+		return nil, 2
 	}
-	hash, err := bcrypt.GenerateFromPassword(password, bcrypt.DefaultCost)
-	if err != nil {
-		fmt.Fprintln(stderr, "mailbridge:", err)
-		return 1
-	}
-	fmt.Fprintln(stdout, string(hash))
-	return 0
+	return password, 0
 }
 
 // loadResolved loads the configuration at path and reads the files it
@@ -309,4 +403,20 @@ func hashPassword(stdin io.Reader, stdout, stderr io.Writer) int {
 func loadResolved(path string) (*config.Config, error) {
 	cfg, _, err := config.LoadResolved(path)
 	return cfg, err
+}
+
+// terminalTee passes the log to a terminal until the bridge has started,
+// then only lines at error level.
+type terminalTee struct {
+	terminal io.Writer
+	started  atomic.Bool
+}
+
+func (t *terminalTee) startedUp() { t.started.Store(true) }
+
+func (t *terminalTee) Write(p []byte) (int, error) {
+	if !t.started.Load() || bytes.Contains(p, []byte(`"level":"error"`)) || bytes.Contains(p, []byte(" ERR ")) {
+		t.terminal.Write(p)
+	}
+	return len(p), nil
 }

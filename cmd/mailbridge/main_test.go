@@ -266,9 +266,17 @@ func TestHashPassword(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("status %d", code)
 	}
-	hash := strings.TrimSpace(stdout)
+	line := strings.TrimSpace(stdout)
+	hash, ok := strings.CutPrefix(line, `password_hash = "`)
+	hash, ok2 := strings.CutSuffix(hash, `"`)
+	if !ok || !ok2 {
+		t.Fatalf("printed %q, want a password_hash line to paste", line)
+	}
 	if err := bcrypt.CompareHashAndPassword([]byte(hash), []byte("s3cret pass")); err != nil {
 		t.Errorf("printed hash %q does not verify: %v", hash, err)
+	}
+	if _, bare, _ := runBinary(t, os.Environ(), "s3cret pass\n", "hash-password", "-bare"); bcrypt.CompareHashAndPassword([]byte(strings.TrimSpace(bare)), []byte("s3cret pass")) != nil {
+		t.Errorf("-bare printed %q", bare)
 	}
 	if code, _, _ := runBinary(t, os.Environ(), "\n", "hash-password"); code != 2 {
 		t.Errorf("empty password: status %d, want 2", code)
@@ -654,5 +662,182 @@ func TestKill9WithMessagesInFlight(t *testing.T) {
 	}
 	if !strings.Contains(logs.String(), "deleted the draft of an interrupted attempt") {
 		t.Error("the interrupted draft's deletion is not logged")
+	}
+}
+
+// Flags go before or after the action and its arguments; retry and delete
+// say what they did; gen-cert creates its directory.
+func TestCLIHabits(t *testing.T) {
+	fake, path, env := fakeAndConfig(t, "127.0.0.1:0", "")
+	fake.FailGraph(100000, m365fake.Unavailable())
+	cmd, addr, _ := startServe(t, path, env)
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Auth(sasl.NewPlainClient("", "tm", "pw")); err != nil {
+		t.Fatal(err)
+	}
+	msg := "From: orders@example.com\r\nTo: a@example.org, b@example.org\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?= from the queue\r\n\r\nx\r\n"
+	if err := c.SendMail(mailbox, []string{"a@example.org", "b@example.org"}, strings.NewReader(msg)); err != nil {
+		t.Fatal(err)
+	}
+	cmd.Process.Kill()
+	cmd.Wait()
+	code, list, _ := runBinary(t, env, "", "queue", "-config", path, "list")
+	if code != 0 {
+		t.Fatalf("queue -config F list: %d", code)
+	}
+	for _, want := range []string{"ID", "AGE", "ATTEMPTS", "NEXT ATTEMPT", "FROM", "RECIPIENTS", "SUBJECT", "BYTES", "LAST ERROR", "orders@example.com", "a@example.org,b@example.org", "Grüße from the queue", "1 message(s)"} {
+		if !strings.Contains(list, want) {
+			t.Errorf("queue list lacks %q:\n%s", want, list)
+		}
+	}
+	id := strings.Fields(strings.Split(list, "\n")[1])[0]
+	if code, out, stderr := runBinary(t, env, "", "queue", "retry", id, "-config", path); code != 0 || !strings.Contains(out, id+": due now") {
+		t.Errorf("queue retry ID -config F: %d %q %q", code, out, stderr)
+	}
+	if code, out, _ := runBinary(t, env, "", "queue", "-config", path, "delete", id); code != 0 || !strings.Contains(out, id+": deleted") {
+		t.Errorf("queue -config F delete ID: %d %q", code, out)
+	}
+	if code, _, stderr := runBinary(t, env, "", "queue", "delete", id, "-config", path); code != 1 || !strings.Contains(stderr, "no message") {
+		t.Errorf("delete an unknown id: %d %q", code, stderr)
+	}
+	dir := filepath.Join(t.TempDir(), "new", "certs")
+	if code, _, stderr := runBinary(t, env, "", "gen-cert", "-out", dir, "-host", "bridge.local"); code != 0 {
+		t.Fatalf("gen-cert into a new directory: %d %s", code, stderr)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "mailbridge.crt")); err != nil {
+		t.Error(err)
+	}
+}
+
+// init, non-interactively: the configuration it writes loads, check runs,
+// the secret sits in a file of its own that only its owner reads, and serve
+// starts with it and sends through the fake.
+func TestInitWritesAWorkingConfiguration(t *testing.T) {
+	fake, _, env := fakeAndConfig(t, "127.0.0.1:0", "")
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "secret.in"), []byte(secret+"\n"), 0o600)
+	os.WriteFile(filepath.Join(dir, "password.in"), []byte("legacy pw\n"), 0o600)
+	path := filepath.Join(dir, "conf", "mailbridge.toml")
+	args := []string{"init", "-config", path, "-tenant-id", tenant, "-client-id", client, "-client-secret-file", filepath.Join(dir, "secret.in"),
+		"-mailbox", mailbox, "-username", "erp", "-password-file", filepath.Join(dir, "password.in"),
+		"-token-url", fake.TokenURL(), "-graph-url", fake.GraphURL(), "-pop3-upstream", fake.POP3Addr()}
+	code, out, stderr := runBinary(t, env, "", args...)
+	if code != 0 {
+		t.Fatalf("init: %d\n%s\n%s", code, out, stderr)
+	}
+	for _, want := range []string{"ok    main", "smtp-token", "SMTP server 127.0.0.1, port 2525, SSL off", `user "erp"`, "POP3 server 127.0.0.1, port 1110"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("init's output lacks %q:\n%s", want, out)
+		}
+	}
+	data, _ := os.ReadFile(path)
+	if strings.Contains(string(data), secret) || strings.Contains(string(data), "legacy pw") {
+		t.Error("the configuration holds the secret or the password in clear")
+	}
+	if st, err := os.Stat(filepath.Join(dir, "conf", "mailbridge-secret.txt")); err != nil || st.Mode().Perm() != 0o600 {
+		t.Errorf("the secret file: %v %v", st, err)
+	}
+	if code, _, stderr := runBinary(t, env, "", args...); code != 1 || !strings.Contains(stderr, "without -force") {
+		t.Errorf("init over an existing file: %d %q", code, stderr)
+	}
+	// serve with it, on a free port.
+	os.WriteFile(path, []byte(strings.Replace(string(data), `listen = "127.0.0.1:2525"`, `listen = "127.0.0.1:0"`, 1)), 0o600)
+	os.WriteFile(path, []byte(strings.Replace(mustReadFile(t, path), `listen = "127.0.0.1:1110"`, `listen = "127.0.0.1:0"`, 1)), 0o600)
+	_, addr, _ := startServe(t, path, env)
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Auth(sasl.NewPlainClient("", "erp", "legacy pw")); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SendMail(mailbox, []string{"a@example.org"}, strings.NewReader("From: orders@example.com\r\nTo: a@example.org\r\nSubject: init\r\n\r\nx\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	waitSent(t, fake, 1)
+	// Missing answers, without a terminal: one line naming the flag.
+	if code, _, stderr := runBinary(t, env, "", "init", "-config", filepath.Join(dir, "other.toml")); code != 2 || !strings.Contains(stderr, "init needs -tenant-id") {
+		t.Errorf("init without answers: %d %q", code, stderr)
+	}
+}
+
+func mustReadFile(t *testing.T, p string) string {
+	t.Helper()
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// With [log] file set, a person at a terminal still sees the start-up and a
+// fatal error (here: the port is taken); the file gets no colour codes.
+func TestLogFileStillShowsFatalErrorsOnTheTerminal(t *testing.T) {
+	python, err := exec.LookPath("python3")
+	if err != nil {
+		t.Skip("python3 (for a pseudo-terminal) is not installed")
+	}
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	_, path, env := fakeAndConfig(t, busy.Addr().String(), "")
+	logFile := filepath.Join(t.TempDir(), "bridge.log")
+	os.WriteFile(path, []byte(fmt.Sprintf("[log]\nfile = %q\nformat = \"console\"\n", logFile)+mustReadFile(t, path)), 0o600)
+	// A pseudo-terminal, as an administrator's console is.
+	script := `import os, pty, sys
+out = b""
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+while True:
+    try:
+        data = os.read(fd, 4096)
+    except OSError:
+        break
+    if not data:
+        break
+    out += data
+_, status = os.waitpid(pid, 0)
+sys.stdout.write(out.decode("utf-8", "replace"))
+sys.exit(os.waitstatus_to_exitcode(status))
+`
+	cmd := exec.Command(python, "-c", script, binary, "serve", "-config", path)
+	cmd.Env = env
+	out, err := cmd.CombinedOutput()
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 {
+		t.Fatalf("serve on a taken port: %v\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "address already in use") || !strings.Contains(string(out), "cannot start") {
+		t.Errorf("the terminal did not see the fatal error:\n%s", out)
+	}
+	if !strings.Contains(string(out), "log_file="+logFile) {
+		t.Errorf("the first line does not name the log file:\n%s", out)
+	}
+	data, _ := os.ReadFile(logFile)
+	if !strings.Contains(string(data), "address already in use") {
+		t.Errorf("the log file lacks the error:\n%s", data)
+	}
+	if bytes.Contains(data, []byte("\x1b[")) {
+		t.Errorf("colour codes in the log file:\n%q", data)
+	}
+	// console format to a pipe: no colour codes either.
+	code, _, stderr := runBinary(t, env, "", "serve", "-config", path)
+	if code != 1 || strings.Contains(stderr, "\x1b[") {
+		t.Errorf("serve to a pipe: %d %q", code, stderr)
+	}
+}
+
+// A certificate that does not verify (here: the fake's CA is not trusted,
+// as behind a TLS-inspecting proxy) is explained as such by check.
+func TestCheckExplainsAnUntrustedCertificate(t *testing.T) {
+	_, path, _ := fakeAndConfig(t, "127.0.0.1:0", "")
+	code, out, _ := runBinary(t, os.Environ(), "", "check", "-config", path)
+	if code != 1 || !strings.Contains(out, "TLS-inspecting proxy") || !strings.Contains(out, "SSL_CERT_FILE") {
+		t.Errorf("check without the CA: %d\n%s", code, out)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"mailbridge/bridge/config"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -91,12 +92,22 @@ func serviceCommand(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprint(stderr, "usage: mailbridge service install|uninstall|start|stop|restart|reload|status -config FILE\n")
 		return 2
 	}
-	action := args[0]
 	fs := flag.NewFlagSet("service", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	cfg, status := loadConfig(fs, args[1:], stderr)
-	if cfg == nil {
-		return status
+	path := fs.String("config", "mailbridge.toml", "configuration file")
+	rest, err := parseAnywhere(fs, args)
+	if err != nil || len(rest) != 1 {
+		fmt.Fprint(stderr, "usage: mailbridge service install|uninstall|start|stop|restart|reload|status -config FILE\n")
+		return 2
+	}
+	action := rest[0]
+	// status, stop and uninstall work whatever state the file is in.
+	cfg := &config.Config{Path: *path}
+	if action != "status" && action != "uninstall" && action != "stop" {
+		var status int
+		if cfg, _, status = loadConfig(flag.NewFlagSet("service", flag.ContinueOnError), []string{"-config", *path}, stderr); cfg == nil {
+			return status
+		}
 	}
 	sc, err := serviceConfig(cfg.Path)
 	if err != nil {
@@ -137,6 +148,18 @@ func serviceCommand(args []string, stdout, stderr io.Writer) int {
 			return 1
 		}
 		fmt.Fprintf(stdout, "service %s: done\n", action)
+		switch action {
+		case "install":
+			for _, f := range serviceFiles() {
+				fmt.Fprintf(stdout, "wrote %s\n", f)
+			}
+		case "uninstall":
+			for _, f := range serviceFiles() { // what the service manager left
+				if os.Remove(f) == nil {
+					fmt.Fprintf(stdout, "removed %s\n", f)
+				}
+			}
+		}
 		if action == "install" {
 			fmt.Fprintf(stdout, "It runs %q with the arguments %q, starts with the machine and restarts after a failure.\nStart it now with `mailbridge service start -config %s`.\n", executable(), sc.Arguments, cfg.Path)
 			if cfg.Log.File == "" && runtime.GOOS == "windows" {
@@ -162,4 +185,21 @@ func executable() string {
 func defaultServiceLog(cfgPath string) string {
 	abs, _ := filepath.Abs(cfgPath)
 	return filepath.Join(filepath.Dir(abs), "mailbridge.log")
+}
+
+// serviceFiles lists the files a service install wrote on this machine: the
+// systemd unit, or the SysV script and its rc links; none on Windows (the
+// service lives in the registry).
+func serviceFiles() []string {
+	if runtime.GOOS != "linux" {
+		return nil
+	}
+	var out []string
+	for _, p := range []string{"/etc/systemd/system/" + serviceName + ".service", "/etc/init.d/" + serviceName} {
+		if _, err := os.Stat(p); err == nil {
+			out = append(out, p)
+		}
+	}
+	links, _ := filepath.Glob("/etc/rc[0-6S].d/[SK][0-9][0-9]" + serviceName)
+	return append(out, links...)
 }

@@ -1,8 +1,13 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"io"
+	"os"
 	"path/filepath"
+	"runtime"
+	"strings"
 	"testing"
 )
 
@@ -40,3 +45,53 @@ func TestServiceProgramStopsLikeSIGTERM(t *testing.T) {
 		t.Fatal("Stop returned before the bridge stopped")
 	}
 }
+
+// On a Linux host without systemd, install writes a SysV script and rc
+// links and names them; uninstall removes all of them.
+func TestServiceInstallNamesAndRemovesItsFiles(t *testing.T) {
+	if runtime.GOOS != "linux" || os.Geteuid() != 0 {
+		t.Skip("needs root on Linux")
+	}
+	if _, err := os.Stat("/run/systemd/system"); err == nil {
+		t.Skip("a systemd host: the test would install a real unit")
+	}
+	if _, err := os.Stat("/etc/init.d/" + serviceName); err == nil {
+		t.Skip("a mailbridge service is installed on this machine")
+	}
+	path := filepath.Join(t.TempDir(), "mailbridge.toml")
+	os.WriteFile(path, []byte("not even TOML ["), 0o600)
+	var out, errOut bytes.Buffer
+	if code := serviceCommand([]string{"install", "-config", path}, &out, &errOut); code != 2 {
+		t.Fatalf("install with an invalid configuration: %d, want 2 (%s)", code, errOut.String())
+	}
+	valid := filepath.Join(t.TempDir(), "ok.toml")
+	os.WriteFile(valid, []byte(validServiceConfig), 0o600)
+	out.Reset()
+	if code := serviceCommand([]string{"install", "-config", valid}, &out, &errOut); code != 0 {
+		t.Fatalf("install: %d %s", code, errOut.String())
+	}
+	t.Cleanup(func() { serviceCommand([]string{"uninstall"}, io.Discard, io.Discard) })
+	if !strings.Contains(out.String(), "wrote /etc/init.d/"+serviceName) || !strings.Contains(out.String(), "wrote /etc/rc") {
+		t.Errorf("install did not name its files:\n%s", out.String())
+	}
+	os.WriteFile(valid, []byte("broken ["), 0o600) // uninstall works whatever the file says
+	out.Reset()
+	if code := serviceCommand([]string{"uninstall", "-config", valid}, &out, &errOut); code != 0 {
+		t.Fatalf("uninstall: %d %s", code, errOut.String())
+	}
+	if left := serviceFiles(); len(left) != 0 {
+		t.Errorf("uninstall left %v", left)
+	}
+}
+
+const validServiceConfig = `[[account]]
+name = "x"
+username = "x"
+password_hash = "$2a$10$X.FmiwimM0FjfQl2Q48UhuOd9hztzcuSRK04xk4T0bEruuwmhLH66"
+mailbox = "x@example.com"
+tenant_id = "t"
+client_id = "c"
+client_secret = "s"
+[outbox]
+dir = "/tmp/mailbridge-service-test-outbox"
+`

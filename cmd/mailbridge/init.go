@@ -1,0 +1,354 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"io/fs"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"text/template"
+	"time"
+
+	"golang.org/x/crypto/bcrypt"
+	"golang.org/x/term"
+
+	"mailbridge/bridge"
+	"mailbridge/bridge/config"
+	"mailbridge/bridge/mime"
+)
+
+// initAnswers are what `mailbridge init` asks for.
+type initAnswers struct {
+	TenantID, ClientID, Secret, Mailbox, Username, PasswordHash string
+	SecretFile                                                  string // as written into the config: relative to it
+	POP3                                                        bool
+	TokenURL, GraphURL, POP3Upstream                            string // advanced: national clouds, tests
+}
+
+var configTemplate = template.Must(template.New("config").Parse(`# mailbridge configuration, written by ` + "`mailbridge init`" + ` on {{.Date}}.
+# Every key and its default: config.example.toml. Check it: mailbridge check -config {{.Path}}
+
+[smtp]
+# Where the legacy program's "SMTP server" points: 127.0.0.1, port 2525, SSL off.
+listen = "127.0.0.1:2525"
+
+[pop3]
+# Where its "POP3 server" points: 127.0.0.1, port 1110, SSL off. "" turns POP3 off.
+listen = "{{if .A.POP3}}127.0.0.1:1110{{end}}"
+{{- if .A.POP3Upstream}}
+upstream = "{{.A.POP3Upstream}}"
+{{- end}}
+
+[outbox]
+# Messages wait here, on disk, until Microsoft 365 took them.
+dir = "outbox"
+
+[[account]]
+name = "main"
+# The user name and password the legacy program logs in with (the password
+# only as a bcrypt hash: ` + "`mailbridge hash-password`" + ` makes a new one).
+username = "{{.A.Username}}"
+password_hash = "{{.A.PasswordHash}}"
+# The mailbox Microsoft 365 sends as (and POP3 reads).
+mailbox = "{{.A.Mailbox}}"
+# From the app registration's Overview page in the Entra admin center.
+tenant_id = "{{.A.TenantID}}"
+client_id = "{{.A.ClientID}}"
+# The client secret's Value, in a file only its owner can read.
+client_secret_file = "{{.A.SecretFile}}"
+protocols = [{{if .A.POP3}}"smtp", "pop3"{{else}}"smtp"{{end}}]
+{{- if .A.TokenURL}}
+token_url = "{{.A.TokenURL}}"
+{{- end}}
+{{- if .A.GraphURL}}
+graph_url = "{{.A.GraphURL}}"
+{{- end}}
+`))
+
+// initConfig carries out `mailbridge init`: it asks for what a first
+// configuration needs (or takes it from flags), writes the configuration
+// and the secret file, checks them, and says what to type into the legacy
+// program.
+func initConfig(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	flags := flag.NewFlagSet("init", flag.ContinueOnError)
+	flags.SetOutput(stderr)
+	path := flags.String("config", defaultConfigPath(), "the configuration file to write")
+	var a initAnswers
+	flags.StringVar(&a.TenantID, "tenant-id", "", "Directory (tenant) ID")
+	flags.StringVar(&a.ClientID, "client-id", "", "Application (client) ID")
+	secretFile := flags.String("client-secret-file", "", "a file holding the client secret's Value")
+	flags.StringVar(&a.Mailbox, "mailbox", "", "the mailbox address to send as")
+	flags.StringVar(&a.Username, "username", "", "the user name the legacy program logs in with")
+	passwordFile := flags.String("password-file", "", "a file holding the password the legacy program logs in with")
+	pop3 := flags.Bool("pop3", true, "let the account read its mailbox over POP3")
+	noPOP3 := flags.Bool("no-pop3", false, "SMTP only")
+	noCheck := flags.Bool("no-check", false, "do not test the settings against Microsoft 365")
+	force := flags.Bool("force", false, "overwrite an existing configuration file")
+	flags.StringVar(&a.TokenURL, "token-url", "", "advanced: the token endpoint, for a national cloud")
+	flags.StringVar(&a.GraphURL, "graph-url", "", "advanced: the Graph endpoint, for a national cloud")
+	flags.StringVar(&a.POP3Upstream, "pop3-upstream", "", "advanced: Outlook's POP3 service, host:port")
+	if _, err := parseAnywhere(flags, args); err != nil {
+		return 2
+	}
+	a.POP3 = *pop3 && !*noPOP3
+	if _, err := os.Stat(*path); err == nil && !*force {
+		fmt.Fprintf(stderr, "mailbridge: %s exists: init does not overwrite it without -force\n", *path)
+		return 1
+	}
+	in := bufio.NewReader(stdin)
+	interactive := isTerminal(stdin)
+	ask := func(value *string, flagName, question, help string, check func(string) error) bool {
+		for *value == "" || check(*value) != nil {
+			if !interactive {
+				if *value == "" {
+					fmt.Fprintf(stderr, "mailbridge: init needs -%s (%s)\n", flagName, question)
+				} else {
+					fmt.Fprintf(stderr, "mailbridge: -%s: %v\n", flagName, check(*value))
+				}
+				return false
+			}
+			if *value != "" {
+				fmt.Fprintf(stderr, "  %v\n", check(*value))
+			}
+			fmt.Fprintf(stdout, "\n%s\n  (%s)\n> ", question, help)
+			line, err := in.ReadString('\n')
+			if err != nil && line == "" {
+				return false
+			}
+			*value = strings.TrimSpace(line)
+		}
+		return true
+	}
+	nonEmpty := func(s string) error { return nil }
+	address := func(s string) error {
+		if !mime.IsAddress(s) {
+			return fmt.Errorf("%q is not an email address", s)
+		}
+		return nil
+	}
+	if interactive {
+		fmt.Fprintf(stdout, "mailbridge init writes %s. The first values come from the app registration\nin the Microsoft Entra admin center (Applications > App registrations > your app).\n", *path)
+	}
+	ok := ask(&a.TenantID, "tenant-id", "Directory (tenant) ID?", "Overview page of the app registration", nonEmpty) &&
+		ask(&a.ClientID, "client-id", "Application (client) ID?", "the same Overview page", nonEmpty)
+	if !ok {
+		return 2
+	}
+	if *secretFile != "" {
+		b, err := os.ReadFile(*secretFile)
+		if err != nil {
+			fmt.Fprintln(stderr, "mailbridge:", err)
+			return 1
+		}
+		a.Secret = strings.TrimSpace(string(b))
+	} else if interactive {
+		for a.Secret == "" {
+			fmt.Fprint(stdout, "\nClient secret Value?\n  (Certificates & secrets > Client secrets: the Value column, shown once, not the Secret ID; not echoed)\n> ")
+			s, err := readSecret(stdin, in)
+			if err != nil {
+				fmt.Fprintln(stderr, "mailbridge:", err)
+				return 1
+			}
+			a.Secret = s
+		}
+	} else {
+		fmt.Fprintln(stderr, "mailbridge: init needs -client-secret-file (a file holding the client secret's Value)")
+		return 2
+	}
+	if !ask(&a.Mailbox, "mailbox", "Mailbox to send as?", "the address of a licensed Exchange Online mailbox, such as orders@example.com", address) ||
+		!ask(&a.Username, "username", "User name for the legacy program?", "what it types as SMTP (and POP3) user; any name, such as tmmaster", nonEmpty) {
+		return 2
+	}
+	var password []byte
+	if *passwordFile != "" {
+		b, err := os.ReadFile(*passwordFile)
+		if err != nil {
+			fmt.Fprintln(stderr, "mailbridge:", err)
+			return 1
+		}
+		password = []byte(strings.TrimRight(string(b), "\r\n"))
+	} else if interactive {
+		fmt.Fprint(stdout, "\nPassword for the legacy program? (typed twice, not echoed; stored only as a bcrypt hash)\n")
+		var status int
+		if password, status = readPassword(stdin, stderr); password == nil {
+			return status
+		}
+	} else {
+		fmt.Fprintln(stderr, "mailbridge: init needs -password-file (a file holding the legacy program's password)")
+		return 2
+	}
+	if len(password) == 0 || len(password) > 72 {
+		fmt.Fprintln(stderr, "mailbridge: the password must be 1 to 72 bytes")
+		return 2
+	}
+	hash, err := bcrypt.GenerateFromPassword(password, bcrypt.DefaultCost)
+	if err != nil {
+		fmt.Fprintln(stderr, "mailbridge:", err)
+		return 1
+	}
+	a.PasswordHash = string(hash)
+
+	dir := filepath.Dir(*path)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		fmt.Fprintln(stderr, "mailbridge:", err)
+		return 1
+	}
+	a.SecretFile = "mailbridge-secret.txt"
+	secretPath := filepath.Join(dir, a.SecretFile)
+	if err := writePrivate(secretPath, []byte(a.Secret+"\n")); err != nil {
+		fmt.Fprintln(stderr, "mailbridge:", err)
+		return 1
+	}
+	var out strings.Builder
+	if err := configTemplate.Execute(&out, map[string]any{"A": a, "Path": *path, "Date": time.Now().Format(time.DateOnly)}); err != nil {
+		fmt.Fprintln(stderr, "mailbridge:", err)
+		return 1
+	}
+	if err := writePrivate(*path, []byte(out.String())); err != nil {
+		fmt.Fprintln(stderr, "mailbridge:", err)
+		return 1
+	}
+	fmt.Fprintf(stdout, "\nWrote %s and %s (the secret, readable by its owner only).\n", *path, secretPath)
+	cfg, err := loadResolved(*path)
+	if err != nil {
+		for _, line := range strings.Split(err.Error(), "\n") {
+			fmt.Fprintln(stderr, "mailbridge: config:", line)
+		}
+		return 1
+	}
+	status := 0
+	if !*noCheck {
+		fmt.Fprintln(stdout, "\nChecking the settings against Microsoft 365:")
+		status = runCheck(ctx, cfg, "", stdout, stderr)
+	}
+	host, port, _ := net.SplitHostPort(cfg.SMTP.Listen)
+	fmt.Fprintf(stdout, "\nIn the legacy program:\n  SMTP server %s, port %s, SSL off, authentication on, user %q, the password you typed,\n  sender %s.\n", host, port, a.Username, a.Mailbox)
+	if a.POP3 {
+		phost, pport, _ := net.SplitHostPort(cfg.POP3.Listen)
+		fmt.Fprintf(stdout, "  POP3 server %s, port %s, SSL off, the same user and password.\n", phost, pport)
+	}
+	fmt.Fprintf(stdout, "Then run it: mailbridge serve -config %s (or mailbridge service install -config %s).\n", *path, *path)
+	return status
+}
+
+// defaultConfigPath is where init writes by default: the MSI's place on
+// Windows, the working directory elsewhere.
+func defaultConfigPath() string {
+	if runtime.GOOS == "windows" {
+		if pd := os.Getenv("ProgramData"); pd != "" {
+			return filepath.Join(pd, "mailbridge", "mailbridge.toml")
+		}
+	}
+	return "mailbridge.toml"
+}
+
+// readSecret reads one line without echo from a terminal.
+func readSecret(stdin io.Reader, in *bufio.Reader) (string, error) {
+	if f, ok := stdin.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
+		b, err := term.ReadPassword(int(f.Fd()))
+		fmt.Println()
+		return strings.TrimSpace(string(b)), err
+	}
+	line, err := in.ReadString('\n')
+	return strings.TrimSpace(line), err
+}
+
+func isTerminal(r any) bool {
+	f, ok := r.(*os.File)
+	return ok && term.IsTerminal(int(f.Fd()))
+}
+
+// writePrivate writes a file only its owner can read (on Windows: only
+// Administrators and SYSTEM, without inherited access).
+func writePrivate(path string, data []byte) error {
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		return err
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		return err
+	}
+	return restrictACL(path)
+}
+
+// restrictACL removes inherited access on Windows, where ProgramData lets
+// every user read; nothing elsewhere.
+func restrictACL(path string) error {
+	if runtime.GOOS != "windows" {
+		return nil
+	}
+	if out, err := exec.Command("icacls", path, "/inheritance:r", "/grant:r", "*S-1-5-32-544:F", "*S-1-5-18:F").CombinedOutput(); err != nil {
+		return fmt.Errorf("icacls %s: %v: %s", path, err, out)
+	}
+	return nil
+}
+
+// installConfig carries out `mailbridge install-config -config FILE`, run
+// by the MSI: it copies config.example.toml beside FILE to FILE unless
+// FILE exists, so that an upgrade never touches the administrator's file.
+func installConfig(args []string, stdout, stderr io.Writer) int {
+	flags := flag.NewFlagSet("install-config", flag.ContinueOnError)
+	flags.SetOutput(stderr)
+	path := flags.String("config", defaultConfigPath(), "the configuration file")
+	if _, err := parseAnywhere(flags, args); err != nil {
+		return 2
+	}
+	if _, err := os.Stat(*path); err == nil {
+		fmt.Fprintf(stdout, "%s exists: kept as it is\n", *path)
+		return 0
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		fmt.Fprintln(stderr, "mailbridge:", err)
+		return 1
+	}
+	example, err := os.ReadFile(filepath.Join(filepath.Dir(*path), "config.example.toml"))
+	if err != nil {
+		fmt.Fprintln(stderr, "mailbridge:", err)
+		return 1
+	}
+	if err := writePrivate(*path, example); err != nil {
+		fmt.Fprintln(stderr, "mailbridge:", err)
+		return 1
+	}
+	fmt.Fprintf(stdout, "wrote %s from config.example.toml: fill it in with `mailbridge init -force`, or by hand\n", *path)
+	return 0
+}
+
+// runCheck prints `mailbridge check`'s rows for cfg and returns its exit
+// status.
+func runCheck(ctx context.Context, cfg *config.Config, sendTest string, stdout, stderr io.Writer) int {
+	cfg.Log.Level = "warn"
+	b, err := bridge.New(cfg, bridge.Options{Logger: bridge.NewLogger(stderr, cfg.Log)})
+	if err != nil {
+		fmt.Fprintln(stderr, "mailbridge:", err)
+		return 1
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	failed := 0
+	for _, r := range b.Check(ctx, sendTest) {
+		mark := "ok  "
+		if r.Warn {
+			mark = "WARN"
+		}
+		if !r.OK {
+			mark = "FAIL"
+			failed++
+		}
+		fmt.Fprintf(stdout, "%s  %-20s %-10s %s\n", mark, r.Account, r.Check, r.Detail)
+		if r.Hint != "" {
+			fmt.Fprintf(stdout, "      fix: %s\n", r.Hint)
+		}
+	}
+	if failed > 0 {
+		fmt.Fprintf(stdout, "%d check(s) failed\n", failed)
+		return 1
+	}
+	return 0
+}
