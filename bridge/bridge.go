@@ -31,6 +31,7 @@ import (
 	"mailbridge/bridge/conntrack"
 	"mailbridge/bridge/deliver"
 	"mailbridge/bridge/failure"
+	"mailbridge/bridge/imapserver"
 	"mailbridge/bridge/localtls"
 	"mailbridge/bridge/outbox"
 	"mailbridge/bridge/pop3server"
@@ -71,6 +72,12 @@ type Bridge struct {
 
 	smtp      *smtpserver.Server
 	pop3      *pop3server.Server
+	imap      *imapserver.Server
+	imapLn    net.Listener
+	imapTLSLn net.Listener
+	imapTLS   *tls.Config
+	imapWatch *localtls.Watcher
+	imapLogin *conntrack.LoginPolicy
 	smtpTLS   *tls.Config // res.SMTPTLS, watched
 	pop3TLS   *tls.Config
 	smtpWatch *localtls.Watcher
@@ -146,12 +153,19 @@ func New(cfg *config.Config, opts Options) (*Bridge, error) {
 	}
 	b.smtpWatch = localtls.NewWatcher(b.log, "smtp", config.TLSVersions[cfg.SMTP.TLSMinVersion])
 	b.pop3Watch = localtls.NewWatcher(b.log, "pop3", config.TLSVersions[cfg.POP3.TLSMinVersion])
+	b.imapWatch = localtls.NewWatcher(b.log, "imap", config.TLSVersions[cfg.IMAP.TLSMinVersion])
+	b.imapTLS = b.imapWatch.Config(res.IMAPTLS)
+	b.imapLogin = b.loginPolicy("imap", cfg.IMAP.LoginTimeout.Duration, cfg.IMAP.MaxSessions)
 	b.smtpTLS, b.pop3TLS = b.smtpWatch.Config(res.SMTPTLS), b.pop3Watch.Config(res.POP3TLS)
 	b.smtpSlots = make(chan struct{}, max(cfg.SMTP.MaxSessions, 1))
 	b.smtpLogin = b.loginPolicy("smtp", cfg.SMTP.LoginTimeout.Duration, cfg.SMTP.MaxSessions)
 	b.pop3Login = b.loginPolicy("pop3", cfg.POP3.LoginTimeout.Duration, cfg.POP3.MaxSessions)
 	b.smtp = smtpserver.New(smtpserver.Options{
 		Config: cfg.SMTP, TLS: b.smtpTLS, Accounts: b.accounts, Submit: submit, Plan: b.deliverer.Plan,
+		Conns: &b.conns, Metrics: b.metrics, Log: b.log, Context: b.baseCtx,
+	})
+	b.imap = imapserver.New(imapserver.Options{
+		Config: cfg.IMAP, TLS: b.imapTLS, TLSFailed: b.imapWatch.Failed, Accounts: b.accounts,
 		Conns: &b.conns, Metrics: b.metrics, Log: b.log, Context: b.baseCtx,
 	})
 	b.pop3 = pop3server.New(pop3server.Options{
@@ -200,6 +214,24 @@ func (b *Bridge) Start() error {
 			})
 		}
 	}
+	if b.cfg.IMAP.Listen != "" {
+		iln, err := b.listen("imap", b.cfg.IMAP.Listen, nil)
+		if err != nil {
+			return err
+		}
+		b.imapLn = iln
+		b.serve(func() { b.imap.Serve(b.conns.WrapLogin(b.imapWatch.Listener(b.imap.LimitListener(iln)), b.imapLogin)) })
+		if tl := b.cfg.IMAP.TLSListen; tl != "" {
+			tln, err := b.listen("imap", tl, b.imapTLS)
+			if err != nil {
+				return err
+			}
+			b.imapTLSLn = tln
+			b.serve(func() {
+				b.imap.Serve(tls.NewListener(b.conns.WrapLogin(b.imapWatch.Listener(b.imap.LimitListener(tln)), b.imapLogin), b.imapTLS))
+			})
+		}
+	}
 	if tl := b.cfg.SMTP.TLSListen; tl != "" {
 		tln, err := b.listen("smtp", tl, b.smtpTLS)
 		if err != nil {
@@ -245,7 +277,7 @@ func (b *Bridge) Start() error {
 	for _, w := range b.cfg.ExposedSecrets() {
 		b.log.Warn().Msg("SECRET READABLE BY OTHERS: " + w)
 	}
-	for table, lt := range map[string]config.LocalTLS{"smtp": b.cfg.SMTP.LocalTLS, "pop3": b.cfg.POP3.LocalTLS} {
+	for table, lt := range map[string]config.LocalTLS{"smtp": b.cfg.SMTP.LocalTLS, "pop3": b.cfg.POP3.LocalTLS, "imap": b.cfg.IMAP.LocalTLS} {
 		if lt.TLSCert != "" && config.TLSVersions[lt.TLSMinVersion] < tls.VersionTLS12 {
 			b.log.Warn().Str("proto", table).Str("tls_min_version", lt.TLSMinVersion).
 				Msg("OLD TLS ALLOWED: TLS " + lt.TLSMinVersion + " has known weaknesses (BEAST, CBC padding oracles, SHA-1); keep it only for clients that know nothing newer, and only on a trusted network")
@@ -286,16 +318,16 @@ func (b *Bridge) listen(proto, addr string, tlsConfig *tls.Config) (net.Listener
 	b.listeners = append(b.listeners, ln)
 	if proto != "smtp" || tlsConfig != nil { // the plain SMTP one is logged when all is up
 		ev := b.log.Info().Str("proto", proto).Str("listen", ln.Addr().String()).Bool("implicit_tls", tlsConfig != nil)
-		if proto == "pop3" {
+		switch proto {
+		case "pop3":
 			ev = ev.Str("upstream", b.cfg.POP3.Upstream)
+		case "imap":
+			ev = ev.Str("upstream", b.cfg.IMAP.Upstream)
 		}
 		ev.Msg("listening")
 	}
 	if host, _, _ := net.SplitHostPort(addr); proto != "admin" && !config.IsLoopbackHost(host) && tlsConfig == nil {
-		local := b.res.SMTPTLS
-		if proto == "pop3" {
-			local = b.res.POP3TLS
-		}
+		local := map[string]*tls.Config{"smtp": b.res.SMTPTLS, "pop3": b.res.POP3TLS, "imap": b.res.IMAPTLS}[proto]
 		if local == nil {
 			b.log.Warn().Str("proto", proto).Str("listen", addr).Msg("PLAINTEXT ON THE NETWORK: clients send their passwords unencrypted to this address (allow_plaintext_on_network = true); configure tls_cert and tls_key")
 		}
@@ -319,6 +351,12 @@ func (b *Bridge) SMTPTLSAddr() string { return addr(b.smtpTLSLn) }
 
 // POP3Addr is the address the POP3 listener is bound to, "" if POP3 is off.
 func (b *Bridge) POP3Addr() string { return addr(b.pop3Ln) }
+
+// IMAPAddr is the address the IMAP listener is bound to, "" if IMAP is off.
+func (b *Bridge) IMAPAddr() string { return addr(b.imapLn) }
+
+// IMAPTLSAddr is the address of the implicit-TLS IMAP listener, "" if none.
+func (b *Bridge) IMAPTLSAddr() string { return addr(b.imapTLSLn) }
 
 // POP3TLSAddr is the address of the implicit-TLS POP3 listener, "" if none.
 func (b *Bridge) POP3TLSAddr() string { return addr(b.pop3TLSLn) }
@@ -349,6 +387,7 @@ func (b *Bridge) Shutdown(ctx context.Context) error {
 			err = nil // closed above already
 		}
 		b.pop3.Wait()
+		b.imap.Wait()
 		done <- err
 	}()
 	tick := time.NewTicker(50 * time.Millisecond)
@@ -426,6 +465,7 @@ func (b *Bridge) Reload(cfg *config.Config) error {
 	for key, changed := range map[string]bool{
 		"smtp":   !reflect.DeepEqual(old.SMTP, cfg.SMTP),
 		"pop3":   !reflect.DeepEqual(old.POP3, cfg.POP3),
+		"imap":   !reflect.DeepEqual(old.IMAP, cfg.IMAP),
 		"outbox": !reflect.DeepEqual(old.Outbox, cfg.Outbox),
 		"admin":  old.Admin != cfg.Admin,
 		"log":    old.Log != cfg.Log,

@@ -10,7 +10,6 @@ import (
 
 	"mailbridge/bridge/account"
 	"mailbridge/bridge/failure"
-	"mailbridge/bridge/pop3server"
 	"mailbridge/upstream"
 )
 
@@ -44,6 +43,9 @@ func (b *Bridge) Check(ctx context.Context, sendTestTo string) []CheckResult {
 		}
 		if a.Config.Uses("pop3") && b.cfg.POP3.Listen != "" {
 			results = append(results, b.checkPOP3(ctx, a))
+		}
+		if a.Config.Uses("imap") && b.cfg.IMAP.Listen != "" {
+			results = append(results, b.checkIMAP(ctx, a))
 		}
 	}
 	return results
@@ -124,7 +126,7 @@ func (b *Bridge) checkPOP3(ctx context.Context, a *account.Account) CheckResult 
 	defer cancel()
 	up, err := a.POP3Dialer.Dial(pctx, a.Config.POP3Mailbox, tok)
 	if err != nil {
-		return CheckResult{Account: name, Check: "pop3", Detail: err.Error(), Hint: pop3server.LoginHint(err, tok)}
+		return CheckResult{Account: name, Check: "pop3", Detail: err.Error(), Hint: failure.MailboxLoginHint("pop3", err, tok)}
 	}
 	count, size, err := up.Stat()
 	up.Quit()
@@ -138,4 +140,26 @@ func (b *Bridge) checkPOP3(ctx context.Context, a *account.Account) CheckResult 
 func testMessage(from, to string) []byte {
 	return fmt.Appendf(nil, "From: <%s>\r\nTo: <%s>\r\nSubject: mailbridge test message\r\nDate: %s\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nThis message was sent by `mailbridge check -send-test` to test the account's\r\nMicrosoft Graph settings. No action is needed.\r\n",
 		from, to, time.Now().Format(time.RFC1123Z))
+}
+
+// checkIMAP logs in to Outlook's IMAP service and examines INBOX.
+func (b *Bridge) checkIMAP(ctx context.Context, a *account.Account) CheckResult {
+	name := a.Config.Name
+	tok, fail := checkToken(ctx, a, a.OutlookTokens, "imap", "IMAP.AccessAsApp", "Office 365 Exchange Online")
+	if fail != nil {
+		return *fail
+	}
+	ictx, cancel := context.WithTimeout(ctx, b.cfg.IMAP.UpstreamTimeout.Duration)
+	defer cancel()
+	up, err := a.IMAPDialer.Dial(ictx, a.Config.IMAPMailbox, tok)
+	if err != nil {
+		return CheckResult{Account: name, Check: "imap", Detail: err.Error(), Hint: failure.MailboxLoginHint("imap", err, tok)}
+	}
+	defer up.Conn.Close()
+	count, err := up.Examine("INBOX")
+	if err != nil {
+		return CheckResult{Account: name, Check: "imap", Detail: err.Error()}
+	}
+	return CheckResult{Account: name, Check: "imap", OK: true,
+		Detail: fmt.Sprintf("logged in to %s at %s: INBOX holds %d messages", a.Config.IMAPMailbox, a.Config.IMAPUpstream, count)}
 }

@@ -45,7 +45,7 @@ const (
 func startFake(t testing.TB) *m365fake.Server {
 	t.Helper()
 	return m365test.Start(t,
-		m365test.Tenant{ID: tenantA, ClientID: clientA, Secret: secretA, Roles: []string{"Mail.Send", "POP.AccessAsApp"},
+		m365test.Tenant{ID: tenantA, ClientID: clientA, Secret: secretA, Roles: []string{"Mail.Send", "POP.AccessAsApp", "IMAP.AccessAsApp"},
 			Mailboxes: []string{mailboxA, "captain@example.com"}, Aliases: map[string][]string{mailboxA: {"sales@example.com"}},
 			FullAccess: []string{mailboxA}},
 		m365test.Tenant{ID: tenantB, ClientID: clientB, Secret: secretB, Roles: []string{"Mail.Send", "POP.AccessAsApp"},
@@ -83,6 +83,9 @@ func testConfig(fake *m365fake.Server) *config.Config {
 	cfg.POP3.Listen = "127.0.0.1:0"
 	cfg.POP3.Upstream = fake.POP3Addr()
 	cfg.POP3.UpstreamTimeout = config.Duration{Duration: testSendTimeout}
+	cfg.IMAP.Listen = "127.0.0.1:0"
+	cfg.IMAP.Upstream = fake.IMAPAddr()
+	cfg.IMAP.UpstreamTimeout = config.Duration{Duration: testSendTimeout}
 	off := false
 	cfg.Outbox.EnabledSetting = &off // the outbox's own tests turn it on
 	cfg.Accounts = []config.AccountConfig{
@@ -90,6 +93,7 @@ func testConfig(fake *m365fake.Server) *config.Config {
 			Name: "tm-master", Username: userA, PasswordHash: ha, Mailbox: mailboxA,
 			TenantID: tenantA, ClientID: clientA, ClientSecret: secretA,
 			AllowedSenders: []string{mailboxA, "sales@example.com"},
+			Protocols:      []string{"smtp", "pop3", "imap"},
 			TokenURL:       fake.TokenURL(), GraphURL: fake.GraphURL(),
 		},
 		{

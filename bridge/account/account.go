@@ -39,6 +39,7 @@ type Account struct {
 	OutlookTokens *upstream.TokenSource
 	Graph         *upstream.GraphClient
 	POP3Dialer    *upstream.POP3Dialer
+	IMAPDialer    *upstream.IMAPDialer
 	// Senders are the addresses the account may send as.
 	Senders  mime.SenderPolicy
 	password *passwordChecker
@@ -96,6 +97,7 @@ func (r *Registry) Load(cfg *config.Config, res *config.Resolved) *Set {
 			GraphTokens:   graphTokens,
 			OutlookTokens: r.tokens.Get(ra.Credentials, ac.POP3Scope),
 			POP3Dialer:    &upstream.POP3Dialer{Addr: ac.POP3Upstream, RootCAs: r.rootCAs, Timeout: cfg.POP3.UpstreamTimeout.Duration},
+			IMAPDialer:    &upstream.IMAPDialer{Addr: ac.IMAPUpstream, RootCAs: r.rootCAs, Timeout: cfg.IMAP.UpstreamTimeout.Duration},
 			Graph:         upstream.NewGraphClient(ac.GraphURL, r.httpClient, graphTokens),
 			Senders:       ra.Senders,
 			password:      newPasswordChecker(ac.PasswordHash, r.key),

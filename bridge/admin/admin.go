@@ -33,6 +33,7 @@ type Metrics struct {
 	upstreamTime   *prometheus.HistogramVec
 	upstreamStatus *prometheus.CounterVec // by op, status
 	retrBytes      *prometheus.CounterVec // by account
+	proxiedBytes   *prometheus.CounterVec // by proto, direction
 }
 
 // NewMetrics returns the metrics, registered.
@@ -57,6 +58,9 @@ func NewMetrics() *Metrics {
 		retrBytes: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mailbridge_pop3_retr_bytes_total",
 			Help: "Bytes of messages downloaded with RETR through the bridge."}, []string{"account"}),
 	}
+	m.proxiedBytes = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mailbridge_proxied_bytes_total",
+		Help: "Bytes relayed after login, by protocol and direction (in: from the client, out: to it)."}, []string{"proto", "direction"})
+	m.reg.MustRegister(m.proxiedBytes)
 	m.reg.MustRegister(m.sessions, m.activeSessions, m.messages, m.messageBytes, m.upstreamTime, m.upstreamStatus, m.retrBytes,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
@@ -141,4 +145,9 @@ func (m *Metrics) RegisterQueue(q Queue) {
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "mailbridge_outbox_failed", Help: "Messages in the outbox's failed/ directory: given up, waiting for `mailbridge queue retry` or `delete`."},
 			func() float64 { return float64(q.FailedCount()) }),
 	)
+}
+
+// ProxiedBytes counts n bytes relayed for proto in direction ("in", "out").
+func (m *Metrics) ProxiedBytes(proto, direction string, n int) {
+	m.proxiedBytes.WithLabelValues(proto, direction).Add(float64(n))
 }

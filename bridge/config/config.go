@@ -35,7 +35,8 @@ type Config struct {
 
 	Log      LogConfig       `toml:"log"`
 	SMTP     SMTPConfig      `toml:"smtp"`
-	POP3     POP3Config      `toml:"pop3"`
+	POP3     ProxyConfig     `toml:"pop3"`
+	IMAP     ProxyConfig     `toml:"imap"`
 	Outbox   OutboxConfig    `toml:"outbox"`
 	Admin    AdminConfig     `toml:"admin"`
 	Accounts []AccountConfig `toml:"account"`
@@ -149,10 +150,10 @@ func absPath(dir, p string) string {
 	return p
 }
 
-// POP3Config is the [pop3] table: the local POP3 listener and the Outlook
-// service it proxies to.
-type POP3Config struct {
-	Listen          string `toml:"listen"` // "" turns POP3 off
+// ProxyConfig is the [pop3] or the [imap] table: the local listener and
+// the Outlook service it proxies to.
+type ProxyConfig struct {
+	Listen          string `toml:"listen"` // "" turns the protocol off
 	LocalTLS        `toml:",inline"`
 	Upstream        string   `toml:"upstream"`         // host:port, implicit TLS
 	IdleTimeout     Duration `toml:"idle_timeout"`     // how long a client may stay silent
@@ -224,13 +225,19 @@ type AccountConfig struct {
 	TokenURL  string `toml:"token_url"`
 	GraphURL  string `toml:"graph_url"`
 	SendScope string `toml:"send_scope"`
-	// Protocols the account may use: "smtp", "pop3" or both (the default).
+	// Protocols the account may use: "smtp", "pop3", "imap" (default:
+	// smtp and pop3).
 	Protocols   []string `toml:"protocols"`
 	POP3Scope   string   `toml:"pop3_scope"`
 	POP3Mailbox string   `toml:"pop3_mailbox"` // "" means Mailbox
 	// POP3Upstream is Outlook's POP3 service for this account: by default
 	// [pop3] upstream, or the national cloud's.
 	POP3Upstream string `toml:"pop3_upstream"`
+	// IMAPMailbox is the mailbox IMAP opens: "" means POP3Mailbox.
+	IMAPMailbox string `toml:"imap_mailbox"`
+	// IMAPUpstream is Outlook's IMAP service for this account: by default
+	// [imap] upstream, or the national cloud's.
+	IMAPUpstream string `toml:"imap_upstream"`
 	// LargeMessages sends messages over sendMail's limit as a draft with
 	// attachments (needs Mail.ReadWrite); nil means true.
 	LargeMessagesSetting *bool `toml:"large_messages"`
@@ -276,6 +283,7 @@ func (d Duration) MarshalText() ([]byte, error) { return []byte(d.Duration.Strin
 const (
 	DefaultSMTPListen      = "127.0.0.1:2525"
 	DefaultPOP3Listen      = "127.0.0.1:1110"
+	DefaultIMAPListen      = "127.0.0.1:1143"
 	DefaultMaxMessageBytes = 35 << 20
 	// DefaultMaxRecipients is Exchange Online's default recipient limit.
 	DefaultMaxRecipients = 500
@@ -304,11 +312,21 @@ func Default() *Config {
 			MaxBytes:      1 << 30,
 			RatePerSecond: 16,
 		},
-		POP3: POP3Config{
+		POP3: ProxyConfig{
 			Listen:   DefaultPOP3Listen,
 			Upstream: upstream.DefaultPOP3Addr,
 			// RFC 1939 §3: an autologout timer of at least 10 minutes.
 			IdleTimeout:     Duration{10 * time.Minute},
+			LoginTimeout:    Duration{60 * time.Second},
+			UpstreamTimeout: Duration{2 * time.Minute},
+			MaxSessions:     100,
+		},
+		IMAP: ProxyConfig{
+			Listen:   DefaultIMAPListen,
+			Upstream: upstream.DefaultIMAPAddr,
+			// RFC 9051 §5.4: an autologout timer of at least 30 minutes;
+			// IDLE clients sit silent that long.
+			IdleTimeout:     Duration{30 * time.Minute},
 			LoginTimeout:    Duration{60 * time.Second},
 			UpstreamTimeout: Duration{2 * time.Minute},
 			MaxSessions:     100,
@@ -405,20 +423,8 @@ func (c *Config) Complete(dir string) error {
 			bad(key, "must be a positive duration such as \"30s\"")
 		}
 	}
-	if c.POP3.Listen != "" {
-		c.POP3.LocalTLS.validate("pop3", c.POP3.Listen, dir, bad)
-		if _, port, err := net.SplitHostPort(c.POP3.Upstream); err != nil || port == "" {
-			bad("pop3.upstream", "%q is not host:port, such as %q", c.POP3.Upstream, upstream.DefaultPOP3Addr)
-		}
-		for key, d := range map[string]Duration{"pop3.idle_timeout": c.POP3.IdleTimeout, "pop3.upstream_timeout": c.POP3.UpstreamTimeout, "pop3.login_timeout": c.POP3.LoginTimeout} {
-			if d.Duration <= 0 {
-				bad(key, "must be a positive duration such as \"30s\"")
-			}
-		}
-		if c.POP3.MaxSessions <= 0 {
-			bad("pop3.max_sessions", "must be positive")
-		}
-	}
+	c.POP3.validate("pop3", upstream.DefaultPOP3Addr, dir, bad)
+	c.IMAP.validate("imap", upstream.DefaultIMAPAddr, dir, bad)
 	c.Outbox.Enabled = c.Outbox.EnabledSetting == nil || *c.Outbox.EnabledSetting
 	if c.Outbox.Enabled {
 		switch {
@@ -519,6 +525,12 @@ func (c *Config) Complete(dir string) error {
 		if a.SendScope == "" {
 			a.SendScope = cloud.GraphScope
 		}
+		if a.IMAPUpstream == "" {
+			a.IMAPUpstream = c.IMAP.Upstream
+			if a.Cloud != "global" {
+				a.IMAPUpstream = cloud.IMAPAddr
+			}
+		}
 		if a.POP3Upstream == "" {
 			a.POP3Upstream = c.POP3.Upstream
 			if a.Cloud != "global" {
@@ -539,16 +551,21 @@ func (c *Config) Complete(dir string) error {
 		} else if !mime.IsAddress(a.POP3Mailbox) {
 			bad(key("pop3_mailbox"), "%q is not an email address", a.POP3Mailbox)
 		}
+		if a.IMAPMailbox == "" {
+			a.IMAPMailbox = a.POP3Mailbox
+		} else if !mime.IsAddress(a.IMAPMailbox) {
+			bad(key("imap_mailbox"), "%q is not an email address", a.IMAPMailbox)
+		}
 		if a.Protocols == nil {
 			a.Protocols = []string{"smtp", "pop3"}
 		}
 		for _, p := range a.Protocols {
-			if p != "smtp" && p != "pop3" {
-				bad(key("protocols"), "%q is not \"smtp\" or \"pop3\"", p)
+			if p != "smtp" && p != "pop3" && p != "imap" {
+				bad(key("protocols"), "%q is not \"smtp\", \"pop3\" or \"imap\"", p)
 			}
 		}
 		if len(a.Protocols) == 0 {
-			bad(key("protocols"), "empty: give \"smtp\", \"pop3\" or both")
+			bad(key("protocols"), "empty: give \"smtp\", \"pop3\" or \"imap\"")
 		}
 		if !strings.HasSuffix(a.POP3Scope, "/.default") {
 			bad(key("pop3_scope"), "must end in /.default for the client-credentials flow, such as %q", upstream.OutlookScope)
@@ -619,4 +636,23 @@ func keyLine(path, key string, line int) int {
 		}
 	}
 	return 0
+}
+
+// validate checks a [pop3] or [imap] table that is on; table names it.
+func (p *ProxyConfig) validate(table, defaultUpstream, dir string, bad func(key, format string, args ...any)) {
+	if p.Listen == "" {
+		return
+	}
+	p.LocalTLS.validate(table, p.Listen, dir, bad)
+	if _, port, err := net.SplitHostPort(p.Upstream); err != nil || port == "" {
+		bad(table+".upstream", "%q is not host:port, such as %q", p.Upstream, defaultUpstream)
+	}
+	for key, d := range map[string]Duration{table + ".idle_timeout": p.IdleTimeout, table + ".upstream_timeout": p.UpstreamTimeout, table + ".login_timeout": p.LoginTimeout} {
+		if d.Duration <= 0 {
+			bad(key, "must be a positive duration such as \"30s\"")
+		}
+	}
+	if p.MaxSessions <= 0 {
+		bad(table+".max_sessions", "must be positive")
+	}
 }

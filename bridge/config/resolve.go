@@ -15,9 +15,9 @@ import (
 // parsed sender policy. It is kept apart from the decoded Config, so that
 // comparing two configurations compares only what the file says.
 type Resolved struct {
-	// SMTPTLS and POP3TLS are the local listeners' TLS configurations, nil
-	// when no certificate is set.
-	SMTPTLS, POP3TLS *tls.Config
+	// SMTPTLS, POP3TLS and IMAPTLS are the local listeners' TLS
+	// configurations, nil when no certificate is set.
+	SMTPTLS, POP3TLS, IMAPTLS *tls.Config
 	// Accounts holds what each account needs at run time, by account name.
 	Accounts map[string]ResolvedAccount
 }
@@ -39,6 +39,9 @@ func (c *Config) Resolve() (*Resolved, error) {
 	res.SMTPTLS = c.SMTP.LocalTLS.load("smtp", bad)
 	if c.POP3.Listen != "" {
 		res.POP3TLS = c.POP3.LocalTLS.load("pop3", bad)
+	}
+	if c.IMAP.Listen != "" {
+		res.IMAPTLS = c.IMAP.LocalTLS.load("imap", bad)
 	}
 	if c.SMTP.SpoolDir != "" {
 		if st, err := os.Stat(c.SMTP.SpoolDir); err != nil || !st.IsDir() {

@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 
 	"mailbridge/bridge/mime"
@@ -127,6 +128,7 @@ func Classify(err error) Failure {
 	var apiErr *upstream.APIError
 	var tokErr *upstream.TokenError
 	var popErr *upstream.POP3AuthError
+	var imapErr *upstream.IMAPAuthError
 	var opErr *net.OpError
 	var verifyErr *tls.CertificateVerificationError
 	var unknownCA x509.UnknownAuthorityError
@@ -151,6 +153,8 @@ func Classify(err error) Failure {
 		}
 	case errors.As(err, &popErr):
 		f.Upstream, f.Kind, f.Temporary, f.Hint = "pop3", Permission, true, popErr.Hint()
+	case errors.As(err, &imapErr):
+		f.Upstream, f.Kind, f.Temporary, f.Hint = "imap", Permission, true, imapErr.Hint()
 	case errors.Is(err, mime.ErrSpool):
 		f.Kind, f.Temporary = Local, true
 		f.Hint = "the bridge cannot write to smtp.spool_dir (the temporary directory by default): check free space and permissions"
@@ -225,6 +229,28 @@ func NoMailbox(e *upstream.APIError) bool {
 func IsAccessDenied(err error) bool {
 	var apiErr *upstream.APIError
 	return errors.As(err, &apiErr) && apiErr.Status == http.StatusForbidden && strings.EqualFold(apiErr.Code, "ErrorAccessDenied")
+}
+
+// MailboxLoginHint explains a failed login to Outlook's POP3 or IMAP
+// service (protocol "pop3" or "imap"), for the sessions' log lines and for
+// `check`: one text for the three. token is the one the login used ("" if
+// none was had); a token without the protocol's role says so.
+func MailboxLoginHint(protocol string, err error, token string) string {
+	f := Classify(err)
+	role, port := "POP.AccessAsApp", "995"
+	if protocol == "imap" {
+		role, port = "IMAP.AccessAsApp", "993"
+	}
+	switch {
+	case f.Upstream == protocol:
+		if roles, ok := upstream.TokenRoles(token); ok && !slices.Contains(roles, role) {
+			return RoleHint(role, "Office 365 Exchange Online")
+		}
+		return f.Hint
+	case f.Upstream == "token", f.UntrustedCertificate:
+		return f.Hint
+	}
+	return "Outlook's " + strings.ToUpper(protocol) + " service could not be reached: check the network, firewall (port " + port + ") and DNS, and " + protocol + ".upstream"
 }
 
 // RoleHint tells how to grant an application permission that a token

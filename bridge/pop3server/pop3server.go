@@ -48,7 +48,7 @@ var capabilities = []string{"USER", "UIDL", "TOP", "RESP-CODES", "AUTH-RESP-CODE
 
 // Options are what the POP3 server needs.
 type Options struct {
-	Config config.POP3Config
+	Config config.ProxyConfig
 	// TLS is the STLS (and implicit TLS) configuration; nil offers no STLS.
 	TLS *tls.Config
 	// TLSFailed, if set, is told of an STLS handshake that failed.
@@ -420,7 +420,7 @@ func (s *session) login(username, password string) {
 	}
 	if err != nil {
 		f := failure.Classify(err)
-		ev := s.log.Error().Err(err).Str("reason", string(f.Kind)).Str("mailbox", a.Config.POP3Mailbox).Str("upstream", a.Config.POP3Upstream).Str("hint", LoginHint(err, token))
+		ev := s.log.Error().Err(err).Str("reason", string(f.Kind)).Str("mailbox", a.Config.POP3Mailbox).Str("upstream", a.Config.POP3Upstream).Str("hint", failure.MailboxLoginHint("pop3", err, token))
 		ev.Int64("duration_ms", time.Since(start).Milliseconds()).Msg("upstream login failed")
 		s.reply(replyFor(f))
 		s.account = nil
@@ -430,22 +430,6 @@ func (s *session) login(username, password string) {
 	s.log.Info().Str("mailbox", a.Config.POP3Mailbox).Str("upstream", a.Config.POP3Upstream).Str("greeting", up.Greeting).
 		Int64("duration_ms", time.Since(start).Milliseconds()).Msg("logged in upstream")
 	s.reply(up.AuthReply)
-}
-
-// LoginHint explains a failed login to Outlook's POP3 service, for the log
-// and for `check`; token is the one the login used ("" if none was had).
-func LoginHint(err error, token string) string {
-	f := failure.Classify(err)
-	switch {
-	case f.Upstream == "pop3":
-		if roles, ok := upstream.TokenRoles(token); ok && !slices.Contains(roles, "POP.AccessAsApp") {
-			return failure.RoleHint("POP.AccessAsApp", "Office 365 Exchange Online")
-		}
-		return f.Hint
-	case f.Upstream == "token", f.UntrustedCertificate:
-		return f.Hint
-	}
-	return "Outlook's POP3 service could not be reached: check the network, firewall (port 995) and DNS, and pop3.upstream"
 }
 
 // replyFor is the one place where an upstream login failure becomes the

@@ -36,6 +36,7 @@ func demo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	listen := fs.String("smtp", config.DefaultSMTPListen, "SMTP listen address")
 	pop3Listen := fs.String("pop3", config.DefaultPOP3Listen, "POP3 listen address")
+	imapListen := fs.String("imap", config.DefaultIMAPListen, "IMAP listen address")
 	format := fs.String("log-format", "console", "log format: json or console")
 	outboxDir := fs.String("outbox", filepath.Join(os.TempDir(), "mailbridge-demo-outbox"), "outbox directory, kept between runs")
 	if err := fs.Parse(args); err != nil {
@@ -52,7 +53,7 @@ func demo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	defer fake.Close()
 	secret := "demo-secret"
 	fake.AddTenant(demoTenant)
-	fake.AddApp(demoTenant, demoClient, secret, "Mail.Send", "Mail.ReadWrite", "POP.AccessAsApp")
+	fake.AddApp(demoTenant, demoClient, secret, "Mail.Send", "Mail.ReadWrite", "POP.AccessAsApp", "IMAP.AccessAsApp")
 	fake.RefuseRecipients(demoRefusedDomain)
 	fake.AddMailbox(demoTenant, demoMailbox)
 	fake.GrantMailboxAccess(demoTenant, demoClient, demoMailbox)
@@ -77,6 +78,12 @@ func demo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	cfg.Log = logCfg
 	cfg.SMTP.Listen = *listen
 	cfg.POP3.Listen = *pop3Listen
+	imapUpstream, err := fake.StartIMAP()
+	if err != nil {
+		log.Error().Err(err).Msg("cannot start the fake Outlook IMAP service")
+		return 1
+	}
+	cfg.IMAP.Listen, cfg.IMAP.Upstream = *imapListen, imapUpstream
 	cfg.POP3.Upstream = pop3Upstream
 	// The outbox is kept between runs, in a directory the banner names:
 	// what a client was told was queued is never thrown away.
@@ -84,7 +91,7 @@ func demo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	cfg.Accounts = []config.AccountConfig{{
 		Name: "demo", Username: "demo", PasswordHash: string(hash), Mailbox: demoMailbox,
 		TenantID: demoTenant, ClientID: demoClient, ClientSecret: secret,
-		TokenURL: fake.TokenURL(), GraphURL: fake.GraphURL(),
+		TokenURL: fake.TokenURL(), GraphURL: fake.GraphURL(), Protocols: []string{"smtp", "pop3", "imap"},
 	}}
 	if err := cfg.Complete(""); err != nil {
 		log.Error().Err(err).Msg("demo configuration")
@@ -102,7 +109,7 @@ func demo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	addr, popAddr := b.SMTPAddr(), b.POP3Addr()
 	fmt.Fprintf(stdout, `mailbridge demo: a fake Microsoft 365 runs inside this process; nothing leaves this machine.
 SMTP server %s, user "demo", password %q, sender %s.
-POP3 server %s, same user, reading the mailbox %[3]s. Ctrl+C stops.
+POP3 server %s, same user, reading the mailbox %[3]s; IMAP server %[7]s. Ctrl+C stops.
 Outbox: %[5]s (kept between runs).
 
 Send a message with curl (to the demo mailbox itself, so that POP3 finds it):
@@ -113,12 +120,14 @@ or with swaks:
 Then list and read the mailbox through POP3:
   curl pop3://%[4]s/ --user demo:demo
   curl pop3://%[4]s/1 --user demo:demo
+or through IMAP (server %[7]s):
+  curl 'imap://%[7]s/INBOX;UID=1' --user demo:demo
 A recipient at %[6]s is refused by the fake Graph: the bridge then sends a
 non-delivery report to the sender, which appears in the demo mailbox (POP3):
   printf 'From: %[3]s\r\nTo: nobody@%[6]s\r\nSubject: bounce me\r\n\r\nx\r\n' |
     curl smtp://%[1]s --user demo:demo --mail-from %[3]s --mail-rcpt nobody@%[6]s -T -
 
-`, addr, demoPassword, demoMailbox, popAddr, *outboxDir, demoRefusedDomain)
+`, addr, demoPassword, demoMailbox, popAddr, *outboxDir, demoRefusedDomain, b.IMAPAddr())
 	<-ctx.Done()
 	// Let the outbox drain before the fake Microsoft 365 goes away with
 	// this process, within a bound.

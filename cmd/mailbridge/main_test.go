@@ -67,6 +67,9 @@ func fakeAndConfig(t *testing.T, listen string, extra string) (*m365fake.Server,
 	hash, _ := bcrypt.GenerateFromPassword([]byte("pw"), bcrypt.MinCost)
 	cfg := fmt.Sprintf(`[smtp]
 listen = %q
+[imap]
+listen = "127.0.0.1:0"
+upstream = %q
 [pop3]
 listen = "127.0.0.1:0"
 upstream = %q
@@ -81,7 +84,7 @@ client_secret_file = "secret.txt"
 token_url = %q
 graph_url = %q
 %s
-`, listen, pop3Addr, hash, mailbox, tenant, client, fake.TokenURL(), fake.GraphURL(), extra)
+`, listen, fake.IMAPAddr(), pop3Addr, hash, mailbox, tenant, client, fake.TokenURL(), fake.GraphURL(), extra)
 	path := filepath.Join(dir, "mailbridge.toml")
 	os.WriteFile(path, []byte(cfg), 0o600)
 	return fake, path, append(os.Environ(), "SSL_CERT_FILE="+ca)
@@ -291,7 +294,7 @@ func TestVersion(t *testing.T) {
 }
 
 func TestDemoServesTheWholeLoop(t *testing.T) {
-	cmd := exec.Command(binary, "demo", "-smtp", "127.0.0.1:0", "-pop3", "127.0.0.1:0", "-log-format", "json", "-outbox", t.TempDir())
+	cmd := exec.Command(binary, "demo", "-smtp", "127.0.0.1:0", "-pop3", "127.0.0.1:0", "-imap", "127.0.0.1:0", "-log-format", "json", "-outbox", t.TempDir())
 	stdout, _ := cmd.StdoutPipe()
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr

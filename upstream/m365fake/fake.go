@@ -42,6 +42,7 @@ type Server struct {
 	sent          []SentMessage
 	onSend        func(SentMessage)
 	refused       []string // recipient domains sendMail refuses
+	imap          imapState
 	tokenFaults   []Fault
 	graphFaults   map[string][]Fault // by endpoint
 	tokenRequests map[string]int     // by scope
@@ -149,6 +150,7 @@ func Start() (*Server, error) {
 // Close stops the fake and closes its connections.
 func (s *Server) Close() error {
 	s.closePOP3()
+	s.closeIMAP()
 	s.removeUploads()
 	err := s.httpSrv.Close()
 	if errors.Is(err, http.ErrServerClosed) {

@@ -132,15 +132,16 @@ func (s *Server) GrantMailboxAccess(tenantID, clientID, mailbox string) {
 	s.pop.access[tenantID+"/"+clientID+"/"+strings.ToLower(mailbox)] = true
 }
 
-// AddMessage puts a raw message into mailbox (a primary address) and
-// returns its UID.
+// AddMessage puts a raw message into mailbox (a primary address), for POP3
+// and IMAP, and returns its POP3 UID.
 func (s *Server) AddMessage(mailbox string, raw []byte) string {
+	mb := strings.ToLower(mailbox)
 	s.pop.mu.Lock()
-	defer s.pop.mu.Unlock()
 	s.pop.nextUID++
 	uid := fmt.Sprintf("AAQkAD%08d", s.pop.nextUID)
-	mb := strings.ToLower(mailbox)
 	s.pop.boxes[mb] = append(s.pop.boxes[mb], popMessage{uid: uid, data: raw})
+	s.pop.mu.Unlock()
+	s.addIMAPMessage(mb, raw) // the same mailbox, seen over IMAP
 	return uid
 }
 
@@ -312,7 +313,7 @@ func (p *popSession) authorization(cmd, arg string) bool {
 				return false
 			}
 		}
-		mailbox, ok := p.s.checkXOAUTH2(resp)
+		mailbox, ok := p.s.checkXOAUTH2(resp, "POP.AccessAsApp")
 		if !ok || p.fault.RefuseAuth {
 			return p.reply(pop3AuthFailed) == nil
 		}
@@ -330,7 +331,7 @@ func (p *popSession) authorization(cmd, arg string) bool {
 
 // checkXOAUTH2 verifies a SASL XOAUTH2 response and returns the mailbox it
 // opens.
-func (s *Server) checkXOAUTH2(b64 string) (string, bool) {
+func (s *Server) checkXOAUTH2(b64, role string) (string, bool) {
 	raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(b64))
 	if err != nil {
 		return "", false
@@ -345,7 +346,7 @@ func (s *Server) checkXOAUTH2(b64 string) (string, bool) {
 		return "", false
 	}
 	c, err := s.verifyToken(token, OutlookAudience)
-	if err != nil || !slices.Contains(c.Roles, "POP.AccessAsApp") {
+	if err != nil || !slices.Contains(c.Roles, role) {
 		return "", false
 	}
 	s.mu.Lock()

@@ -44,5 +44,8 @@ func Start(t testing.TB, tenants ...Tenant) *m365fake.Server {
 	if _, err := fake.StartPOP3(); err != nil {
 		t.Fatal(err)
 	}
+	if _, err := fake.StartIMAP(); err != nil {
+		t.Fatal(err)
+	}
 	return fake
 }

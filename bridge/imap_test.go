@@ -1,0 +1,358 @@
+package bridge_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/base64"
+	"fmt"
+	"io"
+	"net"
+	"runtime"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"mailbridge/bridge"
+	"mailbridge/upstream/m365fake"
+)
+
+// imapClient is a hand-driven IMAP dialogue.
+type imapClient struct {
+	t    testing.TB
+	conn net.Conn
+	r    *bufio.Reader
+	n    int
+}
+
+func dialIMAP(t testing.TB, addr string) *imapClient {
+	t.Helper()
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	conn.SetDeadline(time.Now().Add(60 * time.Second))
+	c := &imapClient{t: t, conn: conn, r: bufio.NewReaderSize(conn, 64<<10)}
+	if l := c.line(); !strings.HasPrefix(l, "* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN AUTH=LOGIN SASL-IR ID LITERAL+") {
+		t.Fatalf("greeting %q", l)
+	}
+	return c
+}
+
+func (c *imapClient) line() string {
+	c.t.Helper()
+	l, err := c.r.ReadString('\n')
+	if err != nil {
+		c.t.Fatalf("reading: %v (got %q)", err, l)
+	}
+	return strings.TrimRight(l, "\r\n")
+}
+
+// cmd sends a tagged command and returns the untagged lines and the tagged
+// answer.
+func (c *imapClient) cmd(format string, args ...any) ([]string, string) {
+	c.t.Helper()
+	c.n++
+	tag := fmt.Sprintf("T%d", c.n)
+	fmt.Fprintf(c.conn, tag+" "+format+"\r\n", args...)
+	return c.until(tag)
+}
+
+func (c *imapClient) until(tag string) ([]string, string) {
+	c.t.Helper()
+	var untagged []string
+	for {
+		l := c.line()
+		if strings.HasPrefix(l, tag+" ") {
+			return untagged, l
+		}
+		untagged = append(untagged, l)
+	}
+}
+
+func (c *imapClient) login(user, pass string) {
+	c.t.Helper()
+	if _, l := c.cmd("LOGIN %q %q", user, pass); !strings.Contains(l, " OK ") {
+		c.t.Fatalf("LOGIN: %q", l)
+	}
+}
+
+// fetchRaw sends FETCH n BODY.PEEK[] and returns the whole answer as it
+// came.
+func (c *imapClient) fetchRaw(n int) []byte {
+	c.t.Helper()
+	c.n++
+	tag := fmt.Sprintf("T%d", c.n)
+	fmt.Fprintf(c.conn, "%s FETCH %d BODY.PEEK[]\r\n", tag, n)
+	return readUntilTag(c.t, c.r, tag)
+}
+
+// readUntilTag reads an answer, literals included, up to the tagged line.
+func readUntilTag(t testing.TB, r *bufio.Reader, tag string) []byte {
+	t.Helper()
+	var out bytes.Buffer
+	for {
+		l, err := r.ReadString('\n')
+		out.WriteString(l)
+		if err != nil {
+			t.Fatalf("reading: %v after %d bytes", err, out.Len())
+		}
+		if strings.HasPrefix(l, tag+" ") {
+			return out.Bytes()
+		}
+		if i := strings.LastIndexByte(l, '{'); i >= 0 && strings.HasSuffix(l, "}\r\n") {
+			n, _ := strconv.Atoi(strings.TrimSuffix(l[i+1:len(l)-3], "+"))
+			if _, err := io.CopyN(&out, r, int64(n)); err != nil {
+				t.Fatalf("literal: %v", err)
+			}
+		}
+	}
+}
+
+// directIMAP logs in to the fake's IMAP service as the bridge would, for
+// comparing what the bridge passes with what Outlook sends.
+func directIMAP(t testing.TB, fake *m365fake.Server, b *bridge.Bridge) (*tls.Conn, *bufio.Reader) {
+	t.Helper()
+	tok, err := b.Accounts()[0].OutlookTokens.Token(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, err := tls.Dial("tcp", fake.IMAPAddr(), &tls.Config{RootCAs: fake.CertPool(), ServerName: "127.0.0.1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	r := bufio.NewReaderSize(conn, 64<<10)
+	r.ReadString('\n')
+	ir := base64.StdEncoding.EncodeToString([]byte("user=" + mailboxA + "\x01auth=Bearer " + tok + "\x01\x01"))
+	fmt.Fprintf(conn, "D1 AUTHENTICATE XOAUTH2 %s\r\n", ir)
+	if l := readUntilTag(t, r, "D1"); !bytes.Contains(l, []byte("D1 OK")) {
+		t.Fatalf("direct login: %q", l)
+	}
+	return conn, r
+}
+
+func TestIMAPLoginForms(t *testing.T) {
+	fake := startFake(t)
+	b, logs := startBridge(t, fake, testConfig(fake))
+	for _, login := range []func(c *imapClient) string{
+		func(c *imapClient) string { _, l := c.cmd("LOGIN %s %q", userA, passwordA); return l },
+		func(c *imapClient) string { // synchronising literals
+			fmt.Fprintf(c.conn, "L1 LOGIN {%d}\r\n", len(userA))
+			if l := c.line(); !strings.HasPrefix(l, "+ ") {
+				t.Fatalf("no continuation: %q", l)
+			}
+			fmt.Fprintf(c.conn, "%s {%d}\r\n", userA, len(passwordA))
+			c.line()
+			fmt.Fprintf(c.conn, "%s\r\n", passwordA)
+			_, l := c.until("L1")
+			return l
+		},
+		func(c *imapClient) string { // LITERAL+
+			fmt.Fprintf(c.conn, "L1 LOGIN {%d+}\r\n%s {%d+}\r\n%s\r\n", len(userA), userA, len(passwordA), passwordA)
+			_, l := c.until("L1")
+			return l
+		},
+		func(c *imapClient) string { // AUTHENTICATE PLAIN with SASL-IR
+			_, l := c.cmd("AUTHENTICATE PLAIN %s", plainB64(userA, passwordA))
+			return l
+		},
+		func(c *imapClient) string { // AUTHENTICATE LOGIN, two steps
+			fmt.Fprintf(c.conn, "A1 AUTHENTICATE LOGIN\r\n")
+			c.line()
+			fmt.Fprintf(c.conn, "%s\r\n", base64.StdEncoding.EncodeToString([]byte(userA)))
+			c.line()
+			fmt.Fprintf(c.conn, "%s\r\n", base64.StdEncoding.EncodeToString([]byte(passwordA)))
+			_, l := c.until("A1")
+			return l
+		},
+	} {
+		c := dialIMAP(t, b.IMAPAddr())
+		if l := login(c); !strings.Contains(l, "OK [CAPABILITY IMAP4rev1") || strings.Contains(l, "AUTH=") {
+			t.Errorf("login answered %q, want OK with Outlook's capabilities less AUTH=", l)
+		}
+		if untagged, l := c.cmd("SELECT INBOX"); !strings.Contains(l, "OK") {
+			t.Errorf("SELECT after login: %q %q", untagged, l)
+		}
+	}
+	// * cancels; commands before login get BAD; no upstream connection.
+	before := fake.IMAPConnections()
+	c := dialIMAP(t, b.IMAPAddr())
+	fmt.Fprintf(c.conn, "A2 AUTHENTICATE PLAIN\r\n")
+	c.line()
+	fmt.Fprintf(c.conn, "*\r\n")
+	if _, l := c.until("A2"); !strings.Contains(l, "BAD") {
+		t.Errorf("cancelled AUTHENTICATE: %q", l)
+	}
+	if _, l := c.cmd("SELECT INBOX"); !strings.Contains(l, "BAD") {
+		t.Errorf("SELECT before login: %q", l)
+	}
+	if _, l := c.cmd("ID NIL"); !strings.Contains(l, "OK") {
+		t.Errorf("ID: %q", l)
+	}
+	if _, l := c.cmd("LOGIN %s wrong", userA); !strings.Contains(l, "NO [AUTHENTICATIONFAILED]") {
+		t.Errorf("wrong password: %q", l)
+	}
+	if _, l := c.cmd("LOGIN %s %q", userB, passwordB); !strings.Contains(l, "NO [AUTHENTICATIONFAILED]") {
+		t.Errorf("an account without imap in protocols: %q", l)
+	}
+	if n := fake.IMAPConnections(); n != before {
+		t.Errorf("%d upstream connections for refused logins", n-before)
+	}
+	if strings.Contains(logs.String(), passwordA) {
+		t.Error("a password reached the log")
+	}
+}
+
+func TestIMAPFetchIsByteExact(t *testing.T) {
+	fake := startFake(t)
+	b, _ := startBridge(t, fake, testConfig(fake))
+	msgs := [][]byte{
+		crlf("Subject: dots\n\n.\n..\n.x\n"),
+		crlf("Subject: 8bit\nContent-Type: text/plain; charset=utf-8\n\nGrüße \xff\xfe raw bytes\n"),
+		crlf("Subject: long line\n\n" + strings.Repeat("L", 200<<10) + "\n"),
+		bigMessage(20 << 20),
+	}
+	for _, m := range msgs {
+		fake.AddMessage(mailboxA, m)
+	}
+	c := dialIMAP(t, b.IMAPAddr())
+	c.login(userA, passwordA)
+	c.cmd("SELECT INBOX")
+	dc, dr := directIMAP(t, fake, b)
+	fmt.Fprintf(dc, "D2 SELECT INBOX\r\n")
+	readUntilTag(t, dr, "D2")
+	for i := 1; i <= 4; i++ {
+		got := c.fetchRaw(i)
+		fmt.Fprintf(dc, "T%d FETCH %d BODY.PEEK[]\r\n", c.n, i)
+		want := readUntilTag(t, dr, fmt.Sprintf("T%d", c.n))
+		if sha256.Sum256(got) != sha256.Sum256(want) || !bytes.Contains(got, msgs[i-1]) {
+			t.Errorf("message %d: %d bytes through the bridge, %d direct, not the same", i, len(got), len(want))
+		}
+	}
+}
+
+func TestIMAPAppendIdlePipelining(t *testing.T) {
+	fake := startFake(t)
+	b, _ := startBridge(t, fake, testConfig(fake))
+	c := dialIMAP(t, b.IMAPAddr())
+	// Pipelined right after the login.
+	fmt.Fprintf(c.conn, "P1 LOGIN %s %q\r\nP2 SELECT INBOX\r\nP3 NOOP\r\n", userA, passwordA)
+	for _, tag := range []string{"P1", "P2", "P3"} {
+		if _, l := c.until(tag); !strings.Contains(l, " OK") {
+			t.Fatalf("%s: %q", tag, l)
+		}
+	}
+	// APPEND of a 20 MB literal, synchronising and LITERAL+.
+	msg := bigMessage(20 << 20)
+	fmt.Fprintf(c.conn, "A1 APPEND INBOX {%d}\r\n", len(msg))
+	if l := c.line(); !strings.HasPrefix(l, "+") {
+		t.Fatalf("APPEND continuation: %q", l)
+	}
+	c.conn.Write(msg)
+	c.conn.Write([]byte("\r\n"))
+	if _, l := c.until("A1"); !strings.Contains(l, "OK") {
+		t.Fatalf("APPEND: %q", l)
+	}
+	fmt.Fprintf(c.conn, "A2 APPEND INBOX {%d+}\r\n", len(msg))
+	c.conn.Write(msg)
+	c.conn.Write([]byte("\r\n"))
+	if _, l := c.until("A2"); !strings.Contains(l, "OK") {
+		t.Fatalf("APPEND LITERAL+: %q", l)
+	}
+	got := c.fetchRaw(2)
+	if !bytes.Contains(got, msg) {
+		t.Error("the appended message does not come back intact")
+	}
+	// IDLE: a message delivered meanwhile is pushed at once.
+	fmt.Fprintf(c.conn, "I1 IDLE\r\n")
+	if l := c.line(); !strings.HasPrefix(l, "+") {
+		t.Fatalf("IDLE: %q", l)
+	}
+	fake.AddMessage(mailboxA, crlf("Subject: new\n\nnew mail\n"))
+	c.conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if l := c.line(); !strings.HasSuffix(l, " EXISTS") {
+		t.Errorf("during IDLE: %q, want * n EXISTS", l)
+	}
+	fmt.Fprintf(c.conn, "DONE\r\n")
+	if _, l := c.until("I1"); !strings.Contains(l, "OK") {
+		t.Errorf("after DONE: %q", l)
+	}
+}
+
+// An upstream that drops in the middle of a FETCH closes the client's
+// connection: the client never gets the literal as complete.
+func TestIMAPUpstreamDropMidFetch(t *testing.T) {
+	fake := startFake(t)
+	b, logs := startBridge(t, fake, testConfig(fake))
+	fake.AddMessage(mailboxA, bigMessage(4<<20))
+	fake.FailIMAP(m365fake.IMAPFault{DropAfter: 1 << 20})
+	c := dialIMAP(t, b.IMAPAddr())
+	c.login(userA, passwordA)
+	c.cmd("SELECT INBOX")
+	fmt.Fprintf(c.conn, "F1 FETCH 1 BODY[]\r\n")
+	got, err := io.ReadAll(c.r)
+	if err != nil {
+		t.Fatalf("the bridge did not close the connection: %v", err)
+	}
+	if bytes.Contains(got, []byte("F1 OK")) || len(got) >= 4<<20 {
+		t.Fatalf("the client got a complete answer (%d bytes) from a dropped upstream", len(got))
+	}
+	waitFor(t, "the session's end", func() bool { return strings.Contains(logs.String(), `"ended":"upstream`) })
+}
+
+// One Outlook token serves many IMAP and POP3 sessions.
+func TestIMAPAndPOP3ShareOneToken(t *testing.T) {
+	fake := startFake(t)
+	b, _ := startBridge(t, fake, testConfig(fake))
+	for range 5 {
+		c := dialIMAP(t, b.IMAPAddr())
+		c.login(userA, passwordA)
+		c.cmd("LOGOUT")
+		p := dialPOP3(t, b.POP3Addr())
+		p.login(userA, passwordA)
+		p.cmd("QUIT")
+	}
+	if n := b.Accounts()[0].OutlookTokens.Requests(); n != 1 {
+		t.Errorf("%d Outlook token requests for 10 sessions, want 1", n)
+	}
+}
+
+// A client that reads a 20 MB FETCH slowly holds the bridge's memory flat:
+// the relay waits for it (backpressure) instead of buffering.
+func TestIMAPSlowReaderMemoryFlat(t *testing.T) {
+	fake := startFake(t)
+	b, _ := startBridge(t, fake, testConfig(fake))
+	fake.AddMessage(mailboxA, bigMessage(20<<20))
+	c := dialIMAP(t, b.IMAPAddr())
+	c.login(userA, passwordA)
+	c.cmd("SELECT INBOX")
+	runtime.GC()
+	var before runtime.MemStats
+	runtime.ReadMemStats(&before)
+	fmt.Fprintf(c.conn, "F1 FETCH 1 BODY[]\r\n")
+	var peak uint64
+	buf := make([]byte, 256<<10)
+	for total := 0; total < 20<<20; {
+		n, err := c.r.Read(buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		total += n
+		if total%(2<<20) < n {
+			time.Sleep(50 * time.Millisecond) // a slow reader
+			var m runtime.MemStats
+			runtime.ReadMemStats(&m)
+			peak = max(peak, m.HeapInuse)
+		}
+	}
+	// The fake keeps the message in memory and go-imap copies it once; the
+	// bridge's share is its two 64 KB buffers.
+	if grown := int64(peak) - int64(before.HeapInuse); grown > 24<<20 {
+		t.Errorf("heap grew by %d MB while a slow client read 20 MB", grown>>20)
+	}
+}

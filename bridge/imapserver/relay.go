@@ -1,0 +1,272 @@
+package imapserver
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"net"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"mailbridge/upstream"
+)
+
+// relay passes every byte between the client and Outlook, in both
+// directions, until either side ends; then it closes both. Each direction
+// copies through a bounded buffer, so a slow reader slows the writer
+// (backpressure) and memory stays flat however large a literal is.
+//
+// Outlook falling silent is a failure only while a command is outstanding:
+// the client's commands and Outlook's tagged completions are counted (the
+// streams are only scanned, never changed), an upstream read deadline of
+// upstream_timeout is armed while the count is above zero, and IDLE,
+// which waits for ever by design, disarms it until the client's DONE.
+func (s *session) relay(up *upstream.IMAPConn) {
+	s.state.SetBusy(false)
+	timeout := s.srv.opts.Config.UpstreamTimeout.Duration
+	t := &tracker{}
+	var wg sync.WaitGroup
+	var once sync.Once
+	closeBoth := func(why string) {
+		once.Do(func() {
+			s.ended = why
+			up.Conn.Close()
+			s.conn.Close()
+		})
+	}
+	arm := func() {
+		if t.outstanding() && !t.idling.Load() {
+			up.Conn.SetReadDeadline(time.Now().Add(timeout))
+		} else {
+			up.Conn.SetReadDeadline(time.Time{})
+		}
+	}
+	wg.Add(2)
+	go func() { // client → Outlook
+		defer wg.Done()
+		buf := make([]byte, relayBuffer)
+		for {
+			s.conn.SetReadDeadline(time.Now().Add(s.srv.opts.Config.IdleTimeout.Duration))
+			n, err := s.r.Read(buf)
+			if n > 0 {
+				t.client(buf[:n])
+				arm()
+				up.Conn.SetWriteDeadline(time.Now().Add(timeout))
+				if _, werr := up.Conn.Write(buf[:n]); werr != nil {
+					closeBoth("upstream failed")
+					return
+				}
+				s.in += int64(n)
+				s.srv.opts.Metrics.ProxiedBytes("imap", "in", n)
+			}
+			if err != nil {
+				var ne net.Error
+				switch {
+				case errors.As(err, &ne) && ne.Timeout():
+					closeBoth("client idle timeout")
+				case s.ctx.Err() != nil:
+					closeBoth("bridge shutting down")
+				default:
+					closeBoth("client gone")
+				}
+				return
+			}
+		}
+	}()
+	go func() { // Outlook → client
+		defer wg.Done()
+		buf := make([]byte, relayBuffer)
+		for {
+			n, err := up.Reader.Read(buf)
+			if n > 0 {
+				t.upstream(buf[:n])
+				arm()
+				s.conn.SetWriteDeadline(time.Now().Add(time.Minute))
+				if _, werr := s.conn.Write(buf[:n]); werr != nil {
+					closeBoth("client gone")
+					return
+				}
+				s.out += int64(n)
+				s.srv.opts.Metrics.ProxiedBytes("imap", "out", n)
+			}
+			if err != nil {
+				var ne net.Error
+				switch {
+				case errors.As(err, &ne) && ne.Timeout():
+					s.log.Error().Dur("upstream_timeout", timeout).Msg("upstream silent while a command was outstanding: closing the session")
+					closeBoth("upstream timeout")
+				case errors.Is(err, io.EOF), errors.Is(err, net.ErrClosed):
+					closeBoth("upstream closed")
+				default:
+					s.log.Error().Err(err).Msg("upstream connection failed: closing the client's connection")
+					closeBoth("upstream failed")
+				}
+				return
+			}
+		}
+	}()
+	stop := make(chan struct{})
+	go func() {
+		select {
+		case <-s.ctx.Done():
+			closeBoth("bridge shutting down")
+		case <-stop:
+		}
+	}()
+	wg.Wait()
+	close(stop)
+}
+
+// tracker follows the two streams closely enough to know whether a command
+// is outstanding: lines and literals ({n} and {n+}), tags, IDLE and DONE.
+type tracker struct {
+	mu      sync.Mutex
+	pending int
+	idling  atomic.Bool
+	c, u    scanner
+}
+
+func (t *tracker) outstanding() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.pending > 0
+}
+
+// client scans bytes from the client: each command line counts once.
+func (t *tracker) client(p []byte) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.c.feed(p, func(line []byte) {
+		if t.idling.Load() {
+			if upper(trimCRLF(line)) == "DONE" {
+				t.idling.Store(false)
+			}
+			return
+		}
+		tag, rest := word(line)
+		cmd, _ := word(rest)
+		if len(tag) == 0 || tag[0] == '+' || tag[0] == '*' {
+			return
+		}
+		t.pending++
+		if upper(cmd) == "IDLE" {
+			t.idling.Store(true)
+		}
+	})
+}
+
+// upstream scans bytes from Outlook: each tagged completion ends one
+// command.
+func (t *tracker) upstream(p []byte) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.u.feed(p, func(line []byte) {
+		tag, rest := word(line)
+		if len(tag) == 0 || tag[0] == '*' || tag[0] == '+' {
+			return
+		}
+		if st, _ := word(rest); upper(st) == "OK" || upper(st) == "NO" || upper(st) == "BAD" {
+			if t.pending > 0 {
+				t.pending--
+			}
+		}
+	})
+}
+
+// scanner splits a stream into lines, skipping the bytes of literals, and
+// calls line with the start (up to 256 bytes) of each line that begins a
+// new command or response (not the rest of one after a literal).
+type scanner struct {
+	skip       int64  // literal bytes still to pass
+	head       []byte // the line's first bytes
+	tailBuf    []byte // its last bytes, for a literal's announcement
+	continuing bool   // the line goes on after a literal
+}
+
+func (sc *scanner) feed(p []byte, line func([]byte)) {
+	for len(p) > 0 {
+		if sc.skip > 0 {
+			n := min(int64(len(p)), sc.skip)
+			sc.skip -= n
+			p = p[n:]
+			continue
+		}
+		i := indexByte(p, '\n')
+		chunk := p
+		if i >= 0 {
+			chunk = p[:i+1]
+		}
+		p = p[len(chunk):]
+		if room := 256 - len(sc.head); room > 0 {
+			sc.head = append(sc.head, chunk[:min(len(chunk), room)]...)
+		}
+		sc.tailBuf = append(sc.tailBuf, chunk...)
+		if len(sc.tailBuf) > 32 {
+			sc.tailBuf = sc.tailBuf[len(sc.tailBuf)-32:]
+		}
+		if i < 0 {
+			continue
+		}
+		if !sc.continuing {
+			line(sc.head)
+		}
+		n, ok := literalAt(sc.tailBuf)
+		sc.skip, sc.continuing = n, ok
+		sc.head, sc.tailBuf = sc.head[:0], sc.tailBuf[:0]
+	}
+}
+
+// literalAt reads the literal a line announces at its end ("{123}" or
+// "{123+}" before CRLF).
+func literalAt(l []byte) (int64, bool) {
+	l = trimCRLF(l)
+	if len(l) < 3 || l[len(l)-1] != '}' {
+		return 0, false
+	}
+	i := len(l) - 2
+	if l[i] == '+' {
+		i--
+	}
+	end := i + 1
+	for i >= 0 && l[i] >= '0' && l[i] <= '9' {
+		i--
+	}
+	if i < 0 || l[i] != '{' || i+1 == end {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(string(l[i+1:end]), 10, 64)
+	return n, err == nil
+}
+
+func trimCRLF(l []byte) []byte {
+	for len(l) > 0 && (l[len(l)-1] == '\n' || l[len(l)-1] == '\r') {
+		l = l[:len(l)-1]
+	}
+	return l
+}
+
+// word returns the first space-separated word of l and the rest.
+func word(l []byte) ([]byte, []byte) {
+	l = trimCRLF(l)
+	for i, c := range l {
+		if c == ' ' {
+			return l[:i], l[i+1:]
+		}
+	}
+	return l, nil
+}
+
+func upper(b []byte) string {
+	out := make([]byte, len(b))
+	for i, c := range b {
+		if c >= 'a' && c <= 'z' {
+			c -= 'a' - 'A'
+		}
+		out[i] = c
+	}
+	return string(out)
+}
+
+func indexByte(p []byte, c byte) int { return bytes.IndexByte(p, c) }
