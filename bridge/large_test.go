@@ -238,7 +238,7 @@ func noSpoolLeft(t *testing.T, dir string) {
 }
 
 func grantReadWrite(fake *m365fake.Server) {
-	fake.AddApp(tenantA, clientA, secretA, "Mail.Send", "Mail.ReadWrite", "POP.AccessAsApp")
+	fake.AddApp(tenantA, clientA, secretA, "Mail.Send", "Mail.ReadWrite", "POP.AccessAsApp", "IMAP.AccessAsApp")
 }
 
 func TestLargeMessage12MB(t *testing.T) {

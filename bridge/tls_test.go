@@ -27,7 +27,7 @@ func localTLS(t *testing.T, cfg *config.Config) *tls.Config {
 	cert, key := filepath.Join(dir, "mailbridge.crt"), filepath.Join(dir, "mailbridge.key")
 	os.WriteFile(cert, certPEM, 0o600)
 	os.WriteFile(key, keyPEM, 0o600)
-	for _, lt := range []*config.LocalTLS{&cfg.SMTP.LocalTLS, &cfg.POP3.LocalTLS} {
+	for _, lt := range []*config.LocalTLS{&cfg.SMTP.LocalTLS, &cfg.POP3.LocalTLS, &cfg.IMAP.LocalTLS} {
 		lt.TLSCert, lt.TLSKey, lt.TLSListen = cert, key, "127.0.0.1:0"
 	}
 	pool := x509.NewCertPool()

@@ -78,12 +78,19 @@ func (s *session) relay(up *upstream.IMAPConn) {
 	go func() { // Outlook → client
 		defer wg.Done()
 		buf := make([]byte, relayBuffer)
+		var renewed time.Time
 		for {
 			n, err := up.Reader.Read(buf)
 			if n > 0 {
+				wasPending := t.outstanding()
 				t.upstream(buf[:n])
-				arm()
-				s.conn.SetWriteDeadline(time.Now().Add(time.Minute))
+				// Deadlines are renewed at most every second: a large
+				// literal comes in many reads.
+				if now := time.Now(); now.Sub(renewed) > time.Second || wasPending != t.outstanding() {
+					renewed = now
+					arm()
+					s.conn.SetWriteDeadline(now.Add(time.Minute))
+				}
 				if _, werr := s.conn.Write(buf[:n]); werr != nil {
 					closeBoth("client gone")
 					return
