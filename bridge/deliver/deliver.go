@@ -61,6 +61,15 @@ type Message struct {
 	// OnDraft, if set, is told the id of the draft a large message's
 	// attempt created, before anything is uploaded to it.
 	OnDraft func(id string)
+
+	planned *plannedSplit // Plan's split of Content, reused by the send
+}
+
+// plannedSplit is how a large message leaves: the parts taken out and the
+// draft.
+type plannedSplit struct {
+	removed []*mime.Part
+	draft   mime.View
 }
 
 // Size is the number of bytes of the message's content.

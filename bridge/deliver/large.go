@@ -54,10 +54,11 @@ func (dl *Deliverer) Plan(m *Message) error {
 	if !m.Account.Config.LargeMessages {
 		return ErrLargeMessagesOff
 	}
-	removed, _, err := dl.split(m.Content)
+	removed, draft, err := dl.split(m.Content)
 	if err != nil {
 		return err
 	}
+	m.planned = &plannedSplit{removed: removed, draft: draft}
 	requests := 2 // the draft and its send
 	for _, p := range removed {
 		size := p.EncodedSize() // base64 grows by 4/3: a bound on the decoded size
@@ -89,8 +90,12 @@ func (dl *Deliverer) sendLarge(ctx context.Context, m *Message, log zerolog.Logg
 	}
 	var gc Graph = m.Account.Graph
 	msg := m.Content
-	removed, draft, err := dl.split(msg)
-	if err != nil {
+	var removed []*mime.Part
+	var draft mime.View
+	var err error
+	if p := m.planned; p != nil {
+		removed, draft = p.removed, p.draft
+	} else if removed, draft, err = dl.split(msg); err != nil {
 		return d, err
 	}
 	atts, err := dl.decodeAttachments(msg, removed)

@@ -179,7 +179,19 @@ func (g *guardConn) filterCommand(in []byte) []byte {
 // with ".\r" not followed by LF, until the CRLF "." CRLF that ends the
 // message.
 func (g *guardConn) filterData(in []byte) []byte {
-	for i, c := range in {
+	for i := 0; i < len(in); i++ {
+		// Inside a line nothing matters until the next CR: copy up to it
+		// at once.
+		if g.dot == 0 {
+			j := bytes.IndexByte(in[i:], '\r')
+			if j < 0 {
+				g.out = append(g.out, in[i:]...)
+				return nil
+			}
+			g.out = append(g.out, in[i:i+j]...)
+			i += j
+		}
+		c := in[i]
 		switch g.dot {
 		case 1: // at a line start
 			g.dot = 0
