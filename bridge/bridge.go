@@ -60,15 +60,14 @@ type Options struct {
 
 // Bridge is a configured mailbridge.
 type Bridge struct {
-	cfg        *config.Config
-	res        *config.Resolved
-	log        zerolog.Logger
-	accounts   *account.Registry
-	httpClient *http.Client
-	deliverer  *deliver.Deliverer
-	outbox     *outbox.Outbox // nil when the outbox is off
-	metrics    *admin.Metrics
-	conns      conntrack.Tracker
+	cfg       *config.Config
+	res       *config.Resolved
+	log       zerolog.Logger
+	accounts  *account.Registry
+	deliverer *deliver.Deliverer
+	outbox    *outbox.Outbox // nil when the outbox is off
+	metrics   *admin.Metrics
+	conns     conntrack.Tracker
 
 	smtp      *smtpserver.Server
 	pop3      *pop3server.Server
@@ -113,16 +112,18 @@ func New(cfg *config.Config, opts Options) (*Bridge, error) {
 		opts.AuthFailureDelay = time.Second
 	}
 	b := &Bridge{
-		cfg:        cfg,
-		res:        res,
-		log:        opts.Logger,
-		httpClient: upstream.NewHTTPClient(opts.RootCAs),
-		metrics:    admin.NewMetrics(),
+		cfg:     cfg,
+		res:     res,
+		log:     opts.Logger,
+		metrics: admin.NewMetrics(),
 	}
 	b.baseCtx, b.cancelBase = context.WithCancel(context.Background())
-	b.accounts = account.NewRegistry(b.httpClient, opts.RootCAs, opts.AuthFailureDelay, b.log)
+	b.accounts = account.NewRegistry(func(p *upstream.Proxy) *http.Client {
+		c := upstream.NewHTTPClient(opts.RootCAs, p)
+		upstream.Observe(c, b.metrics.ObserveUpstream)
+		return c
+	}, opts.RootCAs, opts.AuthFailureDelay, b.log)
 	b.accounts.Load(cfg, res)
-	upstream.Observe(b.httpClient, b.metrics.ObserveUpstream)
 	b.deliverer = deliver.New(deliver.Options{
 		Retry:              opts.Retry,
 		SendTimeout:        cfg.SMTP.SendTimeout.Duration,
@@ -399,7 +400,7 @@ func (b *Bridge) Shutdown(ctx context.Context) error {
 			b.cancelBase()
 			b.served.Wait()
 			err = errors.Join(err, b.stopOutbox(ctx))
-			b.httpClient.CloseIdleConnections()
+			b.accounts.CloseIdleConnections()
 			return err
 		case <-ctx.Done():
 			b.cancelBase()
@@ -408,7 +409,7 @@ func (b *Bridge) Shutdown(ctx context.Context) error {
 			<-done
 			b.served.Wait()
 			b.stopOutbox(ctx)
-			b.httpClient.CloseIdleConnections()
+			b.accounts.CloseIdleConnections()
 			return fmt.Errorf("shutdown: sessions still busy were closed: %w", ctx.Err())
 		case <-tick.C:
 		}

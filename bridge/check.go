@@ -22,6 +22,7 @@ type CheckResult struct {
 	Warn    bool   // OK, but something needs doing soon
 	Detail  string // what happened: a request ID, or the error
 	Hint    string // what to fix, for failures
+	Path    string // "direct", or "via proxy URL"
 }
 
 // Check tests every account as the old clients' "Test" buttons would: for
@@ -29,6 +30,17 @@ type CheckResult struct {
 // empty, one test message through Graph; for POP3 a token with the
 // POP.AccessAsApp role, a login to Outlook and STAT.
 func (b *Bridge) Check(ctx context.Context, sendTestTo string) []CheckResult {
+	results := b.check(ctx, sendTestTo)
+	for i := range results {
+		results[i].Path = "direct"
+		if a := b.accounts.ByName(results[i].Account); a != nil && a.Proxy != nil {
+			results[i].Path = "via proxy " + a.Proxy.String()
+		}
+	}
+	return results
+}
+
+func (b *Bridge) check(ctx context.Context, sendTestTo string) []CheckResult {
 	var results []CheckResult
 	for _, w := range b.cfg.ExposedSecrets() {
 		results = append(results, CheckResult{Check: "secret-file", OK: true, Warn: true, Detail: w})

@@ -27,6 +27,8 @@ type POP3Dialer struct {
 	// Timeout bounds the connection, the TLS handshake, the greeting and
 	// the login together.
 	Timeout time.Duration
+	// DialContext, if set, makes the TCP connection (a proxy's tunnel).
+	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
 // POP3Conn is a POP3 session with Outlook, logged in and in the
@@ -72,7 +74,7 @@ func (d *POP3Dialer) Dial(ctx context.Context, mailbox, token string) (*POP3Conn
 	if dl, ok := ctx.Deadline(); ok && dl.Before(deadline) {
 		deadline = dl
 	}
-	td := &tlsDialer{ctx: ctx, deadline: deadline, cfg: &tls.Config{ServerName: host, RootCAs: d.RootCAs, MinVersion: tls.VersionTLS12}}
+	td := &tlsDialer{ctx: ctx, deadline: deadline, dial: d.DialContext, cfg: &tls.Config{ServerName: host, RootCAs: d.RootCAs, MinVersion: tls.VersionTLS12}}
 	// go-pop3 dials through td (which does TLS itself, with our CAs and
 	// deadline) and reads the greeting; the login and the data path are
 	// ours: go-pop3 cannot read the "+ " continuation of XOAUTH2.
@@ -175,6 +177,7 @@ func (c *POP3Conn) Quit() error {
 type tlsDialer struct {
 	ctx      context.Context
 	deadline time.Time
+	dial     func(ctx context.Context, network, addr string) (net.Conn, error)
 	cfg      *tls.Config
 	conn     net.Conn
 	rec      *recordingConn
@@ -183,8 +186,20 @@ type tlsDialer struct {
 func (d *tlsDialer) Dial(network, addr string) (net.Conn, error) {
 	ctx, cancel := context.WithDeadline(d.ctx, d.deadline)
 	defer cancel()
-	tc, err := (&tls.Dialer{Config: d.cfg}).DialContext(ctx, network, addr)
-	if err != nil {
+	var tc net.Conn
+	var err error
+	if d.dial != nil {
+		raw, derr := d.dial(ctx, network, addr)
+		if derr != nil {
+			return nil, derr
+		}
+		c := tls.Client(raw, d.cfg)
+		if err = c.HandshakeContext(ctx); err != nil {
+			raw.Close()
+			return nil, err
+		}
+		tc = c
+	} else if tc, err = (&tls.Dialer{Config: d.cfg}).DialContext(ctx, network, addr); err != nil {
 		return nil, err
 	}
 	tc.SetDeadline(d.deadline)

@@ -43,7 +43,7 @@ func startFake(t *testing.T) *m365fake.Server {
 // tokenSource returns a token source of the test app for scope, on a
 // client that trusts the fake.
 func tokenSource(fake *m365fake.Server, scope string) *upstream.TokenSource {
-	return upstream.NewTokenSources(upstream.NewHTTPClient(fake.CertPool())).Get(
+	return upstream.NewTokenSources(upstream.NewHTTPClient(fake.CertPool(), nil)).Get(
 		upstream.Credentials{TokenURL: fake.TokenURL(), TenantID: tenant, ClientID: client, ClientSecret: secret}, scope)
 }
 
@@ -51,7 +51,7 @@ func TestTokenErrorsAreDecoded(t *testing.T) {
 	fake := startFake(t)
 	fake.AddApp(tenant, "expired-app", "old", "Mail.Send")
 	fake.ExpireSecret(tenant, "expired-app")
-	sources := upstream.NewTokenSources(upstream.NewHTTPClient(fake.CertPool()))
+	sources := upstream.NewTokenSources(upstream.NewHTTPClient(fake.CertPool(), nil))
 	for _, tc := range []struct {
 		name            string
 		tenant, client  string
@@ -91,7 +91,7 @@ func TestTokenErrorsAreDecoded(t *testing.T) {
 
 func TestTokenIsSharedCachedAndRenewed(t *testing.T) {
 	fake := startFake(t)
-	sources := upstream.NewTokenSources(upstream.NewHTTPClient(fake.CertPool()))
+	sources := upstream.NewTokenSources(upstream.NewHTTPClient(fake.CertPool(), nil))
 	cred := upstream.Credentials{TokenURL: fake.TokenURL(), TenantID: tenant, ClientID: client, ClientSecret: secret}
 	ts := sources.Get(cred, upstream.GraphScope)
 	if sources.Get(cred, upstream.GraphScope) != ts {
@@ -166,7 +166,7 @@ func TestTokenWaitHonoursContext(t *testing.T) {
 
 func TestSendMailRenewsRefusedToken(t *testing.T) {
 	fake := startFake(t)
-	hc := upstream.NewHTTPClient(fake.CertPool())
+	hc := upstream.NewHTTPClient(fake.CertPool(), nil)
 	ts := tokenSource(fake, upstream.GraphScope)
 	g := upstream.NewGraphClient(fake.GraphURL(), hc, ts)
 	msg := []byte("From: orders@example.com\r\nTo: a@example.org\r\n\r\nhello\r\n")
@@ -188,7 +188,7 @@ func TestSendMailRenewsRefusedToken(t *testing.T) {
 
 func TestSendMailErrors(t *testing.T) {
 	fake := startFake(t)
-	hc := upstream.NewHTTPClient(fake.CertPool())
+	hc := upstream.NewHTTPClient(fake.CertPool(), nil)
 	ts := tokenSource(fake, upstream.GraphScope)
 	g := upstream.NewGraphClient(fake.GraphURL(), hc, ts)
 	msg := []byte("From: orders@example.com\r\nTo: a@example.org\r\n\r\nhello\r\n")
@@ -248,7 +248,7 @@ func TestBase64Reader(t *testing.T) {
 
 func TestFakeGraphRefusesBadBase64AndBadTokens(t *testing.T) {
 	fake := startFake(t)
-	hc := upstream.NewHTTPClient(fake.CertPool())
+	hc := upstream.NewHTTPClient(fake.CertPool(), nil)
 	ts := tokenSource(fake, upstream.GraphScope)
 	graphToken, err := ts.Token(context.Background())
 	if err != nil {
@@ -360,7 +360,7 @@ func TestFakeChecksClientAssertions(t *testing.T) {
 	fake.AddAppCertificate(tenant, "cert-app", cert, "Mail.Send")
 	cc := &upstream.ClientCertificate{Key: key, Cert: cert}
 	tokenURL := strings.ReplaceAll(fake.TokenURL(), "{tenant}", tenant)
-	hc := upstream.NewHTTPClient(fake.CertPool())
+	hc := upstream.NewHTTPClient(fake.CertPool(), nil)
 	ask := func(assertion string) (int, string) {
 		form := url.Values{"grant_type": {"client_credentials"}, "client_id": {"cert-app"}, "scope": {upstream.GraphScope},
 			"client_assertion_type": {"urn:ietf:params:oauth:client-assertion-type:jwt-bearer"}, "client_assertion": {assertion}}

@@ -14,6 +14,7 @@ import (
 	"errors"
 	"net/http"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -37,9 +38,12 @@ type Account struct {
 	// POP3 and IMAP services (pop3_scope): two audiences, two tokens.
 	GraphTokens   *upstream.TokenSource
 	OutlookTokens *upstream.TokenSource
-	Graph         *upstream.GraphClient
-	POP3Dialer    *upstream.POP3Dialer
-	IMAPDialer    *upstream.IMAPDialer
+	// Proxy is the proxy the account's connections go through, nil for
+	// direct.
+	Proxy      *upstream.Proxy
+	Graph      *upstream.GraphClient
+	POP3Dialer *upstream.POP3Dialer
+	IMAPDialer *upstream.IMAPDialer
 	// Senders are the addresses the account may send as.
 	Senders  mime.SenderPolicy
 	password *passwordChecker
@@ -57,29 +61,31 @@ func (s *Set) All() []*Account { return s.ordered }
 
 // Registry builds accounts, keeps the set in force and logs users in.
 type Registry struct {
-	current    atomic.Pointer[Set]
-	tokens     *upstream.TokenSources
-	httpClient *http.Client
-	rootCAs    *x509.CertPool
-	key        *[32]byte
-	throttle   *throttle
-	log        zerolog.Logger
+	current   atomic.Pointer[Set]
+	newClient func(*upstream.Proxy) *http.Client
+	mu        sync.Mutex
+	clients   map[string]*clientSet // by proxy (its URL, user and password)
+	rootCAs   *x509.CertPool
+	key       *[32]byte
+	throttle  *throttle
+	log       zerolog.Logger
 }
 
-// NewRegistry returns an empty registry whose accounts use httpClient for
-// Microsoft's HTTPS endpoints and trust rootCAs (nil: the system's) for
-// Outlook's mail services. A failed login waits failureDelay, doubling with
+// NewRegistry returns an empty registry whose accounts reach Microsoft's
+// HTTPS endpoints with the clients newClient makes (one per proxy, nil
+// for direct) and trust rootCAs (nil: the system's) for Outlook's mail
+// services. A failed login waits failureDelay, doubling with
 // each further failure from the same address or for the same account, up
 // to 30 times as long. An account over 10 failed logins a minute is
 // reported to log.
-func NewRegistry(httpClient *http.Client, rootCAs *x509.CertPool, failureDelay time.Duration, log zerolog.Logger) *Registry {
+func NewRegistry(newClient func(*upstream.Proxy) *http.Client, rootCAs *x509.CertPool, failureDelay time.Duration, log zerolog.Logger) *Registry {
 	r := &Registry{
-		log:        log,
-		tokens:     upstream.NewTokenSources(httpClient),
-		httpClient: httpClient,
-		rootCAs:    rootCAs,
-		key:        newProcessKey(),
-		throttle:   newThrottle(failureDelay, 30*failureDelay),
+		log:       log,
+		newClient: newClient,
+		clients:   map[string]*clientSet{},
+		rootCAs:   rootCAs,
+		key:       newProcessKey(),
+		throttle:  newThrottle(failureDelay, 30*failureDelay),
 	}
 	r.current.Store(&Set{byUser: map[string]*Account{}})
 	return r
@@ -91,16 +97,21 @@ func (r *Registry) Load(cfg *config.Config, res *config.Resolved) *Set {
 	set := &Set{byUser: map[string]*Account{}}
 	for _, ac := range cfg.Accounts {
 		ra := res.Accounts[ac.Name]
-		graphTokens := r.tokens.Get(ra.Credentials, ac.SendScope)
+		cs := r.clientsFor(ra.Proxy)
+		graphTokens := cs.tokens.Get(ra.Credentials, ac.SendScope)
 		a := &Account{
 			Config:        ac,
 			GraphTokens:   graphTokens,
-			OutlookTokens: r.tokens.Get(ra.Credentials, ac.POP3Scope),
+			OutlookTokens: cs.tokens.Get(ra.Credentials, ac.POP3Scope),
+			Proxy:         ra.Proxy,
 			POP3Dialer:    &upstream.POP3Dialer{Addr: ac.POP3Upstream, RootCAs: r.rootCAs, Timeout: cfg.POP3.UpstreamTimeout.Duration},
 			IMAPDialer:    &upstream.IMAPDialer{Addr: ac.IMAPUpstream, RootCAs: r.rootCAs, Timeout: cfg.IMAP.UpstreamTimeout.Duration},
-			Graph:         upstream.NewGraphClient(ac.GraphURL, r.httpClient, graphTokens),
+			Graph:         upstream.NewGraphClient(ac.GraphURL, cs.http, graphTokens),
 			Senders:       ra.Senders,
 			password:      newPasswordChecker(ac.PasswordHash, r.key),
+		}
+		if ra.Proxy != nil {
+			a.POP3Dialer.DialContext, a.IMAPDialer.DialContext = ra.Proxy.DialContext, ra.Proxy.DialContext
 		}
 		set.byUser[strings.ToLower(ac.Username)] = a
 		set.ordered = append(set.ordered, a)
@@ -155,4 +166,36 @@ func (r *Registry) Authenticate(ctx context.Context, protocol, remoteIP, usernam
 	case <-ctx.Done():
 	}
 	return nil, ErrBadCredentials
+}
+
+// clientSet is the HTTP client and token sources of one proxy setting.
+type clientSet struct {
+	http   *http.Client
+	tokens *upstream.TokenSources
+}
+
+// clientsFor returns the client set of proxy p, made the first time.
+func (r *Registry) clientsFor(p *upstream.Proxy) *clientSet {
+	key := "direct"
+	if p != nil {
+		key = p.String() + "\x00" + p.User + "\x00" + p.Password + "\x00" + strings.Join(p.NoProxy, ",")
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	cs := r.clients[key]
+	if cs == nil {
+		c := r.newClient(p)
+		cs = &clientSet{http: c, tokens: upstream.NewTokenSources(c)}
+		r.clients[key] = cs
+	}
+	return cs
+}
+
+// CloseIdleConnections closes the idle connections of every HTTP client.
+func (r *Registry) CloseIdleConnections() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, cs := range r.clients {
+		cs.http.CloseIdleConnections()
+	}
 }

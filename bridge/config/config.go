@@ -39,6 +39,7 @@ type Config struct {
 	IMAP     ProxyConfig     `toml:"imap"`
 	Outbox   OutboxConfig    `toml:"outbox"`
 	Admin    AdminConfig     `toml:"admin"`
+	Network  NetworkConfig   `toml:"network"`
 	Accounts []AccountConfig `toml:"account"`
 }
 
@@ -183,6 +184,17 @@ type OutboxConfig struct {
 	Notify []string `toml:"notify"`
 }
 
+// NetworkConfig is the [network] table: the proxy every connection to
+// Microsoft goes through.
+type NetworkConfig struct {
+	// Proxy is http://, https:// or socks5://host:port; "" means the
+	// environment's HTTPS_PROXY (for HTTPS) and ALL_PROXY.
+	Proxy             string   `toml:"proxy"`
+	ProxyUser         string   `toml:"proxy_user"`
+	ProxyPasswordFile string   `toml:"proxy_password_file"`
+	NoProxy           []string `toml:"no_proxy"` // hosts reached directly
+}
+
 // AdminConfig is the [admin] table: /metrics (Prometheus) and /healthz.
 type AdminConfig struct {
 	Listen string `toml:"listen"` // "" turns it off; such as 127.0.0.1:9925
@@ -238,6 +250,9 @@ type AccountConfig struct {
 	// IMAPUpstream is Outlook's IMAP service for this account: by default
 	// [imap] upstream, or the national cloud's.
 	IMAPUpstream string `toml:"imap_upstream"`
+	// ProxySetting overrides [network] proxy for this account: "" is
+	// direct; nil means the global one.
+	ProxySetting *string `toml:"proxy"`
 	// LargeMessages sends messages over sendMail's limit as a draft with
 	// attachments (needs Mail.ReadWrite); nil means true.
 	LargeMessagesSetting *bool `toml:"large_messages"`

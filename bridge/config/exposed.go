@@ -17,6 +17,9 @@ func (c *Config) ExposedSecrets() []string {
 			files = append(files, absPath(c.dir, a.ClientCertificateFile))
 		}
 	}
+	if c.Network.ProxyPasswordFile != "" {
+		files = append(files, absPath(c.dir, c.Network.ProxyPasswordFile))
+	}
 	var out []string
 	seen := map[string]bool{}
 	for _, f := range files {

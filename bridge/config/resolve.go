@@ -22,10 +22,13 @@ type Resolved struct {
 	Accounts map[string]ResolvedAccount
 }
 
-// ResolvedAccount is an account's credential and sender policy.
+// ResolvedAccount is an account's credential, sender policy and proxy.
 type ResolvedAccount struct {
 	Credentials upstream.Credentials
 	Senders     mime.SenderPolicy
+	// Proxy is the proxy the account's connections go through; nil for
+	// direct (with the environment's proxy settings for HTTPS).
+	Proxy *upstream.Proxy
 }
 
 // Resolve reads the files the configuration names (secret files, client
@@ -48,9 +51,14 @@ func (c *Config) Resolve() (*Resolved, error) {
 			bad("smtp.spool_dir", "%q is not a directory", c.SMTP.SpoolDir)
 		}
 	}
+	global := c.Network.proxy(c.dir, "network.proxy", c.Network.Proxy, bad)
 	for i := range c.Accounts {
 		a := &c.Accounts[i]
 		key := func(k string) string { return accountKey(i, a, k) }
+		p := global
+		if a.ProxySetting != nil {
+			p = c.Network.proxy(c.dir, key("proxy"), *a.ProxySetting, bad)
+		}
 		cred := upstream.Credentials{TokenURL: a.TokenURL, TenantID: a.TenantID, ClientID: a.ClientID, ClientSecret: a.ClientSecret}
 		switch {
 		case a.ClientSecretFile != "" && a.ClientSecret == "":
@@ -76,7 +84,7 @@ func (c *Config) Resolve() (*Resolved, error) {
 		if err != nil && len(a.AllowedSenders) > 0 {
 			bad(key("allowed_senders"), "%v", err)
 		}
-		res.Accounts[a.Name] = ResolvedAccount{Credentials: cred, Senders: policy}
+		res.Accounts[a.Name] = ResolvedAccount{Credentials: cred, Senders: policy, Proxy: p}
 	}
 	return res, errors.Join(errs...)
 }
@@ -97,4 +105,29 @@ func (l *LocalTLS) load(table string, bad func(key, format string, args ...any))
 	}
 	cfg := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: min}
 	return cfg
+}
+
+// proxy reads a proxy setting with the table's user and password; nil for
+// "".
+func (n *NetworkConfig) proxy(dir, key, raw string, bad func(key, format string, args ...any)) *upstream.Proxy {
+	if raw == "" {
+		return nil
+	}
+	p, err := upstream.ParseProxy(raw)
+	if err != nil {
+		bad(key, "%v", err)
+		return nil
+	}
+	if n.ProxyUser != "" {
+		p.User = n.ProxyUser
+	}
+	if n.ProxyPasswordFile != "" {
+		b, err := os.ReadFile(absPath(dir, n.ProxyPasswordFile))
+		if err != nil {
+			bad("network.proxy_password_file", "cannot read it: %v", err)
+		}
+		p.Password = strings.TrimSpace(string(b))
+	}
+	p.NoProxy = n.NoProxy
+	return p
 }

@@ -133,7 +133,12 @@ func Classify(err error) Failure {
 	var verifyErr *tls.CertificateVerificationError
 	var unknownCA x509.UnknownAuthorityError
 	var hostErr x509.HostnameError
+	var proxyErr *upstream.ProxyError
 	switch {
+	case errors.As(err, &proxyErr):
+		f.Upstream, f.Kind, f.Temporary, f.Hint = "proxy", Network, true, proxyErr.Hint()
+		f.GraphStatus = proxyErr.Status
+		f.Retryable = proxyErr.Status == 0 || proxyErr.Status >= 500
 	case errors.As(err, &verifyErr) || errors.As(err, &unknownCA) || errors.As(err, &hostErr):
 		f.Kind, f.Temporary, f.UntrustedCertificate = Network, true, true
 		f.Hint = CertificateHint
@@ -247,7 +252,7 @@ func MailboxLoginHint(protocol string, err error, token string) string {
 			return RoleHint(role, "Office 365 Exchange Online")
 		}
 		return f.Hint
-	case f.Upstream == "token", f.UntrustedCertificate:
+	case f.Upstream == "token", f.Upstream == "proxy", f.UntrustedCertificate:
 		return f.Hint
 	}
 	return "Outlook's " + strings.ToUpper(protocol) + " service could not be reached: check the network, firewall (port " + port + ") and DNS, and " + protocol + ".upstream"

@@ -341,7 +341,7 @@ func runCheck(ctx context.Context, cfg *config.Config, sendTest string, stdout, 
 			mark = "FAIL"
 			failed++
 		}
-		fmt.Fprintf(stdout, "%s  %-20s %-10s %s\n", mark, r.Account, r.Check, r.Detail)
+		fmt.Fprintf(stdout, "%s  %-20s %-10s %s (%s)\n", mark, r.Account, r.Check, r.Detail, r.Path)
 		if r.Hint != "" {
 			fmt.Fprintf(stdout, "      fix: %s\n", r.Hint)
 		}
