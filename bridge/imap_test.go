@@ -215,7 +215,7 @@ func TestIMAPFetchIsByteExact(t *testing.T) {
 		crlf("Subject: dots\n\n.\n..\n.x\n"),
 		crlf("Subject: 8bit\nContent-Type: text/plain; charset=utf-8\n\nGrüße \xff\xfe raw bytes\n"),
 		crlf("Subject: long line\n\n" + strings.Repeat("L", 200<<10) + "\n"),
-		bigMessage(20 << 20),
+		bigMessage(50 << 20),
 	}
 	for _, m := range msgs {
 		fake.AddMessage(mailboxA, m)
