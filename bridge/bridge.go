@@ -261,7 +261,12 @@ func (b *Bridge) Start() error {
 	idle := b.cfg.SMTP.IdleTimeout.Duration
 	serveSMTP(b.conns.WrapLogin(b.smtpWatch.Listener(b.smtp.Guard(conntrack.IdleListener(b.smtp.LimitListener(ln, b.smtpSlots), idle))), b.smtpLogin))
 	if b.smtpTLSLn != nil {
-		serveSMTP(tls.NewListener(b.conns.WrapLogin(b.smtpWatch.Listener(conntrack.IdleListener(b.smtp.LimitListener(b.smtpTLSLn, b.smtpSlots), idle)), b.smtpLogin), b.smtpTLS))
+		l := b.smtp.Guard(tls.NewListener(b.conns.WrapLogin(b.smtpWatch.Listener(conntrack.IdleListener(b.smtp.LimitListener(b.smtpTLSLn, b.smtpSlots), idle)), b.smtpLogin), b.smtpTLS))
+		b.serve(func() {
+			if err := b.smtp.ServeImplicitTLS(l); err != nil && !errors.Is(err, smtp.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
+				b.log.Error().Err(err).Msg("smtp listener stopped")
+			}
+		})
 	}
 	if b.cfg.Admin.Listen != "" {
 		aln, err := b.listen("admin", b.cfg.Admin.Listen, nil)

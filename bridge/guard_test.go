@@ -3,9 +3,11 @@ package bridge_test
 import (
 	"bufio"
 	"bytes"
+	"crypto/tls"
 	"fmt"
 	"mailbridge/bridge/config"
 	"net"
+	"net/textproto"
 	"runtime"
 	"strings"
 	"testing"
@@ -178,5 +180,47 @@ func TestIdleUnauthenticatedConnectionsCannotLockOut(t *testing.T) {
 	line := findLogLine(t, logs.String(), "connection closed: not logged in in time")
 	if !strings.Contains(line, "smtp.login_timeout") {
 		t.Errorf("login timeout logged as %s", line)
+	}
+}
+
+// Bad base64 in an AUTH exchange is a syntax error (RFC 4954 §4: 501), not
+// a temporary failure the client would retry for ever.
+func TestBadBase64InAuthIs501(t *testing.T) {
+	fake := startFake(t)
+	b, _ := startBridge(t, fake, testConfig(fake))
+	r := dialRaw(t, b.SMTPAddr())
+	if msg := r.cmd(501, "AUTH PLAIN not*base64!"); !strings.Contains(msg, "5.5.2") {
+		t.Errorf("bad base64 on the AUTH line: %q", msg)
+	}
+	r.cmd(334, "AUTH LOGIN")
+	if msg := r.cmd(501, "%%%%"); !strings.Contains(msg, "5.5.2") {
+		t.Errorf("bad base64 as a LOGIN answer: %q", msg)
+	}
+}
+
+// The implicit-TLS listener gets the guard too (above TLS): an unstuffed
+// ".\r" line keeps its CR there as well.
+func TestImplicitTLSDataIsByteExact(t *testing.T) {
+	fake := startFake(t)
+	cfg := testConfig(fake)
+	clientTLS := localTLS(t, cfg)
+	b, _ := startBridge(t, fake, cfg)
+	conn, err := tls.Dial("tcp", b.SMTPTLSAddr(), clientTLS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(20 * time.Second))
+	r := &rawSession{t: t, conn: conn, tp: textproto.NewConn(conn)}
+	r.expect(220)
+	r.cmd(250, "EHLO tls.test")
+	r.cmd(235, "AUTH PLAIN AHRtbWFzdGVyAGNvcnJlY3QgaG9yc2U=")
+	r.cmd(250, "MAIL FROM:<orders@example.com>")
+	r.cmd(250, "RCPT TO:<x@example.org>")
+	r.cmd(354, "DATA")
+	conn.Write([]byte("From: orders@example.com\r\nTo: x@example.org\r\n\r\n.\rX\r\n.\r\n"))
+	r.expect(250)
+	if got := string(fake.Sent()[0].MIME); !strings.HasSuffix(got, "\r\n\r\n\rX\r\n") {
+		t.Errorf("Graph got %q", got)
 	}
 }

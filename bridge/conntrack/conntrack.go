@@ -9,7 +9,6 @@ package conntrack
 
 import (
 	"crypto/rand"
-	"crypto/tls"
 	"encoding/hex"
 	"io"
 	"net"
@@ -142,13 +141,19 @@ func (t *Tracker) add(c net.Conn, p *LoginPolicy) *trackedConn {
 // StateOf returns the state of a tracked connection (or of the tracked
 // connection under a TLS one); an untracked one gets a state nobody reads.
 func (t *Tracker) StateOf(c net.Conn) *State {
-	if tc, ok := c.(*tls.Conn); ok {
-		c = tc.NetConn() // implicit TLS and STARTTLS wrap the tracked connection
-	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if st := t.conns[c]; st != nil {
-		return st
+	// TLS (implicit or STARTTLS) and the SMTP guard wrap the tracked
+	// connection.
+	for range 4 {
+		if st := t.conns[c]; st != nil {
+			return st
+		}
+		w, ok := c.(interface{ NetConn() net.Conn })
+		if !ok {
+			break
+		}
+		c = w.NetConn()
 	}
 	return &State{} // not tracked: a state nobody reads
 }

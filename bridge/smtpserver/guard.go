@@ -67,9 +67,26 @@ func newGuardConn(c net.Conn, log func(string)) *guardConn {
 	return &guardConn{Conn: c, log: log, buf: make([]byte, 32<<10)}
 }
 
+// NetConn returns the connection the guard reads from.
+func (g *guardConn) NetConn() net.Conn { return g.Conn }
+
+// go-smtp answers bad base64 in an AUTH exchange 454 4.7.0 (temporary, so
+// clients retry for ever) before any hook of ours sees it; RFC 4954 §4
+// says 501. The guard corrects the reply on its way out.
+var (
+	goSMTPBadBase64 = []byte("454 4.7.0 Invalid base64 data\r\n")
+	badBase64Reply  = []byte("501 5.5.2 Invalid base64 data\r\n")
+)
+
 // Write passes the server's replies and watches them for the ones that
 // change what the client sends next.
 func (g *guardConn) Write(p []byte) (int, error) {
+	if bytes.Equal(p, goSMTPBadBase64) {
+		if _, err := g.Conn.Write(badBase64Reply); err != nil {
+			return 0, err
+		}
+		return len(p), nil
+	}
 	g.mu.Lock()
 	// Pipelined replies may come in one write: look at each line start.
 	switch {

@@ -51,11 +51,14 @@ type Options struct {
 	Context context.Context
 }
 
-// Server is the SMTP server.
+// Server is the SMTP server: one go-smtp server for the plain listener
+// (with STARTTLS), and one for the implicit-TLS listener, whose connections
+// reach it already decrypted through the guard.
 type Server struct {
 	*smtp.Server
-	opts Options
-	log  zerolog.Logger
+	implicit *smtp.Server
+	opts     Options
+	log      zerolog.Logger
 }
 
 // New returns the SMTP server of opts; Serve it on each listener.
@@ -77,12 +80,31 @@ func New(opts Options) *Server {
 	s.ErrorLog = errorLog{srv.log}
 	// s.Debug is never set: it would copy AUTH lines, passwords included.
 	srv.Server = s
+	// The implicit-TLS listener's server: the guard sits above TLS there,
+	// so go-smtp sees a connection that is already private.
+	srv.implicit = smtp.NewServer(s.Backend)
+	srv.implicit.Domain, srv.implicit.AllowInsecureAuth = s.Domain, true
+	srv.implicit.MaxMessageBytes, srv.implicit.MaxLineLength = s.MaxMessageBytes, s.MaxLineLength
+	srv.implicit.ReadTimeout, srv.implicit.WriteTimeout, srv.implicit.ErrorLog = s.ReadTimeout, s.WriteTimeout, s.ErrorLog
 	return srv
 }
 
-// Guard wraps a plain (not implicit-TLS) listener so that command lines
-// are bounded at MaxCommandLine and every byte of DATA reaches the
-// session: see guardConn.
+// ServeImplicitTLS serves an implicit-TLS listener whose connections come
+// through Guard (over TLS).
+func (srv *Server) ServeImplicitTLS(ln net.Listener) error { return srv.implicit.Serve(ln) }
+
+// Shutdown stops both servers, letting sessions end.
+func (srv *Server) Shutdown(ctx context.Context) error {
+	return errors.Join(srv.Server.Shutdown(ctx), srv.implicit.Shutdown(ctx))
+}
+
+// Close closes both servers and their sessions at once.
+func (srv *Server) Close() error { return errors.Join(srv.Server.Close(), srv.implicit.Close()) }
+
+// Guard wraps a listener so that command lines are bounded at
+// MaxCommandLine and every byte of DATA reaches the session: see
+// guardConn. On the implicit-TLS listener it goes above TLS (and
+// ServeImplicitTLS serves it); after STARTTLS it passes bytes through.
 func (srv *Server) Guard(ln net.Listener) net.Listener { return &guardListener{Listener: ln, srv: srv} }
 
 // LimitListener wraps ln so that connections over smtp.max_sessions are
