@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 )
@@ -91,7 +92,7 @@ func readUntilTagDiscard(t testing.TB, r interface {
 		if len(l) > len(tag) && l[:len(tag)+1] == tag+" " {
 			return total
 		}
-		if i := lastIndex(l, '{'); i >= 0 && len(l) > 3 && l[len(l)-3:] == "}\r\n" {
+		if i := strings.LastIndexByte(l, '{'); i >= 0 && len(l) > 3 && l[len(l)-3:] == "}\r\n" {
 			var size int64
 			fmt.Sscanf(l[i+1:len(l)-3], "%d", &size)
 			m, err := io.CopyN(io.Discard, r, size)
@@ -101,13 +102,4 @@ func readUntilTagDiscard(t testing.TB, r interface {
 			}
 		}
 	}
-}
-
-func lastIndex(s string, c byte) int {
-	for i := len(s) - 1; i >= 0; i-- {
-		if s[i] == c {
-			return i
-		}
-	}
-	return -1
 }

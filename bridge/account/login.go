@@ -1,6 +1,10 @@
 package account
 
-import "github.com/emersion/go-sasl"
+import (
+	"strings"
+
+	"github.com/emersion/go-sasl"
+)
 
 // LoginServer is the server side of the non-standard but ubiquitous SASL
 // LOGIN mechanism (draft-murchison-sasl-login): the user name and the
@@ -43,3 +47,23 @@ func (s *LoginServer) Next(response []byte) (challenge []byte, done bool, err er
 
 // compile-time check: LoginServer is a SASL server.
 var _ sasl.Server = (*LoginServer)(nil)
+
+// NewSASLServer returns the server of mechanism mech (PLAIN or LOGIN, any
+// case) that calls authenticate with the user name and password the client
+// sent, nil for another mechanism. A PLAIN authorization identity other
+// than the user name is a failed login, as an empty user name would be.
+// The SMTP, POP3 and IMAP sides all log in through it.
+func NewSASLServer(mech string, authenticate func(username, password string) error) sasl.Server {
+	switch strings.ToUpper(mech) {
+	case sasl.Plain:
+		return sasl.NewPlainServer(func(identity, username, password string) error {
+			if identity != "" && identity != username {
+				return authenticate("", "")
+			}
+			return authenticate(username, password)
+		})
+	case sasl.Login:
+		return NewLoginServer(authenticate)
+	}
+	return nil
+}

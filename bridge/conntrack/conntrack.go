@@ -10,6 +10,7 @@ package conntrack
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"io"
 	"net"
 
@@ -347,3 +348,29 @@ func Clip(s string) string {
 	}
 	return s[:MaxLogged] + "…(truncated)"
 }
+
+// Sessions runs each connection a listener accepts in a goroutine of its
+// own, and waits for them to end: the POP3 and IMAP servers' accept loop.
+type Sessions struct{ wg sync.WaitGroup }
+
+// Serve accepts connections on ln until it is closed, running serve for
+// each; an accept error other than a closed listener is logged.
+func (s *Sessions) Serve(ln net.Listener, log zerolog.Logger, serve func(net.Conn)) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if !errors.Is(err, net.ErrClosed) {
+				log.Error().Err(err).Msg("listener stopped")
+			}
+			return
+		}
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			serve(c)
+		}()
+	}
+}
+
+// Wait waits until every session Serve started has ended.
+func (s *Sessions) Wait() { s.wg.Wait() }

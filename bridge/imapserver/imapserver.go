@@ -20,10 +20,8 @@ import (
 	"net"
 	"slices"
 	"strings"
-	"sync"
 	"time"
 
-	"github.com/emersion/go-sasl"
 	"github.com/rs/zerolog"
 
 	"mailbridge/bridge/account"
@@ -36,11 +34,10 @@ import (
 
 // Limits of the pre-login parser.
 const (
-	maxLine           = 8 << 10 // a command line before login
-	maxLiteral        = 8 << 10 // a literal before login (a user name or password)
-	maxLoginFailures  = 3
-	relayBuffer       = 64 << 10
-	upstreamLoginWait = 30 * time.Second
+	maxLine          = 8 << 10 // a command line before login
+	maxLiteral       = 8 << 10 // a literal before login (a user name or password)
+	maxLoginFailures = 3
+	relayBuffer      = 64 << 10
 )
 
 // Options are what the IMAP server needs.
@@ -64,7 +61,7 @@ type Server struct {
 	opts  Options
 	log   zerolog.Logger
 	slots chan struct{}
-	wg    sync.WaitGroup
+	conntrack.Sessions
 }
 
 // New returns the IMAP server of opts; Serve it on each listener.
@@ -79,25 +76,9 @@ func (srv *Server) LimitListener(ln net.Listener) net.Listener {
 		Proto: "imap", Key: "imap.max_sessions", Log: srv.log}
 }
 
-// Wait waits until every session has ended.
-func (srv *Server) Wait() { srv.wg.Wait() }
-
 // Serve accepts IMAP clients on ln until it is closed.
 func (srv *Server) Serve(ln net.Listener) {
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			if !errors.Is(err, net.ErrClosed) {
-				srv.log.Error().Err(err).Msg("imap listener stopped")
-			}
-			return
-		}
-		srv.wg.Add(1)
-		go func() {
-			defer srv.wg.Done()
-			srv.newSession(c).serve()
-		}()
-	}
+	srv.Sessions.Serve(ln, srv.log, func(c net.Conn) { srv.newSession(c).serve() })
 }
 
 // session is one IMAP client: answered by the bridge until it logs in, then
@@ -399,18 +380,8 @@ func (s *session) authenticate(tag string, args []string) *upstream.IMAPConn {
 		user, pass, authed = username, password, true
 		return nil
 	}
-	var server sasl.Server
-	switch strings.ToUpper(args[0]) {
-	case sasl.Plain:
-		server = sasl.NewPlainServer(func(identity, username, password string) error {
-			if identity != "" && identity != username {
-				return account.ErrBadCredentials
-			}
-			return credentials(username, password)
-		})
-	case sasl.Login:
-		server = account.NewLoginServer(credentials)
-	default:
+	server := account.NewSASLServer(args[0], credentials)
+	if server == nil {
 		s.write(tag + " NO Unsupported authentication mechanism")
 		return nil
 	}

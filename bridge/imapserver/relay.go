@@ -200,7 +200,7 @@ func (sc *scanner) feed(p []byte, line func([]byte)) {
 			p = p[n:]
 			continue
 		}
-		i := indexByte(p, '\n')
+		i := bytes.IndexByte(p, '\n')
 		chunk := p
 		if i >= 0 {
 			chunk = p[:i+1]
@@ -265,15 +265,4 @@ func word(l []byte) ([]byte, []byte) {
 	return l, nil
 }
 
-func upper(b []byte) string {
-	out := make([]byte, len(b))
-	for i, c := range b {
-		if c >= 'a' && c <= 'z' {
-			c -= 'a' - 'A'
-		}
-		out[i] = c
-	}
-	return string(out)
-}
-
-func indexByte(p []byte, c byte) int { return bytes.IndexByte(p, c) }
+func upper(b []byte) string { return string(bytes.ToUpper(b)) }

@@ -20,11 +20,9 @@ import (
 	"net"
 	"slices"
 	"strings"
-	"sync"
 	"time"
 	"unicode"
 
-	"github.com/emersion/go-sasl"
 	"github.com/rs/zerolog"
 
 	"mailbridge/bridge/account"
@@ -66,16 +64,13 @@ type Server struct {
 	opts  Options
 	log   zerolog.Logger
 	slots chan struct{}
-	wg    sync.WaitGroup
+	conntrack.Sessions
 }
 
 // New returns the POP3 server of opts; Serve it on each listener.
 func New(opts Options) *Server {
 	return &Server{opts: opts, log: opts.Log.With().Str("proto", "pop3").Logger(), slots: make(chan struct{}, max(opts.Config.MaxSessions, 1))}
 }
-
-// Wait waits until every session has ended.
-func (srv *Server) Wait() { srv.wg.Wait() }
 
 // LimitListener wraps ln so that connections over pop3.max_sessions are
 // refused with -ERR [SYS/TEMP].
@@ -86,20 +81,7 @@ func (srv *Server) LimitListener(ln net.Listener) net.Listener {
 
 // Serve accepts POP3 clients on ln until it is closed.
 func (srv *Server) Serve(ln net.Listener) {
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			if !errors.Is(err, net.ErrClosed) {
-				srv.log.Error().Err(err).Msg("pop3 listener stopped")
-			}
-			return
-		}
-		srv.wg.Add(1)
-		go func() {
-			defer srv.wg.Done()
-			srv.newSession(c).serve()
-		}()
-	}
+	srv.Sessions.Serve(ln, srv.log, func(c net.Conn) { srv.newSession(c).serve() })
 }
 
 // session is one POP3 client: answered by the bridge until it logs in,
@@ -308,18 +290,8 @@ func (s *session) auth(arg string) {
 		user, pass, authed = username, password, true
 		return nil
 	}
-	var server sasl.Server
-	switch strings.ToUpper(fields[0]) {
-	case sasl.Plain:
-		server = sasl.NewPlainServer(func(identity, username, password string) error {
-			if identity != "" && identity != username {
-				return account.ErrBadCredentials
-			}
-			return credentials(username, password)
-		})
-	case sasl.Login:
-		server = account.NewLoginServer(credentials)
-	default:
+	server := account.NewSASLServer(fields[0], credentials)
+	if server == nil {
 		s.reply("-ERR Unsupported authentication mechanism")
 		return
 	}

@@ -173,16 +173,8 @@ func (s *session) AuthMechanisms() []string { return []string{sasl.Plain, sasl.L
 
 // Auth implements smtp.AuthSession.
 func (s *session) Auth(mech string) (sasl.Server, error) {
-	switch mech {
-	case sasl.Plain:
-		return sasl.NewPlainServer(func(identity, username, password string) error {
-			if identity != "" && identity != username {
-				return s.login("", "")
-			}
-			return s.login(username, password)
-		}), nil
-	case sasl.Login:
-		return account.NewLoginServer(s.login), nil
+	if server := account.NewSASLServer(mech, s.login); server != nil {
+		return server, nil
 	}
 	return nil, smtp.ErrAuthUnknownMechanism
 }

@@ -127,7 +127,7 @@ func initConfig(ctx context.Context, args []string, stdin io.Reader, stdout, std
 		}
 		return true
 	}
-	nonEmpty := func(s string) error { return nil }
+	anyValue := func(string) error { return nil } // ask itself refuses an empty answer
 	address := func(s string) error {
 		if !mime.IsAddress(s) {
 			return fmt.Errorf("%q is not an email address", s)
@@ -137,8 +137,8 @@ func initConfig(ctx context.Context, args []string, stdin io.Reader, stdout, std
 	if interactive {
 		fmt.Fprintf(stdout, "mailbridge init writes %s. The first values come from the app registration\nin the Microsoft Entra admin center (Applications > App registrations > your app).\n", *path)
 	}
-	ok := ask(&a.TenantID, "tenant-id", "Directory (tenant) ID?", "Overview page of the app registration", nonEmpty) &&
-		ask(&a.ClientID, "client-id", "Application (client) ID?", "the same Overview page", nonEmpty)
+	ok := ask(&a.TenantID, "tenant-id", "Directory (tenant) ID?", "Overview page of the app registration", anyValue) &&
+		ask(&a.ClientID, "client-id", "Application (client) ID?", "the same Overview page", anyValue)
 	if !ok {
 		return 2
 	}
@@ -164,7 +164,7 @@ func initConfig(ctx context.Context, args []string, stdin io.Reader, stdout, std
 		return 2
 	}
 	if !ask(&a.Mailbox, "mailbox", "Mailbox to send as?", "the address of a licensed Exchange Online mailbox, such as orders@example.com", address) ||
-		!ask(&a.Username, "username", "User name for the legacy program?", "what it types as SMTP (and POP3) user; any name, such as tmmaster", nonEmpty) {
+		!ask(&a.Username, "username", "User name for the legacy program?", "what it types as SMTP (and POP3) user; any name, such as tmmaster", anyValue) {
 		return 2
 	}
 	var password []byte
