@@ -22,11 +22,12 @@ func ParseMailbox(addr string) (local, domain string, err error) {
 	if at <= 0 || at != strings.LastIndexByte(addr, '@') || len(addr) > 254 {
 		return "", "", ErrBadAddress
 	}
-	local, domain = addr[:at], strings.ToLower(addr[at+1:])
+	// The domain is checked before it is lowered, and lowered as ASCII.
+	local, domain = addr[:at], addr[at+1:]
 	if len(local) > 64 || !dotAtom(local) || !validDomain(domain) {
 		return "", "", ErrBadAddress
 	}
-	return local, domain, nil
+	return local, lowerASCII(domain), nil
 }
 
 // atext reports whether c may appear in an atom (RFC 5322 §3.2.3).
@@ -64,10 +65,28 @@ func validDomain(d string) bool {
 		}
 		for i := 0; i < len(label); i++ {
 			c := label[i]
-			if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-') {
+			if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-') {
 				return false
 			}
 		}
 	}
 	return true
+}
+
+// lowerASCII lowers A to Z only. Addresses are compared with it, never
+// with strings.ToLower, whose Unicode mappings ("İ" to "i", the Kelvin sign
+// to "k") would make a foreign address equal to an allowed one.
+func lowerASCII(s string) string {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c >= 'A' && c <= 'Z' {
+			b := []byte(s)
+			for j := i; j < len(b); j++ {
+				if b[j] >= 'A' && b[j] <= 'Z' {
+					b[j] += 'a' - 'A'
+				}
+			}
+			return string(b)
+		}
+	}
+	return s
 }

@@ -13,6 +13,7 @@ func TestParseMailbox(t *testing.T) {
 		"x@-bad.example": false, "x@bad..example": false, ".x@example.com": false, "x.@example.com": false,
 		"x@": false, "@example.com": false, "x": false, "": false, "x y@example.com": false,
 		"x@" + strings.Repeat("a", 64) + ".com": false, "x@[::1]": false,
+		"0@İ": false, "x@\u212aelvin.example": false, "x@Exa\u0130mple.com": false,
 	} {
 		_, _, err := ParseMailbox(addr)
 		if (err == nil) != ok {
@@ -22,6 +23,13 @@ func TestParseMailbox(t *testing.T) {
 	p, _ := ParseSenderPolicy([]string{"*@alpha-dept.a.example"})
 	if p.Allows("ceo@evil.example@alpha-dept.a.example") || !p.Allows("Ops@Alpha-Dept.A.Example") {
 		t.Error("the domain pattern does not compare the parsed domain")
+	}
+	// Unicode case mappings must not turn a foreign address into an allowed one.
+	p, _ = ParseSenderPolicy([]string{"*@big.example", "kim@alpha.example"})
+	for _, addr := range []string{"x@b\u0130g.example", "\u212aim@alpha.example", "x@BIG.example"} {
+		if p.Allows(addr) != (addr == "x@BIG.example") {
+			t.Errorf("Allows(%q) = %v", addr, p.Allows(addr))
+		}
 	}
 }
 

@@ -18,7 +18,7 @@ type senderPattern struct {
 }
 
 func parseSenderPattern(s string) (senderPattern, error) {
-	s = strings.ToLower(strings.TrimSpace(s))
+	s = lowerASCII(strings.TrimSpace(s))
 	if d, ok := strings.CutPrefix(s, "*@"); ok {
 		if d == "" || strings.ContainsAny(d, "@* ") {
 			return senderPattern{}, fmt.Errorf("%q is not an address or *@domain", s)
@@ -57,7 +57,7 @@ func (p SenderPolicy) Allows(addr string) bool {
 	if err != nil {
 		return false
 	}
-	full := strings.ToLower(local) + "@" + domain
+	full := lowerASCII(local) + "@" + domain
 	for _, pat := range p {
 		if pat.address != "" && pat.address == full {
 			return true
@@ -153,12 +153,12 @@ func parseAddressList(v string) []string {
 	var out []string
 	if list, err := (&mail.AddressParser{WordDecoder: wordDecoder}).ParseList(v); err == nil {
 		for _, a := range list {
-			out = append(out, strings.ToLower(a.Address))
+			out = append(out, lowerASCII(a.Address))
 		}
 		return out
 	}
 	for _, m := range addressRe.FindAllString(v, -1) {
-		out = append(out, strings.ToLower(m))
+		out = append(out, lowerASCII(m))
 	}
 	return out
 }

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"net/mail"
-	"strings"
 )
 
 // maxHeaderBytes bounds the header section the bridge reads.
@@ -67,7 +66,7 @@ func WithBcc(msg io.ReaderAt, size int64, h *Head, rcpts []string) (out View, he
 	inEnvelope := map[string]bool{}
 	var bcc []string
 	for _, r := range rcpts {
-		lr := strings.ToLower(r)
+		lr := lowerASCII(r)
 		inEnvelope[lr] = true
 		if !inHeaders[lr] {
 			bcc = append(bcc, r)
