@@ -56,6 +56,8 @@ type Options struct {
 	// OutboxRetry spaces the outbox's attempts at a message; zero means
 	// outbox.DefaultRetry.
 	OutboxRetry deliver.RetryPolicy
+	// Version is shown on the status page.
+	Version string
 }
 
 // Bridge is a configured mailbridge.
@@ -95,6 +97,9 @@ type Bridge struct {
 	stopDelivery  context.CancelFunc
 	workerStopped chan struct{}
 
+	version string
+	started time.Time
+
 	serving    atomic.Bool
 	baseCtx    context.Context
 	cancelBase context.CancelFunc
@@ -116,6 +121,7 @@ func New(cfg *config.Config, opts Options) (*Bridge, error) {
 		res:     res,
 		log:     opts.Logger,
 		metrics: admin.NewMetrics(),
+		version: opts.Version,
 	}
 	b.baseCtx, b.cancelBase = context.WithCancel(context.Background())
 	b.accounts = account.NewRegistry(func(p *upstream.Proxy) *http.Client {
@@ -192,6 +198,7 @@ func (b *Bridge) Accounts() []*account.Account { return b.accounts.All() }
 // Start opens the SMTP and POP3 listeners and serves them in the
 // background.
 func (b *Bridge) Start() error {
+	b.started = time.Now()
 	ln, err := b.listen("smtp", b.cfg.SMTP.Listen, nil)
 	if err != nil {
 		return err
@@ -274,10 +281,19 @@ func (b *Bridge) Start() error {
 			return err
 		}
 		b.adminLn = aln
-		go admin.Serve(aln, b.metrics, b.health, b.cfg.Admin.IdleTimeout.Duration, b.log)
+		go admin.Serve(aln, b.metrics, b.health, b.statusPage(), b.cfg.Admin.IdleTimeout.Duration, b.log)
 		if host, _, _ := net.SplitHostPort(b.cfg.Admin.Listen); !config.IsLoopbackHost(host) {
-			b.log.Warn().Str("proto", "admin").Str("listen", b.cfg.Admin.Listen).
-				Msg("ADMIN ON THE NETWORK: /metrics and /healthz answer anyone who can reach this address (admin_allow_network = true); keep it behind a firewall")
+			msg := "ADMIN ON THE NETWORK: /metrics and /healthz answer anyone who can reach this address (admin_allow_network = true); keep it behind a firewall"
+			if b.cfg.Admin.PasswordHash != "" {
+				msg += "; the status page's password crosses the network unencrypted (HTTP Basic): reach it through an SSH tunnel or keep it on loopback"
+			}
+			b.log.Warn().Str("proto", "admin").Str("listen", b.cfg.Admin.Listen).Msg(msg)
+		}
+		ev := b.log.Info().Str("proto", "admin").Str("url", "http://"+aln.Addr().String()+"/")
+		if b.cfg.Admin.PasswordHash == "" {
+			ev.Str("hint", "set [admin] username and password_hash (from `mailbridge hash-password`) to turn the status page on").Msg("status page off")
+		} else {
+			ev.Str("username", b.cfg.Admin.Username).Msg("status page on")
 		}
 	}
 	for _, w := range b.cfg.ExposedSecrets() {

@@ -134,6 +134,12 @@ func (l *logBuffer) String() string {
 // CA. It is shut down when the test ends.
 func startBridge(t testing.TB, fake *m365fake.Server, cfg *config.Config) (*bridge.Bridge, *logBuffer) {
 	t.Helper()
+	return startBridgeWith(t, fake, cfg, nil)
+}
+
+// startBridgeWith is startBridge with options changed by tweak.
+func startBridgeWith(t testing.TB, fake *m365fake.Server, cfg *config.Config, tweak func(*bridge.Options)) (*bridge.Bridge, *logBuffer) {
+	t.Helper()
 	if err := cfg.Complete(""); err != nil {
 		t.Fatal(err)
 	}
@@ -141,8 +147,12 @@ func startBridge(t testing.TB, fake *m365fake.Server, cfg *config.Config) (*brid
 	if tt, ok := t.(*testing.T); ok && testing.Verbose() {
 		logs.tw = zerolog.NewTestWriter(tt)
 	}
-	b, err := bridge.New(cfg, bridge.Options{Logger: bridge.NewLogger(logs, cfg.Log), RootCAs: fake.CertPool(), AuthFailureDelay: testAuthFailDelay,
-		Retry: testRetry, OutboxRetry: testOutboxRetry})
+	opts := bridge.Options{Logger: bridge.NewLogger(logs, cfg.Log), RootCAs: fake.CertPool(), AuthFailureDelay: testAuthFailDelay,
+		Retry: testRetry, OutboxRetry: testOutboxRetry, Version: "test"}
+	if tweak != nil {
+		tweak(&opts)
+	}
+	b, err := bridge.New(cfg, opts)
 	if err != nil {
 		t.Fatal(err)
 	}

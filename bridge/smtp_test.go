@@ -356,7 +356,7 @@ func TestGraphRefusalsMapToReplies(t *testing.T) {
 	}{
 		{"unknown mailbox", userB, "gone@fleet.example.net", "From: gone@fleet.example.net\nTo: a@example.org\n\nx\n", 451, smtp.EnhancedCode{4, 7, 0}, "the mailbox does not exist"},
 		{"no admin consent", "noconsent", "x@c.example", "From: x@c.example\nTo: a@example.org\n\nx\n", 451, smtp.EnhancedCode{4, 7, 0}, "Grant admin consent"},
-		{"content refused", userA, mailboxA, "From: orders@example.com\nTo: a@example.org\n\nx\n", 554, smtp.EnhancedCode{5, 6, 0}, "refused the message's content"},
+		{"content refused", userA, mailboxA, "From: orders@example.com\nTo: a@example.org\n\nx\n", 554, smtp.EnhancedCode{5, 6, 0}, "a recipient address is not valid"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -159,13 +159,18 @@ func (r *Registry) Authenticate(ctx context.Context, protocol, remoteIP, usernam
 			Str("hint", "someone is guessing this account's password: check the addresses; the right password still logs in").
 			Msg("many failed logins for one account within a minute")
 	}
-	t := time.NewTimer(delay)
+	sleep(ctx, delay)
+	return nil, ErrBadCredentials
+}
+
+// sleep waits d or until ctx ends.
+func sleep(ctx context.Context, d time.Duration) {
+	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-t.C:
 	case <-ctx.Done():
 	}
-	return nil, ErrBadCredentials
 }
 
 // clientSet is the HTTP client and token sources of one proxy setting.

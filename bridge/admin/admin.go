@@ -1,6 +1,7 @@
 // Package admin is the bridge's administrator endpoint: the Prometheus
-// metrics (in a registry of their own) and their recording methods, and
-// the HTTP server of /metrics and /healthz.
+// metrics (in a registry of their own) and their recording methods, the
+// record of final message outcomes (Activity), and the HTTP server of
+// /metrics, /healthz and the status page it is handed.
 //
 // It imports only bridge/conntrack (for its connection cap); what it
 // reports is handed to it.
@@ -34,12 +35,14 @@ type Metrics struct {
 	upstreamStatus *prometheus.CounterVec // by op, status
 	retrBytes      *prometheus.CounterVec // by account
 	proxiedBytes   *prometheus.CounterVec // by proto, direction
+	activity       *Activity
 }
 
 // NewMetrics returns the metrics, registered.
 func NewMetrics() *Metrics {
 	m := &Metrics{
-		reg: prometheus.NewRegistry(),
+		reg:      prometheus.NewRegistry(),
+		activity: NewActivity(),
 		sessions: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mailbridge_sessions_total",
 			Help: "Client sessions accepted, by protocol."}, []string{"proto"}),
 		activeSessions: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "mailbridge_sessions_active",
@@ -81,6 +84,20 @@ func (m *Metrics) Message(account, result, reason string, bytes int64) {
 	}
 }
 
+// Final counts a message's final outcome (f.Result "sent", "failed" or
+// "not sent", counted as refused) and keeps its line for the status page.
+func (m *Metrics) Final(f FinalMessage, bytes int64) {
+	result := f.Result
+	if result == "not sent" {
+		result = "refused"
+	}
+	m.Message(f.Account, result, f.Reason, bytes)
+	m.activity.Record(f)
+}
+
+// Activity is the record of final outcomes that Final keeps.
+func (m *Metrics) Activity() *Activity { return m.activity }
+
 // Health reports whether the bridge is healthy and, if not, why.
 type Health func() (ok bool, reasons []string)
 
@@ -88,11 +105,13 @@ type Health func() (ok bool, reasons []string)
 // answered 503 and closed.
 const MaxConnections = 32
 
-// Serve serves /metrics and /healthz on ln until it is closed. A
-// keep-alive connection silent for idle is closed; a request has 10 s for
-// its header and 30 s in all.
-func Serve(ln net.Listener, m *Metrics, health Health, idle time.Duration, log zerolog.Logger) error {
+// Serve serves /metrics and /healthz on ln until it is closed, and hands
+// every other request to page (the status page). A keep-alive connection
+// silent for idle is closed; a request has 10 s for its header and 30 s
+// in all.
+func Serve(ln net.Listener, m *Metrics, health Health, page http.Handler, idle time.Duration, log zerolog.Logger) error {
 	mux := http.NewServeMux()
+	mux.Handle("/", page)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		ok, reasons := health()

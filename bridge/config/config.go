@@ -195,9 +195,15 @@ type NetworkConfig struct {
 	NoProxy           []string `toml:"no_proxy"` // hosts reached directly
 }
 
-// AdminConfig is the [admin] table: /metrics (Prometheus) and /healthz.
+// AdminConfig is the [admin] table: /metrics (Prometheus), /healthz and
+// the status page at /.
 type AdminConfig struct {
 	Listen string `toml:"listen"` // "" turns it off; such as 127.0.0.1:9925
+	// Username and PasswordHash (bcrypt, from `mailbridge hash-password`)
+	// are the status page's HTTP Basic login; without a hash the page is
+	// off. Username defaults to "admin".
+	Username     string `toml:"username"`
+	PasswordHash string `toml:"password_hash"`
 	// AllowNetwork lets listen take a non-loopback address: /metrics and
 	// /healthz are then open to the network.
 	AllowNetwork bool `toml:"admin_allow_network"`
@@ -470,6 +476,16 @@ func (c *Config) Complete(dir string) error {
 		if host, _, _ := net.SplitHostPort(c.Admin.Listen); !IsLoopbackHost(host) && !c.Admin.AllowNetwork {
 			bad("admin.listen", "%q is not a loopback address: /metrics and /healthz would be open to the network; set admin_allow_network = true if that is meant", c.Admin.Listen)
 		}
+	}
+	if h := c.Admin.PasswordHash; h != "" {
+		if _, err := bcrypt.Cost([]byte(h)); err != nil {
+			bad("admin.password_hash", "not a bcrypt hash (it should start with $2a$ or $2b$): run `mailbridge hash-password` and paste its output")
+		}
+		if c.Admin.Username == "" {
+			c.Admin.Username = "admin"
+		}
+	} else if c.Admin.Username != "" {
+		bad("admin.password_hash", "admin.username is set but not password_hash: run `mailbridge hash-password` and paste its output, or the status page stays off")
 	}
 	for key, d := range map[string]Duration{"admin.max_queue_age": c.Admin.MaxQueueAge, "admin.failed_window": c.Admin.FailedWindow, "admin.idle_timeout": c.Admin.IdleTimeout} {
 		if d.Duration <= 0 {

@@ -214,6 +214,9 @@ func classifyGraph(f *Failure, e *upstream.APIError) {
 	case e.Status == http.StatusUnauthorized:
 		f.Kind = Credentials
 		f.Hint = "Graph refused the access token: check that token_url, send_scope and graph_url belong to the same cloud"
+	case e.Status == http.StatusBadRequest && e.Code == "ErrorInvalidRecipients":
+		f.Kind, f.Temporary = Content, false
+		f.Hint = "a recipient address is not valid for Exchange: check it in the sending program and send the message again"
 	case e.Status == http.StatusBadRequest:
 		f.Kind, f.Temporary = Content, false
 		f.Hint = "Graph refused the message's content; the client's message is malformed for Exchange"

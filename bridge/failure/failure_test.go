@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strings"
 	"testing"
 
 	"mailbridge/bridge/failure"
@@ -55,6 +56,13 @@ func TestClassifyKeepsGraphDetails(t *testing.T) {
 	f := failure.Classify(fmt.Errorf("send: %w", &upstream.APIError{Status: 400, Code: "ErrorInvalidRecipients", RequestID: "r-1"}))
 	if f.Upstream != "graph" || f.GraphStatus != 400 || f.Code != "ErrorInvalidRecipients" || f.RequestID != "r-1" {
 		t.Errorf("got %+v", f)
+	}
+	// An invalid recipient is named as such; other 400s blame the content.
+	if h := f.Hint; !strings.Contains(h, "recipient address is not valid") {
+		t.Errorf("ErrorInvalidRecipients hint %q", h)
+	}
+	if h := failure.Classify(&upstream.APIError{Status: 400, Code: "ErrorMimeContentInvalid"}).Hint; !strings.Contains(h, "malformed") {
+		t.Errorf("a 400 for the content: hint %q", h)
 	}
 	tok := failure.Classify(&upstream.TokenError{Status: 401, Code: "invalid_client", AADSTS: 7000222})
 	if tok.Upstream != "token" || tok.AADSTS != 7000222 || tok.Code != "invalid_client" {

@@ -372,59 +372,78 @@ func (s *Store) Failed(since time.Time) (total, recent int) {
 type QueueEntry struct {
 	State   string // "queued", "failed", or "corrupt" (moved to failed/ by the running bridge)
 	Subject string // decoded
+	// FromHeader is the message's From field, decoded: the display name
+	// and address, where Envelope.From is MAIL FROM's address.
+	FromHeader string
 	Envelope
 }
 
-// subject reads the decoded Subject of the message id in sub.
-func (s *Store) subject(sub, id string, size int64) string {
+// headerSummary reads the decoded Subject and From fields of the message
+// id in sub.
+func (s *Store) headerSummary(sub, id string, size int64) (subject, from string) {
 	f, err := os.Open(s.file(sub, id, "eml"))
 	if err != nil {
-		return ""
+		return "", ""
 	}
 	defer f.Close()
 	h, err := bmime.ReadHead(f, size)
 	if err != nil {
-		return ""
+		return "", ""
 	}
-	subj, err := new(mime.WordDecoder).DecodeHeader(h.Fields.Get("Subject"))
-	if err != nil {
-		return h.Fields.Get("Subject")
+	decode := func(field string) string {
+		v := h.Fields.Get(field)
+		if d, err := new(mime.WordDecoder).DecodeHeader(v); err == nil {
+			return d
+		}
+		return v
 	}
-	return subj
+	return decode("Subject"), decode("From")
 }
 
 // List returns the queued and failed messages, oldest first.
 func (s *Store) List() ([]QueueEntry, error) {
-	var out []QueueEntry
-	for _, sub := range []string{"queue", "failed"} {
-		ids, err := s.ids(sub)
-		if err != nil {
-			return nil, err
-		}
-		for _, id := range ids {
-			env, err := s.readEnvelope(sub, id)
-			var ce *corruptError
-			switch {
-			case errors.As(err, &ce):
-				// Shown as it is; the worker moves it to failed/.
-				e := Envelope{ID: id, LastError: ce.reason}
-				if env != nil {
-					e = *env
-					e.ID, e.LastError = id, ce.reason
-				}
-				out = append(out, QueueEntry{State: "corrupt", Envelope: e})
-				continue
-			case err != nil:
-				continue // delivered or moved meanwhile
-			}
-			state := "queued"
-			if sub == "failed" {
-				state = "failed"
-			}
-			out = append(out, QueueEntry{State: state, Subject: s.subject(sub, id, env.Size), Envelope: *env})
-		}
+	queued, _, err := s.Entries("queue", -1)
+	if err != nil {
+		return nil, err
 	}
-	return out, nil
+	failed, _, err := s.Entries("failed", -1)
+	return append(queued, failed...), err
+}
+
+// Entries returns the first limit (all if negative) messages of sub
+// ("queue" or "failed"), oldest first, and how many sub holds.
+func (s *Store) Entries(sub string, limit int) (entries []QueueEntry, total int, err error) {
+	ids, err := s.ids(sub)
+	if err != nil {
+		return nil, 0, err
+	}
+	for _, id := range ids {
+		if limit >= 0 && len(entries) >= limit {
+			break
+		}
+		env, err := s.readEnvelope(sub, id)
+		var ce *corruptError
+		switch {
+		case errors.As(err, &ce):
+			// Shown as it is; the worker moves it to failed/.
+			e := Envelope{ID: id, LastError: ce.reason}
+			if env != nil {
+				e = *env
+				e.ID, e.LastError = id, ce.reason
+			}
+			entries = append(entries, QueueEntry{State: "corrupt", Envelope: e})
+			continue
+		case err != nil:
+			continue // delivered or moved meanwhile
+		}
+		state := "queued"
+		if sub == "failed" {
+			state = "failed"
+		}
+		subject, from := s.headerSummary(sub, id, env.Size)
+		entries = append(entries, QueueEntry{State: state, Subject: subject, FromHeader: from, Envelope: *env})
+	}
+	return entries, len(ids), nil
 }
 
 // Retry makes a queued message due now, or puts a failed one back in the
@@ -445,7 +464,13 @@ func (s *Store) Retry(id string) error {
 	if err := os.Rename(s.file("failed", id, "eml"), s.file("queue", id, "eml")); err != nil {
 		return err
 	}
-	return os.Rename(s.file("failed", id, "json"), s.file("queue", id, "json"))
+	if err := os.Rename(s.file("failed", id, "json"), s.file("queue", id, "json")); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.bytes += env.Size
+	s.mu.Unlock()
+	return nil
 }
 
 // RetryFailed puts every failed message back in the queue.
@@ -465,9 +490,15 @@ func (s *Store) RetryFailed() (int, error) {
 func (s *Store) Delete(id string) error {
 	found := false
 	for _, sub := range []string{"queue", "failed"} {
+		st, statErr := os.Stat(s.file(sub, id, "eml"))
 		if err := os.Remove(s.file(sub, id, "json")); err == nil {
 			found = true
 			os.Remove(s.file(sub, id, "eml"))
+			if sub == "queue" && statErr == nil {
+				s.mu.Lock()
+				s.bytes -= st.Size()
+				s.mu.Unlock()
+			}
 		}
 	}
 	if !found {

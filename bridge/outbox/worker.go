@@ -168,6 +168,57 @@ func (w *Outbox) Depth() (int, time.Duration) {
 	return len(w.index), time.Since(oldest)
 }
 
+// ErrInFlight is the refusal to change a message that is being delivered
+// now.
+var ErrInFlight = errors.New("the message is being delivered now: wait for the outcome")
+
+// Retry makes a queued message due now, or puts a failed one back in the
+// queue, while the worker runs. A message being delivered is left alone
+// (ErrInFlight).
+func (w *Outbox) Retry(id string) (requeued bool, err error) {
+	w.mu.Lock()
+	if ix := w.index[id]; ix != nil {
+		defer w.mu.Unlock()
+		if ix.inflight {
+			return false, ErrInFlight
+		}
+		ix.env.NextAttempt = time.Now()
+		if ix.heapIdx >= 0 {
+			heap.Fix(&w.ready, ix.heapIdx)
+		}
+		err := w.store.saveEnvelope("queue", ix.env)
+		w.poke()
+		return false, err
+	}
+	w.mu.Unlock()
+	if _, err := w.store.readEnvelope("failed", id); err != nil {
+		// Queued but not held in memory (beyond maxIndexed): the file
+		// changes, and the next rescan sees it.
+		return false, w.store.Retry(id)
+	}
+	if err := w.store.Retry(id); err != nil {
+		return false, err
+	}
+	if env, err := w.store.readEnvelope("queue", id); err == nil {
+		w.enqueue(env)
+	}
+	return true, nil
+}
+
+// Delete removes a queued or failed message while the worker runs. A
+// message being delivered is left alone (ErrInFlight).
+func (w *Outbox) Delete(id string) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if ix := w.index[id]; ix != nil {
+		if ix.inflight {
+			return ErrInFlight
+		}
+		w.untrack(ix)
+	}
+	return w.store.Delete(id)
+}
+
 // enqueue makes a message just added to the store known to the worker.
 func (w *Outbox) enqueue(env *Envelope) {
 	w.mu.Lock()
@@ -176,6 +227,19 @@ func (w *Outbox) enqueue(env *Envelope) {
 	}
 	w.mu.Unlock()
 	w.poke()
+}
+
+// untrack removes ix from the index, the schedule and the parked lists;
+// w.mu is held.
+func (w *Outbox) untrack(ix *indexed) {
+	delete(w.index, ix.env.ID)
+	if ix.heapIdx >= 0 {
+		heap.Remove(&w.ready, ix.heapIdx)
+	}
+	if ix.parked {
+		user := ix.env.GraphUser
+		w.parked[user] = slices.DeleteFunc(w.parked[user], func(p *indexed) bool { return p == ix })
+	}
 }
 
 // track adds ix to the index and the schedule; w.mu is held.
@@ -270,14 +334,7 @@ func (w *Outbox) rescan() {
 		if present[id] || ix.inflight {
 			continue
 		}
-		delete(w.index, id)
-		if ix.heapIdx >= 0 {
-			heap.Remove(&w.ready, ix.heapIdx)
-		}
-		if ix.parked {
-			user := ix.env.GraphUser
-			w.parked[user] = slices.DeleteFunc(w.parked[user], func(p *indexed) bool { return p == ix })
-		}
+		w.untrack(ix)
 	}
 	w.mu.Unlock()
 }
@@ -403,7 +460,8 @@ func (w *Outbox) deliver(ctx context.Context, env *Envelope) bool {
 			ev.Error().Err(err).Msg("outbox: delivered, but the entry could not be removed")
 		}
 		ev.Info().Msg("message sent")
-		w.opts.Metrics.Message(env.Account, "sent", "", env.Size)
+		w.opts.Metrics.Final(admin.FinalMessage{Account: env.Account, Result: "sent", QueueID: env.ID, MessageID: env.MessageID,
+			From: env.From, Recipients: env.Recipients, GraphStatus: status, RequestID: d.Result.RequestID}, env.Size)
 		return true
 	}
 	if ctx.Err() != nil {
@@ -454,7 +512,9 @@ func (w *Outbox) giveUp(ctx context.Context, log zerolog.Logger, a *account.Acco
 		ev = ev.Str("ndr_request_id", rec.NDRRequestID)
 	}
 	ev.Str("moved_to", "outbox/failed").Msg("message failed")
-	w.opts.Metrics.Message(env.Account, "failed", rec.Kind, env.Size)
+	w.opts.Metrics.Final(admin.FinalMessage{At: rec.At, Account: env.Account, Result: "failed", QueueID: env.ID, MessageID: env.MessageID,
+		From: env.From, Recipients: env.Recipients, GraphStatus: rec.GraphStatus, RequestID: rec.RequestID,
+		Reason: rec.Kind, Error: rec.Reason, Hint: rec.Hint}, env.Size)
 	if err := w.store.fail(env, rec); err != nil {
 		log.Error().Err(err).Msg("outbox: cannot move the message to failed/")
 	}

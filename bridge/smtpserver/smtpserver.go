@@ -368,7 +368,8 @@ func (s *session) finish(m *deliver.Message, r deliver.Receipt, err error, start
 		}
 		ev.Int("graph_status", status).Str("request_id", requestID).Int("attempts", r.Attempts).Str("path", r.Path).
 			Int("reply", reply.Code).Msg(msg)
-		s.srv.opts.Metrics.Message(name, "refused", string(f.Kind), size)
+		s.srv.opts.Metrics.Final(admin.FinalMessage{Account: name, Result: "not sent", MessageID: m.MessageID, From: s.from,
+			Recipients: m.Recipients, GraphStatus: status, RequestID: requestID, Reason: string(f.Kind), Error: f.Reason, Hint: f.Hint}, size)
 		return reply
 	case r.QueueID != "":
 		ev.Str("queue_id", r.QueueID).Msg("message queued")
@@ -377,7 +378,8 @@ func (s *session) finish(m *deliver.Message, r deliver.Receipt, err error, start
 	}
 	ev.Int("graph_status", status).Str("request_id", requestID).Int("attempts", r.Attempts).Bool("fell_back", r.FellBack).Str("path", r.Path).
 		Msg("message sent")
-	s.srv.opts.Metrics.Message(name, "sent", "", size)
+	s.srv.opts.Metrics.Final(admin.FinalMessage{Account: name, Result: "sent", MessageID: m.MessageID, From: s.from,
+		Recipients: m.Recipients, GraphStatus: status, RequestID: requestID}, size)
 	return &smtp.SMTPError{Code: 250, EnhancedCode: smtp.EnhancedCode{2, 0, 0},
 		Message: "OK: accepted by Microsoft 365, request-id " + r.Result.RequestID}
 }

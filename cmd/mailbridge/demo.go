@@ -37,6 +37,7 @@ func demo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	listen := fs.String("smtp", config.DefaultSMTPListen, "SMTP listen address")
 	pop3Listen := fs.String("pop3", config.DefaultPOP3Listen, "POP3 listen address")
 	imapListen := fs.String("imap", config.DefaultIMAPListen, "IMAP listen address")
+	adminListen := fs.String("admin", "127.0.0.1:9925", "status page, /metrics and /healthz listen address (\"\" = off)")
 	format := fs.String("log-format", "console", "log format: json or console")
 	outboxDir := fs.String("outbox", filepath.Join(os.TempDir(), "mailbridge-demo-outbox"), "outbox directory, kept between runs")
 	if err := fs.Parse(args); err != nil {
@@ -88,6 +89,7 @@ func demo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	// The outbox is kept between runs, in a directory the banner names:
 	// what a client was told was queued is never thrown away.
 	cfg.Outbox.Dir = *outboxDir
+	cfg.Admin.Listen, cfg.Admin.Username, cfg.Admin.PasswordHash = *adminListen, "demo", string(hash)
 	cfg.Accounts = []config.AccountConfig{{
 		Name: "demo", Username: "demo", PasswordHash: string(hash), Mailbox: demoMailbox,
 		TenantID: demoTenant, ClientID: demoClient, ClientSecret: secret,
@@ -97,7 +99,7 @@ func demo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		log.Error().Err(err).Msg("demo configuration")
 		return 1
 	}
-	b, err := bridge.New(cfg, bridge.Options{Logger: log, RootCAs: fake.CertPool()})
+	b, err := bridge.New(cfg, bridge.Options{Logger: log, RootCAs: fake.CertPool(), Version: versionString() + " (demo)"})
 	if err != nil {
 		log.Error().Err(err).Msg("cannot start")
 		return 1
@@ -111,6 +113,7 @@ func demo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 SMTP server %s, user "demo", password %q, sender %s.
 POP3 server %s, same user, reading the mailbox %[3]s; IMAP server %[7]s. Ctrl+C stops.
 Outbox: %[5]s (kept between runs).
+Status page: %[8]s (same user and password).
 
 Send a message with curl (to the demo mailbox itself, so that POP3 finds it):
   printf 'From: %[3]s\r\nTo: %[3]s\r\nSubject: hello\r\n\r\nHello through the bridge.\r\n' |
@@ -127,7 +130,7 @@ non-delivery report to the sender, which appears in the demo mailbox (POP3):
   printf 'From: %[3]s\r\nTo: nobody@%[6]s\r\nSubject: bounce me\r\n\r\nx\r\n' |
     curl smtp://%[1]s --user demo:demo --mail-from %[3]s --mail-rcpt nobody@%[6]s -T -
 
-`, addr, demoPassword, demoMailbox, popAddr, *outboxDir, demoRefusedDomain, b.IMAPAddr())
+`, addr, demoPassword, demoMailbox, popAddr, *outboxDir, demoRefusedDomain, b.IMAPAddr(), statusURL(b.AdminAddr()))
 	<-ctx.Done()
 	// Let the outbox drain before the fake Microsoft 365 goes away with
 	// this process, within a bound.
@@ -142,4 +145,12 @@ non-delivery report to the sender, which appears in the demo mailbox (POP3):
 	defer cancel()
 	b.Shutdown(sctx)
 	return 0
+}
+
+// statusURL is the status page's address, or says it is off.
+func statusURL(addr string) string {
+	if addr == "" {
+		return "off (-admin \"\")"
+	}
+	return "http://" + addr + "/"
 }

@@ -204,7 +204,7 @@ func runBridge(ctx context.Context, cfg *config.Config, stderr io.Writer) int {
 		ev = ev.Str("log_file", cfg.Log.File)
 	}
 	ev.Msg("mailbridge starting")
-	b, err := bridge.New(cfg, bridge.Options{Logger: log})
+	b, err := bridge.New(cfg, bridge.Options{Logger: log, Version: versionString()})
 	if err != nil {
 		log.Error().Err(err).Msg("cannot start")
 		return 1

@@ -294,7 +294,7 @@ func TestVersion(t *testing.T) {
 }
 
 func TestDemoServesTheWholeLoop(t *testing.T) {
-	cmd := exec.Command(binary, "demo", "-smtp", "127.0.0.1:0", "-pop3", "127.0.0.1:0", "-imap", "127.0.0.1:0", "-log-format", "json", "-outbox", t.TempDir())
+	cmd := exec.Command(binary, "demo", "-smtp", "127.0.0.1:0", "-pop3", "127.0.0.1:0", "-imap", "127.0.0.1:0", "-admin", "127.0.0.1:0", "-log-format", "json", "-outbox", t.TempDir())
 	stdout, _ := cmd.StdoutPipe()
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr

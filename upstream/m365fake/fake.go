@@ -16,6 +16,7 @@ import (
 	"log"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -372,6 +373,13 @@ func (s *Server) SetTokenLifetime(d time.Duration) {
 func (s *Server) RefuseRecipients(domain string) {
 	s.mu.Lock()
 	s.refused = append(s.refused, strings.ToLower(domain))
+	s.mu.Unlock()
+}
+
+// AcceptRecipients undoes RefuseRecipients for domain.
+func (s *Server) AcceptRecipients(domain string) {
+	s.mu.Lock()
+	s.refused = slices.DeleteFunc(s.refused, func(d string) bool { return d == strings.ToLower(domain) })
 	s.mu.Unlock()
 }
 
