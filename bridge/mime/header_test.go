@@ -59,7 +59,7 @@ func TestParseAddressList(t *testing.T) {
 }
 
 func FuzzParseAddressList(f *testing.F) {
-	for _, s := range []string{`a@b.c`, `"x" <y@z>`, `g: a@b, c@d;`, `=?utf-8?b?w7w=?= <u@v>`, `;;@@<>`} {
+	for _, s := range []string{`a@b.c`, `"x" <y@z>`, `g: a@b, c@d;`, `=?utf-8?b?w7w=?= <u@v>`, `;;@@<>`, "0@\xff", "X@İ.example"} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
@@ -67,7 +67,9 @@ func FuzzParseAddressList(f *testing.F) {
 			if !strings.Contains(a, "@") {
 				t.Errorf("parseAddressList(%q) returned %q, not an address", s, a)
 			}
-			if a != strings.ToLower(a) {
+			// Lowered as ASCII only (lowerASCII): Unicode case mappings
+			// would make foreign addresses equal to allowed ones.
+			if strings.ContainsAny(a, "ABCDEFGHIJKLMNOPQRSTUVWXYZ") {
 				t.Errorf("parseAddressList(%q) returned %q, not lower case", s, a)
 			}
 		}
