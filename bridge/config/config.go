@@ -201,7 +201,8 @@ type AdminConfig struct {
 	Listen string `toml:"listen"` // "" turns it off; such as 127.0.0.1:9925
 	// Username and PasswordHash (bcrypt, from `mailbridge hash-password`)
 	// are the status page's HTTP Basic login; without a hash the page is
-	// off. Username defaults to "admin".
+	// off. Username defaults to "admin", and Listen, with a hash, to
+	// DefaultAdminListen.
 	Username     string `toml:"username"`
 	PasswordHash string `toml:"password_hash"`
 	// AllowNetwork lets listen take a non-loopback address: /metrics and
@@ -305,6 +306,9 @@ const (
 	DefaultSMTPListen      = "127.0.0.1:2525"
 	DefaultPOP3Listen      = "127.0.0.1:1110"
 	DefaultIMAPListen      = "127.0.0.1:1143"
+	// DefaultAdminListen is where the status page is when password_hash
+	// is set and listen is not.
+	DefaultAdminListen = "127.0.0.1:9925"
 	DefaultMaxMessageBytes = 35 << 20
 	// DefaultMaxRecipients is Exchange Online's default recipient limit.
 	DefaultMaxRecipients = 500
@@ -471,6 +475,9 @@ func (c *Config) Complete(dir string) error {
 				bad("outbox.notify", "%q is not an email address", a)
 			}
 		}
+	}
+	if c.Admin.PasswordHash != "" && c.Admin.Listen == "" {
+		c.Admin.Listen = DefaultAdminListen // a password set means the page is wanted
 	}
 	if c.Admin.Listen != "" && checkListen("admin.listen", c.Admin.Listen, bad) {
 		if host, _, _ := net.SplitHostPort(c.Admin.Listen); !IsLoopbackHost(host) && !c.Admin.AllowNetwork {

@@ -217,3 +217,25 @@ func TestAdminOffLoopbackNeedsAllowNetwork(t *testing.T) {
 		t.Errorf("port 99999: %v", err)
 	}
 }
+
+func TestStatusPageLogin(t *testing.T) {
+	cfg := config.Default()
+	cfg.Admin.PasswordHash = "hunter2"
+	if err := cfg.Complete(""); err == nil || !strings.Contains(err.Error(), "admin.password_hash: not a bcrypt hash") {
+		t.Errorf("a password instead of its hash: %v", err)
+	}
+	cfg = config.Default()
+	cfg.Admin.Username = "ops"
+	if err := cfg.Complete(""); err == nil || !strings.Contains(err.Error(), "admin.password_hash: admin.username is set but not password_hash") {
+		t.Errorf("a user name without a hash: %v", err)
+	}
+	cfg = config.Default()
+	cfg.Admin.PasswordHash = "$2a$04$C8yo0wQ6k2Hn1uZ1pQbB1uQ2mS9mKq1vC8o0mJ9f2d1aL7eX9y5yW"
+	err := cfg.Complete("")
+	if err != nil && strings.Contains(err.Error(), "admin.") {
+		t.Errorf("a hash alone: %v", err)
+	}
+	if cfg.Admin.Username != "admin" || cfg.Admin.Listen != config.DefaultAdminListen {
+		t.Errorf("a hash alone gives user %q on %q, want admin on %s", cfg.Admin.Username, cfg.Admin.Listen, config.DefaultAdminListen)
+	}
+}

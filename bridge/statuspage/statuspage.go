@@ -302,7 +302,6 @@ func (p *Page) session(w http.ResponseWriter, r *http.Request) string {
 	rand.Read(b[:])
 	id := hex.EncodeToString(b[:])
 	http.SetCookie(w, &http.Cookie{Name: sessionCookie, Value: id, Path: "/", HttpOnly: true, SameSite: http.SameSiteStrictMode})
-	r.AddCookie(&http.Cookie{Name: sessionCookie, Value: id})
 	return id
 }
 

@@ -51,6 +51,13 @@ upstream = "{{.A.POP3Upstream}}"
 # Messages wait here, on disk, until Microsoft 365 took them.
 dir = "outbox"
 
+[admin]
+# The status page, http://127.0.0.1:9925/ in a browser: accounts, queued and
+# failed messages with Retry and Delete. To turn it on, run
+# ` + "`mailbridge hash-password`" + `, paste its output below, remove the # and restart.
+# username = "admin"
+# password_hash = ""
+
 [[account]]
 name = "main"
 # The user name and password the legacy program logs in with (the password
