@@ -303,12 +303,12 @@ func (d Duration) MarshalText() ([]byte, error) { return []byte(d.Duration.Strin
 
 // Defaults for what the file leaves out.
 const (
-	DefaultSMTPListen      = "127.0.0.1:2525"
-	DefaultPOP3Listen      = "127.0.0.1:1110"
-	DefaultIMAPListen      = "127.0.0.1:1143"
+	DefaultSMTPListen = "127.0.0.1:2525"
+	DefaultPOP3Listen = "127.0.0.1:1110"
+	DefaultIMAPListen = "127.0.0.1:1143"
 	// DefaultAdminListen is where the status page is when password_hash
 	// is set and listen is not.
-	DefaultAdminListen = "127.0.0.1:9925"
+	DefaultAdminListen     = "127.0.0.1:9925"
 	DefaultMaxMessageBytes = 35 << 20
 	// DefaultMaxRecipients is Exchange Online's default recipient limit.
 	DefaultMaxRecipients = 500
