@@ -199,14 +199,16 @@ var page = template.Must(template.New("page.html").Funcs(template.FuncMap{
 	"join": func(s []string) string { return strings.Join(s, ", ") },
 }).ParseFS(static, "static/page.html"))
 
+// roundAge writes d as an administrator reads it: 42s, 12m5s, 5h12m, 3d5h.
 func roundAge(d time.Duration) string {
+	d = d.Round(time.Second)
 	switch {
 	case d < time.Hour:
-		return d.Round(time.Second).String()
+		return d.String()
 	case d < 48*time.Hour:
-		return d.Round(time.Minute).String()
+		return fmt.Sprintf("%dh%dm", int(d.Hours()), int(d.Minutes())%60)
 	}
-	return fmt.Sprintf("%dd%s", int(d/(24*time.Hour)), (d % (24 * time.Hour)).Round(time.Hour))
+	return fmt.Sprintf("%dd%dh", int(d.Hours())/24, int(d.Hours())%24)
 }
 
 // New returns the page.
