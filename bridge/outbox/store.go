@@ -144,6 +144,24 @@ func (s *Store) file(sub, id, ext string) string {
 	return filepath.Join(s.dir, sub, id+"."+ext)
 }
 
+// validID reports whether id can be a queue ID (newQueueID's letters,
+// digits and dashes): an ID from outside (the status page's form, the
+// command line) never names a path.
+func validID(id string) bool {
+	if id == "" || len(id) > 64 {
+		return false
+	}
+	for _, c := range []byte(id) {
+		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
+
+// errNoMessage is the answer for an ID the outbox does not hold.
+func errNoMessage(id string) error { return fmt.Errorf("no message %s in the outbox", id) }
+
 func newQueueID() string {
 	b := make([]byte, 8)
 	rand.Read(b)
@@ -449,13 +467,16 @@ func (s *Store) Entries(sub string, limit int) (entries []QueueEntry, total int,
 // Retry makes a queued message due now, or puts a failed one back in the
 // queue.
 func (s *Store) Retry(id string) error {
+	if !validID(id) {
+		return errNoMessage(id)
+	}
 	if env, err := s.readEnvelope("queue", id); err == nil {
 		env.NextAttempt = time.Now()
 		return s.saveEnvelope("queue", env)
 	}
 	env, err := s.readEnvelope("failed", id)
 	if err != nil {
-		return fmt.Errorf("no message %s in the outbox", id)
+		return errNoMessage(id)
 	}
 	env.Failure, env.NextAttempt, env.Received = nil, time.Now(), time.Now()
 	if err := s.saveEnvelope("failed", env); err != nil {
@@ -488,6 +509,9 @@ func (s *Store) RetryFailed() (int, error) {
 
 // Delete removes a message, queued or failed.
 func (s *Store) Delete(id string) error {
+	if !validID(id) {
+		return errNoMessage(id)
+	}
 	found := false
 	for _, sub := range []string{"queue", "failed"} {
 		st, statErr := os.Stat(s.file(sub, id, "eml"))
@@ -502,7 +526,7 @@ func (s *Store) Delete(id string) error {
 		}
 	}
 	if !found {
-		return fmt.Errorf("no message %s in the outbox", id)
+		return errNoMessage(id)
 	}
 	return nil
 }

@@ -68,3 +68,34 @@ func TestQueueManagement(t *testing.T) {
 		t.Error("a message without an envelope was kept")
 	}
 }
+
+func TestIDsFromOutsideNeverNameAPath(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	victim := filepath.Join(dir, "victim.json")
+	if err := os.WriteFile(victim, []byte("{}"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(dir, "victim.eml"), []byte("x"), 0o600)
+	w := New(s, Options{})
+	for _, id := range []string{"../victim", "..", "", "a/b", `..\victim`, "x\x00"} {
+		if err := s.Delete(id); err == nil {
+			t.Errorf("Delete(%q) succeeded", id)
+		}
+		if err := s.Retry(id); err == nil {
+			t.Errorf("Retry(%q) succeeded", id)
+		}
+		if err := w.Delete(id); err == nil {
+			t.Errorf("Outbox.Delete(%q) succeeded", id)
+		}
+		if _, err := w.Retry(id); err == nil {
+			t.Errorf("Outbox.Retry(%q) succeeded", id)
+		}
+	}
+	if _, err := os.Stat(victim); err != nil {
+		t.Error("a file outside queue/ and failed/ was removed")
+	}
+}

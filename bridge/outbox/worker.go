@@ -176,6 +176,9 @@ var ErrInFlight = errors.New("the message is being delivered now: wait for the o
 // queue, while the worker runs. A message being delivered is left alone
 // (ErrInFlight).
 func (w *Outbox) Retry(id string) (requeued bool, err error) {
+	if !validID(id) {
+		return false, errNoMessage(id)
+	}
 	w.mu.Lock()
 	if ix := w.index[id]; ix != nil {
 		defer w.mu.Unlock()
@@ -208,6 +211,9 @@ func (w *Outbox) Retry(id string) (requeued bool, err error) {
 // Delete removes a queued or failed message while the worker runs. A
 // message being delivered is left alone (ErrInFlight).
 func (w *Outbox) Delete(id string) error {
+	if !validID(id) {
+		return errNoMessage(id)
+	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if ix := w.index[id]; ix != nil {
