@@ -409,7 +409,7 @@ func TestStatusPageActionsOnTheOutbox(t *testing.T) {
 	// The recent lines: two sent and two failed, newest first.
 	body = c.page()
 	recent := body[strings.Index(body, `id="recent-rows"`):]
-	if strings.Count(recent, `<td class="result">sent</td>`) != 2 || strings.Count(recent, `<td class="result">failed</td>`) != 2 ||
+	if strings.Count(recent, `<td class="result" data-label="Result">sent</td>`) != 2 || strings.Count(recent, `<td class="result" data-label="Result">failed</td>`) != 2 ||
 		strings.Index(recent, waiting) > strings.Index(recent, retried) {
 		t.Error("the recent lines are not the two sent and the two failed, newest first")
 	}
@@ -438,8 +438,8 @@ func TestStatusPageRunsTheCheck(t *testing.T) {
 	body = c.page()
 	rows := body[strings.Index(body, `id="check-rows"`):]
 	for _, want := range []string{
-		"<td>tm-master</td><td>smtp-token</td><td class=\"result\">OK</td>",
-		"<td>scanner</td><td>smtp-token</td><td class=\"result\">FAIL</td>",
+		`<td data-label="Account">tm-master</td><td data-label="Check">smtp-token</td><td class="result" data-label="Result">OK</td>`,
+		`<td data-label="Account">scanner</td><td data-label="Check">smtp-token</td><td class="result" data-label="Result">FAIL</td>`,
 		"copy the secret&#39;s Value",
 		"Check run: ",
 	} {
