@@ -596,7 +596,7 @@ func (b *Bridge) health() (bool, []string) {
 				n, oldest.Round(time.Second), b.cfg.Admin.MaxQueueAge.Duration))
 		}
 		if _, recent := b.outbox.Store().Failed(time.Now().Add(-b.cfg.Admin.FailedWindow.Duration)); recent > 0 {
-			reasons = append(reasons, fmt.Sprintf("outbox: %d message(s) failed within admin.failed_window (%s): see `mailbridge queue list`; `queue retry-failed` or `queue delete` clears this",
+			reasons = append(reasons, fmt.Sprintf("outbox: %d message(s) failed within admin.failed_window (%s): see the status page or `mailbridge queue list`; Retry or Delete there (or `queue retry-failed`, `queue delete`) clears this",
 				recent, b.cfg.Admin.FailedWindow.Duration))
 		}
 	}
