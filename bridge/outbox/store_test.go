@@ -99,3 +99,32 @@ func TestIDsFromOutsideNeverNameAPath(t *testing.T) {
 		t.Error("a file outside queue/ and failed/ was removed")
 	}
 }
+
+// A failed message put back in the queue while a rescan finds it is held
+// once, so it is delivered once.
+func TestRetriedMessageIndexedOnce(t *testing.T) {
+	s, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := &Envelope{Account: "a", GraphUser: "u@example.com", Size: 5, Received: time.Now(), NextAttempt: time.Now()}
+	if err := s.Add(env, bytes.NewReader([]byte("hello")), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.fail(env, &FailureRecord{Reason: "test"}); err != nil {
+		t.Fatal(err)
+	}
+	w := New(s, Options{})
+	if err := s.Retry(env.ID); err != nil {
+		t.Fatal(err)
+	}
+	w.rescan() // the worker's rescan sees it first...
+	back, err := s.readEnvelope("queue", env.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.enqueue(back) // ...then Outbox.Retry makes it known
+	if len(w.index) != 1 || w.ready.Len() != 1 {
+		t.Errorf("the message is held %d times in the index and %d in the schedule, want once", len(w.index), w.ready.Len())
+	}
+}

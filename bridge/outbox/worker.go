@@ -228,7 +228,9 @@ func (w *Outbox) Delete(id string) error {
 // enqueue makes a message just added to the store known to the worker.
 func (w *Outbox) enqueue(env *Envelope) {
 	w.mu.Lock()
-	if len(w.index) < maxIndexed {
+	// A message put back from failed/ may have been found by a rescan
+	// already: one index entry, or it would be delivered twice.
+	if _, known := w.index[env.ID]; !known && len(w.index) < maxIndexed {
 		w.track(&indexed{env: env})
 	}
 	w.mu.Unlock()
