@@ -416,6 +416,9 @@ func TestStatusPageActionsOnTheOutbox(t *testing.T) {
 	if !strings.Contains(body, "<b>2</b> sent, <b>2</b> failed") {
 		t.Error("account A's counts for today are not 2 sent, 2 failed")
 	}
+	if !strings.Contains(body, "Today (since the start at ") && !strings.Contains(body, "Today (since 00:00)") {
+		t.Error("the page does not say from when today's counts run")
+	}
 }
 
 func TestStatusPageRunsTheCheck(t *testing.T) {

@@ -333,12 +333,18 @@ type view struct {
 	Flash     *flash
 	LastCheck *checkRun
 	Refused   int
+	// CountsSince says from when "today" is counted: midnight, or the
+	// start if that was later (the counts are kept in memory).
+	CountsSince string
 }
 
 func (p *Page) render(w http.ResponseWriter, user, session string) {
 	st := p.opts.Backend.Status()
 	v := view{Status: st, User: user, CSRF: p.csrfToken(user, session), Refresh: int(p.opts.Refresh / time.Second),
-		Uptime: time.Since(st.Started).Round(time.Second), Now: time.Now()}
+		Uptime: time.Since(st.Started).Round(time.Second), Now: time.Now(), CountsSince: "since 00:00"}
+	if y, m, d := v.Now.Date(); st.Started.After(time.Date(y, m, d, 0, 0, 0, 0, v.Now.Location())) {
+		v.CountsSince = "since the start at " + st.Started.Local().Format("15:04")
+	}
 	p.mu.Lock()
 	if f, ok := p.flashes[session]; ok {
 		v.Flash = &f
