@@ -208,6 +208,26 @@ func TestIMAPLoginForms(t *testing.T) {
 	}
 }
 
+// The third failed login on one connection ends it with BYE, as over SMTP
+// and POP3 (conntrack.State.LoginFailed).
+func TestIMAPClosesAfterThreeFailedLogins(t *testing.T) {
+	fake := startFake(t)
+	b, logs := startBridge(t, fake, testConfig(fake))
+	c := dialIMAP(t, b.IMAPAddr())
+	for i := 1; i <= 3; i++ {
+		untagged, tagged := c.cmd("LOGIN %q %q", userA, "wrong")
+		if !strings.Contains(tagged, "NO [AUTHENTICATIONFAILED]") || (i == 3) != (len(untagged) == 1 && untagged[0] == "* BYE Too many failed logins") {
+			t.Fatalf("login %d: %q %q", i, untagged, tagged)
+		}
+	}
+	if _, err := c.r.ReadByte(); err == nil {
+		t.Error("the connection stayed open after the third failed login")
+	}
+	if n := strings.Count(logs.String(), `"failures":`); n != 3 || !strings.Contains(logs.String(), "session closed: too many failed logins on one connection") {
+		t.Errorf("%d failure lines, or no closing line", n)
+	}
+}
+
 func TestIMAPFetchIsByteExact(t *testing.T) {
 	fake := startFake(t)
 	b, _ := startBridge(t, fake, testConfig(fake))

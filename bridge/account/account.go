@@ -5,7 +5,8 @@
 // that slows down failed logins, and the SASL LOGIN server that go-sasl
 // lacks.
 //
-// It may import bridge/config, bridge/mime and upstream.
+// It may import bridge/config, bridge/conntrack, bridge/failure,
+// bridge/mime and upstream.
 package account
 
 import (

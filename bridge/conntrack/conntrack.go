@@ -35,6 +35,7 @@ type State struct {
 	idleSince atomic.Int64 // unix nanoseconds
 	closeNext atomic.Bool
 	authed    atomic.Bool
+	fails     atomic.Int32 // failed logins
 	opened    time.Time
 	policy    *LoginPolicy
 	timer     *time.Timer
@@ -47,6 +48,23 @@ func (s *State) MarkAuthenticated() {
 	if s.timer != nil {
 		s.timer.Stop()
 	}
+}
+
+// MaxLoginFailures is how many failed logins a connection may make
+// before the bridge closes it.
+const MaxLoginFailures = 3
+
+// LoginFailed counts and logs a failed login of username on the
+// connection; it reports whether that was the last one allowed, and the
+// connection must be closed (logged too).
+func (s *State) LoginFailed(log zerolog.Logger, username string) (closeNow bool) {
+	n := s.fails.Add(1)
+	log.Warn().Str("username", Clip(username)).Int32("failures", n).Msg("authentication failed: unknown user name or wrong password")
+	if n < MaxLoginFailures {
+		return false
+	}
+	log.Warn().Msg("session closed: too many failed logins on one connection")
+	return true
 }
 
 // evictAfter is how long a connection must have been open without logging

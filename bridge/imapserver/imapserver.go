@@ -34,10 +34,9 @@ import (
 
 // Limits of the pre-login parser.
 const (
-	maxLine          = 8 << 10 // a command line before login
-	maxLiteral       = 8 << 10 // a literal before login (a user name or password)
-	maxLoginFailures = 3
-	relayBuffer      = 64 << 10
+	maxLine     = 8 << 10 // a command line before login
+	maxLiteral  = 8 << 10 // a literal before login (a user name or password)
+	relayBuffer = 64 << 10
 )
 
 // Options are what the IMAP server needs.
@@ -95,10 +94,9 @@ type session struct {
 	started time.Time
 	isTLS   bool
 
-	account    *account.Account
-	loginFails int
-	ended      string
-	in, out    int64 // bytes relayed: from the client, to the client
+	account *account.Account
+	ended   string
+	in, out int64 // bytes relayed: from the client, to the client
 }
 
 func (srv *Server) newSession(c net.Conn) *session {
@@ -429,10 +427,7 @@ func (s *session) authenticate(tag string, args []string) *upstream.IMAPConn {
 }
 
 func (s *session) loginFailed(tag, username string) *upstream.IMAPConn {
-	s.loginFails++
-	s.log.Warn().Str("username", conntrack.Clip(username)).Int("failures", s.loginFails).Msg("authentication failed: unknown user name or wrong password")
-	if s.loginFails >= maxLoginFailures {
-		s.log.Warn().Msg("session closed: too many failed logins on one connection")
+	if s.state.LoginFailed(s.log, username) {
 		s.write("* BYE Too many failed logins", tag+" NO [AUTHENTICATIONFAILED] Authentication failed")
 		s.ended = "too many failed logins"
 		return nil
@@ -454,24 +449,13 @@ func (s *session) login(tag, username, password string) *upstream.IMAPConn {
 	s.log = s.log.With().Str("account", a.Config.Name).Logger()
 	s.state.SetBusy(true)
 	defer s.state.SetBusy(false)
-	ctx, cancel := context.WithTimeout(s.ctx, s.srv.opts.Config.UpstreamTimeout.Duration)
-	defer cancel()
-	start := time.Now()
-	token, err := a.OutlookTokens.Token(ctx)
-	var up *upstream.IMAPConn
-	if err == nil {
-		up, err = a.IMAPDialer.Dial(ctx, a.Config.IMAPMailbox, token)
-	}
+	up, f, err := account.OpenMailbox(s.ctx, a, "imap", s.srv.opts.Config.UpstreamTimeout.Duration, s.log, a.IMAPDialer.Dial,
+		func(c *upstream.IMAPConn) string { return c.Greeting })
 	if err != nil {
-		f := failure.Classify(err)
-		s.log.Error().Err(err).Str("reason", string(f.Kind)).Str("mailbox", a.Config.IMAPMailbox).Str("upstream", a.Config.IMAPUpstream).
-			Str("hint", failure.MailboxLoginHint("imap", err, token)).Int64("duration_ms", time.Since(start).Milliseconds()).Msg("upstream login failed")
 		s.write(tag + " " + replyFor(f))
 		s.account = nil
 		return nil
 	}
-	s.log.Info().Str("mailbox", a.Config.IMAPMailbox).Str("upstream", a.Config.IMAPUpstream).Str("greeting", up.Greeting).
-		Int64("duration_ms", time.Since(start).Milliseconds()).Msg("logged in upstream")
 	if s.write(tag+" OK [CAPABILITY "+strings.Join(relayable(up.Capabilities), " ")+"] LOGIN completed") != nil {
 		up.Conn.Close()
 		s.ended = "client gone"

@@ -33,10 +33,6 @@ import (
 	"mailbridge/upstream"
 )
 
-// maxLoginFailures is how many failed logins a connection may make before
-// the bridge closes it.
-const maxLoginFailures = 3
-
 // maxCommand bounds a client's command line (RFC 2449 §4 allows 255
 // octets; AUTH responses are longer).
 const maxCommand = 1024
@@ -104,7 +100,6 @@ type session struct {
 	up      *upstream.POP3Conn
 
 	commands, retrCount, deleCount int
-	loginFails                     int
 	retrBytes                      int64
 	ended                          string
 }
@@ -366,10 +361,7 @@ func (s *session) login(username, password string) {
 	ip, _, _ := net.SplitHostPort(s.remote)
 	a, err := s.srv.opts.Accounts.Authenticate(s.ctx, "pop3", ip, username, password)
 	if err != nil {
-		s.loginFails++
-		s.log.Warn().Str("username", conntrack.Clip(username)).Int("failures", s.loginFails).Msg("authentication failed: unknown user name or wrong password")
-		if s.loginFails >= maxLoginFailures {
-			s.log.Warn().Msg("session closed: too many failed logins on one connection")
+		if s.state.LoginFailed(s.log, username) {
 			s.reply("-ERR [AUTH] Too many failed logins, closing connection")
 			s.ended = "too many failed logins"
 			return
@@ -382,25 +374,14 @@ func (s *session) login(username, password string) {
 	s.log = s.log.With().Str("account", a.Config.Name).Logger()
 	s.state.SetBusy(true)
 	defer s.state.SetBusy(false)
-	ctx, cancel := context.WithTimeout(s.ctx, s.srv.opts.Config.UpstreamTimeout.Duration)
-	defer cancel()
-	start := time.Now()
-	token, err := a.OutlookTokens.Token(ctx)
-	var up *upstream.POP3Conn
-	if err == nil {
-		up, err = a.POP3Dialer.Dial(ctx, a.Config.POP3Mailbox, token)
-	}
+	up, f, err := account.OpenMailbox(s.ctx, a, "pop3", s.srv.opts.Config.UpstreamTimeout.Duration, s.log, a.POP3Dialer.Dial,
+		func(c *upstream.POP3Conn) string { return c.Greeting })
 	if err != nil {
-		f := failure.Classify(err)
-		ev := s.log.Error().Err(err).Str("reason", string(f.Kind)).Str("mailbox", a.Config.POP3Mailbox).Str("upstream", a.Config.POP3Upstream).Str("hint", failure.MailboxLoginHint("pop3", err, token))
-		ev.Int64("duration_ms", time.Since(start).Milliseconds()).Msg("upstream login failed")
 		s.reply(replyFor(f))
 		s.account = nil
 		return
 	}
 	s.up = up
-	s.log.Info().Str("mailbox", a.Config.POP3Mailbox).Str("upstream", a.Config.POP3Upstream).Str("greeting", up.Greeting).
-		Int64("duration_ms", time.Since(start).Milliseconds()).Msg("logged in upstream")
 	s.reply(up.AuthReply)
 }
 

@@ -134,10 +134,9 @@ type session struct {
 	remote  string
 	started time.Time
 
-	account    *account.Account
-	from       string
-	rcpts      []string
-	loginFails int
+	account *account.Account
+	from    string
+	rcpts   []string
 
 	messages int
 }
@@ -183,10 +182,7 @@ func (s *session) login(username, password string) error {
 	ip, _, _ := net.SplitHostPort(s.remote)
 	a, err := s.srv.opts.Accounts.Authenticate(s.ctx, "smtp", ip, username, password)
 	if err != nil {
-		s.loginFails++
-		s.log.Warn().Str("username", conntrack.Clip(username)).Int("failures", s.loginFails).Msg("authentication failed: unknown user name or wrong password")
-		if s.loginFails >= maxLoginFailures {
-			s.log.Warn().Msg("session closed: too many failed logins on one connection")
+		if s.state.LoginFailed(s.log, username) {
 			s.state.CloseAfterNextWrite()
 			return replyTooManyFailures
 		}
@@ -422,7 +418,3 @@ func (s *session) prepare(sp *mime.Spool) (*deliver.Message, error) {
 	m.Content = content
 	return m, nil
 }
-
-// maxLoginFailures is how many failed logins a connection may make before
-// the bridge closes it.
-const maxLoginFailures = 3
