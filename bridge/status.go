@@ -68,7 +68,6 @@ func (s statusBackend) Status() statuspage.Status {
 			ps.Proto = proto
 			as.Protocols = append(as.Protocols, ps)
 		}
-		as.State = statuspage.Worst(as.Protocols)
 		st.Accounts = append(st.Accounts, as)
 	}
 	st.Recent = activity.Recent()

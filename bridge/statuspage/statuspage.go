@@ -59,9 +59,6 @@ type Listener struct {
 type AccountState struct {
 	Account   string
 	Protocols []ProtocolState
-	// State is the worst of the protocols': "refused", "retrying", "ok",
-	// or "unused" when none asked for a token yet.
-	State string
 	// Day is today's messages; CountsMail is false for an account without
 	// SMTP.
 	Day        admin.AccountDay
@@ -79,11 +76,12 @@ type ProtocolState struct {
 	Hint   string // the fix
 }
 
-// Worst returns the state of an account whose protocols are in states.
-func Worst(states []ProtocolState) string {
+// State is the worst of the account's protocols' states: "refused",
+// "retrying", "ok", or "unused" when none asked for a token yet.
+func (a AccountState) State() string {
 	rank := map[string]int{"unused": 0, "ok": 1, "retrying": 2, "refused": 3}
 	worst := "unused"
-	for _, p := range states {
+	for _, p := range a.Protocols {
 		if rank[p.State] > rank[worst] {
 			worst = p.State
 		}
@@ -332,7 +330,6 @@ type view struct {
 	Now       time.Time
 	Flash     *flash
 	LastCheck *checkRun
-	Refused   int
 	// CountsSince says from when "today" is counted: midnight, or the
 	// start if that was later (the counts are kept in memory).
 	CountsSince string
@@ -359,13 +356,14 @@ func (p *Page) render(w http.ResponseWriter, user, session string) {
 	if st.QueuedTotal > 0 {
 		parts = append(parts, fmt.Sprintf("%d queued", st.QueuedTotal))
 	}
+	refused := 0
 	for _, a := range st.Accounts {
-		if a.State == "refused" {
-			v.Refused++
+		if a.State() == "refused" {
+			refused++
 		}
 	}
-	if v.Refused > 0 {
-		parts = append(parts, fmt.Sprintf("%d sign-in refused", v.Refused))
+	if refused > 0 {
+		parts = append(parts, fmt.Sprintf("%d sign-in refused", refused))
 	}
 	v.Title = "mailbridge: OK"
 	if len(parts) > 0 {

@@ -15,12 +15,12 @@ func TestWorstStateOfAnAccount(t *testing.T) {
 		{[]string{"ok", "retrying", "unused"}, "retrying"},
 		{[]string{"retrying", "refused", "ok"}, "refused"},
 	} {
-		var ps []ProtocolState
+		var a AccountState
 		for _, s := range tc.states {
-			ps = append(ps, ProtocolState{State: s})
+			a.Protocols = append(a.Protocols, ProtocolState{State: s})
 		}
-		if got := Worst(ps); got != tc.want {
-			t.Errorf("Worst(%v) = %q, want %q", tc.states, got, tc.want)
+		if got := a.State(); got != tc.want {
+			t.Errorf("the state of %v is %q, want %q", tc.states, got, tc.want)
 		}
 	}
 }
