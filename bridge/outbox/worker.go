@@ -84,6 +84,7 @@ type Outbox struct {
 
 	wake chan struct{}
 	wg   sync.WaitGroup
+	now  func() time.Time // the clock of the rate limits and the schedule
 }
 
 type indexed struct {
@@ -124,7 +125,7 @@ func New(store *Store, opts Options) *Outbox {
 	return &Outbox{
 		store: store, opts: opts, log: opts.Log,
 		index: map[string]*indexed{}, parked: map[string][]*indexed{}, perUser: map[string]int{}, limiters: map[string]*rate.Limiter{},
-		wake: make(chan struct{}, 1),
+		wake: make(chan struct{}, 1), now: time.Now,
 	}
 }
 
@@ -304,11 +305,13 @@ func (w *Outbox) rescan() {
 		if err != nil {
 			continue
 		}
+		// The index entry's fields change under w.mu as deliveries end:
+		// decide while holding it.
 		w.mu.Lock()
 		known := w.index[id]
-		full := len(w.index) >= maxIndexed
+		skip := (known != nil && (known.inflight || known.modTime.Equal(info.ModTime()))) || (known == nil && len(w.index) >= maxIndexed)
 		w.mu.Unlock()
-		if (known != nil && (known.inflight || known.modTime.Equal(info.ModTime()))) || (known == nil && full) {
+		if skip {
 			continue
 		}
 		env, err := w.store.readEnvelope("queue", id)
@@ -350,7 +353,7 @@ func (w *Outbox) rescan() {
 // dispatch starts deliveries of due messages, oldest first, within the
 // limits per mailbox, per account and overall.
 func (w *Outbox) dispatch(ctx context.Context) {
-	now := time.Now()
+	now := w.now()
 	w.mu.Lock()
 	var start, limited []*indexed
 	for w.ready.Len() > 0 && w.inflight < maxInFlight && !w.ready[0].env.NextAttempt.After(now) {

@@ -82,19 +82,6 @@ func waitUntil(t *testing.T, d time.Duration, cond func() bool) {
 	}
 }
 
-// A rate under one message a second still delivers, at that rate.
-func TestRateBelowOnePerSecondDelivers(t *testing.T) {
-	rec := &recorder{}
-	o := startOutbox(t, rec, 0.5)
-	waitUntil(t, 10*time.Second, func() bool { n, _ := o.Depth(); return n == 0 && len(rec.times()) == 3 })
-	at := rec.times()
-	for i := 1; i < len(at); i++ {
-		if gap := at[i].Sub(at[i-1]); gap < 1800*time.Millisecond || gap > 2600*time.Millisecond {
-			t.Errorf("delivery %d came %v after the one before, want about 2 s at 0.5/s", i+1, gap)
-		}
-	}
-}
-
 func TestTemporaryFailureIsRetriedPermanentGoesToFailed(t *testing.T) {
 	rec := &recorder{script: func(n int) error {
 		switch n {
