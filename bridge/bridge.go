@@ -195,15 +195,30 @@ func (b *Bridge) loginPolicy(proto string, timeout time.Duration, maxSessions in
 // Accounts returns the configured accounts in configuration order.
 func (b *Bridge) Accounts() []*account.Account { return b.accounts.All() }
 
-// Start opens the SMTP and POP3 listeners and serves them in the
-// background.
+// Start opens the listeners of the protocols in use and serves them in
+// the background.
 func (b *Bridge) Start() error {
 	b.started = time.Now()
-	ln, err := b.listen("smtp", b.cfg.SMTP.Listen, nil)
-	if err != nil {
-		return err
+	for _, proto := range []string{"smtp", "pop3", "imap"} {
+		if why, off := b.cfg.ListenersOff[proto]; off {
+			b.log.Info().Str("proto", proto).Str("reason", why).
+				Str("hint", "add \""+proto+"\" to an account's protocols, or set ["+proto+"] listen, to open it").Msg("listener off")
+		}
 	}
-	b.smtpLn = ln
+	if b.cfg.SMTP.Listen != "" {
+		ln, err := b.listen("smtp", b.cfg.SMTP.Listen, nil)
+		if err != nil {
+			return err
+		}
+		b.smtpLn = ln
+		if tl := b.cfg.SMTP.TLSListen; tl != "" {
+			tln, err := b.listen("smtp", tl, b.smtpTLS)
+			if err != nil {
+				return err
+			}
+			b.smtpTLSLn = tln
+		}
+	}
 	if b.cfg.POP3.Listen != "" {
 		pln, err := b.listen("pop3", b.cfg.POP3.Listen, nil)
 		if err != nil {
@@ -240,13 +255,6 @@ func (b *Bridge) Start() error {
 			})
 		}
 	}
-	if tl := b.cfg.SMTP.TLSListen; tl != "" {
-		tln, err := b.listen("smtp", tl, b.smtpTLS)
-		if err != nil {
-			return err
-		}
-		b.smtpTLSLn = tln
-	}
 	if b.outbox != nil {
 		wctx, stop := context.WithCancel(context.Background())
 		dctx, stopDelivery := context.WithCancel(context.Background())
@@ -266,7 +274,9 @@ func (b *Bridge) Start() error {
 		})
 	}
 	idle := b.cfg.SMTP.IdleTimeout.Duration
-	serveSMTP(b.conns.WrapLogin(b.smtpWatch.Listener(b.smtp.Guard(conntrack.IdleListener(b.smtp.LimitListener(ln, b.smtpSlots), idle))), b.smtpLogin))
+	if b.smtpLn != nil {
+		serveSMTP(b.conns.WrapLogin(b.smtpWatch.Listener(b.smtp.Guard(conntrack.IdleListener(b.smtp.LimitListener(b.smtpLn, b.smtpSlots), idle))), b.smtpLogin))
+	}
 	if b.smtpTLSLn != nil {
 		l := b.smtp.Guard(tls.NewListener(b.conns.WrapLogin(b.smtpWatch.Listener(conntrack.IdleListener(b.smtp.LimitListener(b.smtpTLSLn, b.smtpSlots), idle)), b.smtpLogin), b.smtpTLS))
 		b.serve(func() {
@@ -308,7 +318,12 @@ func (b *Bridge) Start() error {
 	b.checkCredentials(b.Accounts(), 5*time.Second)
 	b.serving.Store(true)
 	b.serve(b.watchCredentials)
-	b.log.Info().Str("proto", "smtp").Str("listen", ln.Addr().String()).Int("accounts", len(b.Accounts())).Msg("listening")
+	// The plain SMTP listener's line comes last, when all is up.
+	if b.smtpLn != nil {
+		b.log.Info().Str("proto", "smtp").Str("listen", b.SMTPAddr()).Int("accounts", len(b.Accounts())).Msg("listening")
+	} else {
+		b.log.Info().Int("accounts", len(b.Accounts())).Msg("ready (no SMTP listener)")
+	}
 	for _, a := range b.Accounts() {
 		if w := a.Config.SecretExpiryWarning(time.Now()); w != "" {
 			b.log.Warn().Str("account", a.Config.Name).Time("client_secret_expires", a.Config.ClientSecretExpires).Msg(w)
@@ -365,7 +380,8 @@ func addr(ln net.Listener) string {
 	return ln.Addr().String()
 }
 
-// SMTPAddr is the address the SMTP listener is bound to.
+// SMTPAddr is the address the SMTP listener is bound to, "" if SMTP is
+// off.
 func (b *Bridge) SMTPAddr() string { return addr(b.smtpLn) }
 
 // SMTPTLSAddr is the address of the implicit-TLS SMTP listener, "" if none.

@@ -41,6 +41,14 @@ type Config struct {
 	Admin    AdminConfig     `toml:"admin"`
 	Network  NetworkConfig   `toml:"network"`
 	Accounts []AccountConfig `toml:"account"`
+
+	// ListenersOff names, for each protocol ("smtp", "pop3", "imap")
+	// whose listener stays closed, the reason; Complete fills it. A
+	// protocol listens when its table sets listen, or when an account
+	// uses it.
+	ListenersOff map[string]string `toml:"-"`
+	listenGiven  map[string]bool   // listen set in the file (Load)
+	listenDrop   map[string]bool   // listen emptied by Complete for want of a user
 }
 
 // LogConfig is the [log] table.
@@ -266,8 +274,17 @@ type AccountConfig struct {
 	LargeMessages        bool  `toml:"-"`
 }
 
-// Uses reports whether the account may use protocol ("smtp" or "pop3").
-func (a *AccountConfig) Uses(protocol string) bool { return slices.Contains(a.Protocols, protocol) }
+// Uses reports whether the account may use protocol ("smtp", "pop3" or
+// "imap"); before Complete, nil Protocols mean the default ones.
+func (a *AccountConfig) Uses(protocol string) bool {
+	if a.Protocols == nil {
+		return slices.Contains(defaultProtocols, protocol)
+	}
+	return slices.Contains(a.Protocols, protocol)
+}
+
+// defaultProtocols are an account's when it lists none.
+var defaultProtocols = []string{"smtp", "pop3"}
 
 // SecretExpiryWarning says when an account's client secret expires within
 // 30 days, or has expired; "" otherwise.
@@ -382,6 +399,10 @@ func Load(path string) (*Config, error) {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	cfg.Path = path
+	cfg.listenGiven = map[string]bool{}
+	for _, proto := range []string{"smtp", "pop3", "imap"} {
+		cfg.listenGiven[proto] = md.IsDefined(proto, "listen")
+	}
 	var errs []error
 	for _, key := range md.Undecoded() {
 		errs = append(errs, fmt.Errorf("%s: %s: unknown key (misspelt, or in the wrong table?)", path, key))
@@ -427,6 +448,7 @@ func (c *Config) Complete(dir string) error {
 			bad("log.max_size_mb", "max_size_mb must be positive, max_backups and max_age_days not negative")
 		}
 	}
+	c.settleListeners()
 	c.SMTP.LocalTLS.validate("smtp", c.SMTP.Listen, dir, bad)
 	if c.SMTP.MaxMessageBytes <= 0 {
 		bad("smtp.max_message_bytes", "must be a positive number of bytes")
@@ -595,7 +617,7 @@ func (c *Config) Complete(dir string) error {
 			bad(key("imap_mailbox"), "%q is not an email address", a.IMAPMailbox)
 		}
 		if a.Protocols == nil {
-			a.Protocols = []string{"smtp", "pop3"}
+			a.Protocols = slices.Clone(defaultProtocols)
 		}
 		for _, p := range a.Protocols {
 			if p != "smtp" && p != "pop3" && p != "imap" {
@@ -613,6 +635,35 @@ func (c *Config) Complete(dir string) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// settleListeners closes the listener of a protocol that no account uses
+// and whose table does not set listen, so that a configuration opens only
+// the ports it needs, and records why each closed one is closed.
+func (c *Config) settleListeners() {
+	c.ListenersOff = map[string]string{}
+	if c.listenDrop == nil {
+		c.listenDrop = map[string]bool{}
+	}
+	for _, l := range []struct {
+		proto, def string
+		listen     *string
+	}{{"smtp", DefaultSMTPListen, &c.SMTP.Listen}, {"pop3", DefaultPOP3Listen, &c.POP3.Listen}, {"imap", DefaultIMAPListen, &c.IMAP.Listen}} {
+		if c.listenDrop[l.proto] && *l.listen == "" {
+			*l.listen = l.def // Complete again: decide again
+		}
+		c.listenDrop[l.proto] = false
+		used := slices.ContainsFunc(c.Accounts, func(a AccountConfig) bool { return a.Uses(l.proto) })
+		switch {
+		case *l.listen == "":
+			c.ListenersOff[l.proto] = fmt.Sprintf("[%s] listen is empty", l.proto)
+		case used || c.listenGiven[l.proto] || *l.listen != l.def:
+		default:
+			*l.listen = ""
+			c.listenDrop[l.proto] = true
+			c.ListenersOff[l.proto] = fmt.Sprintf("no account lists %q in protocols, and [%s] listen is not set", l.proto, l.proto)
+		}
+	}
 }
 
 // IsLoopbackHost reports whether host is "localhost" or a loopback IP.

@@ -239,3 +239,64 @@ func TestStatusPageLogin(t *testing.T) {
 		t.Errorf("a hash alone gives user %q on %q, want admin on %s", cfg.Admin.Username, cfg.Admin.Listen, config.DefaultAdminListen)
 	}
 }
+
+// A protocol listens when its table sets listen or an account uses it;
+// otherwise its port stays closed, with the reason for the log.
+func TestListenersOnlyForProtocolsInUse(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "secret.txt"), []byte("s\n"), 0o600)
+	account := func(protocols string) string {
+		return `[[account]]
+name = "a"
+username = "a"
+password_hash = "$2a$04$3/cm9bi4dXVz6vRXkbJCBO5hxG0M7bnK.dGhx/W0WPQnf3XHTcRtC"
+mailbox = "a@example.com"
+tenant_id = "aaaaaaaa-0000-0000-0000-00000000000a"
+client_id = "c11e0000-0000-0000-0000-00000000000a"
+client_secret_file = "secret.txt"
+` + protocols + "\n"
+	}
+	for _, tc := range []struct {
+		name, file       string
+		smtp, pop3, imap string // the listen addresses after loading
+		offReason        map[string]string
+	}{
+		{"default protocols", account(""), "127.0.0.1:2525", "127.0.0.1:1110", "",
+			map[string]string{"imap": `no account lists "imap" in protocols, and [imap] listen is not set`}},
+		{"imap only", account(`protocols = ["imap"]`), "", "", "127.0.0.1:1143",
+			map[string]string{"smtp": `no account lists "smtp" in protocols`, "pop3": `no account lists "pop3" in protocols`}},
+		{"listen set explicitly, at the default", "[imap]\nlisten = \"127.0.0.1:1143\"\n" + account(""), "127.0.0.1:2525", "127.0.0.1:1110", "127.0.0.1:1143", nil},
+		{"listen set to another port", "[imap]\nlisten = \"127.0.0.1:2143\"\n" + account(""), "127.0.0.1:2525", "127.0.0.1:1110", "127.0.0.1:2143", nil},
+		{"listen emptied", "[pop3]\nlisten = \"\"\n" + account(""), "127.0.0.1:2525", "", "",
+			map[string]string{"pop3": "[pop3] listen is empty", "imap": `no account lists "imap"`}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := filepath.Join(dir, "c.toml")
+			os.WriteFile(p, []byte(tc.file), 0o600)
+			cfg, err := config.Load(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if cfg.SMTP.Listen != tc.smtp || cfg.POP3.Listen != tc.pop3 || cfg.IMAP.Listen != tc.imap {
+				t.Errorf("listen smtp %q pop3 %q imap %q, want %q %q %q", cfg.SMTP.Listen, cfg.POP3.Listen, cfg.IMAP.Listen, tc.smtp, tc.pop3, tc.imap)
+			}
+			if len(cfg.ListenersOff) != len(tc.offReason) {
+				t.Errorf("listeners off: %v, want %v", cfg.ListenersOff, tc.offReason)
+			}
+			for proto, want := range tc.offReason {
+				if !strings.Contains(cfg.ListenersOff[proto], want) {
+					t.Errorf("%s off because %q, want %q", proto, cfg.ListenersOff[proto], want)
+				}
+			}
+			// Completing again (as a reload does) decides again: an
+			// account that starts using IMAP opens it.
+			cfg.Accounts[0].Protocols = []string{"smtp", "pop3", "imap"}
+			if err := cfg.Complete(dir); err != nil {
+				t.Fatal(err)
+			}
+			if tc.name == "default protocols" && cfg.IMAP.Listen != config.DefaultIMAPListen {
+				t.Errorf("after an account took up IMAP: imap listen %q", cfg.IMAP.Listen)
+			}
+		})
+	}
+}
