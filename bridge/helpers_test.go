@@ -259,14 +259,33 @@ func (r *rawSession) expect(code int) string {
 }
 
 // waitFor polls cond until it is true or the deadline passes.
+// patience is how long a test waits for one thing that should come soon:
+// generous, so that a busy machine is slow, not a failure.
+const patience = 60 * time.Second
+
 func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(patience)
 	for !cond() {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting for %s", what)
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// waitProgress waits until done, for work whose length scales with the
+// machine: it fails only when progress has not changed for patience.
+func waitProgress(t testing.TB, what string, progress func() int, done func() bool) {
+	t.Helper()
+	last, since := progress(), time.Now()
+	for !done() {
+		if p := progress(); p != last {
+			last, since = p, time.Now()
+		} else if time.Since(since) > patience {
+			t.Fatalf("waiting for %s: no progress for %v (at %d)", what, patience, p)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
 
@@ -277,4 +296,15 @@ func writeFile(t testing.TB, p, data string) {
 	if err := os.WriteFile(p, []byte(data), 0o600); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// linesWith returns the log lines whose message is message, in order.
+func linesWith(logs, message string) []string {
+	var found []string
+	for _, line := range strings.Split(logs, "\n") {
+		if strings.Contains(line, `"message":"`+message) {
+			found = append(found, line)
+		}
+	}
+	return found
 }

@@ -166,12 +166,11 @@ func TestAdminIdleTimeoutAndCap(t *testing.T) {
 		t.Fatal(err)
 	}
 	io.Copy(io.Discard, resp.Body)
-	start := time.Now()
-	if _, err := br.ReadByte(); err == nil {
-		t.Fatal("data after the response")
-	}
-	if d := time.Since(start); d > 3*time.Second {
-		t.Errorf("the idle keep-alive connection was closed after %v, want about 300 ms", d)
+	// The bridge closes it (EOF) long before the test's own deadline would
+	// end the read (a timeout).
+	c.SetDeadline(time.Now().Add(patience))
+	if _, err := br.ReadByte(); err != io.EOF {
+		t.Fatalf("reading the idle keep-alive connection: %v, want EOF (closed by admin.idle_timeout)", err)
 	}
 	// Over the cap: 503 at once.
 	for range admin.MaxConnections {

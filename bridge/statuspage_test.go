@@ -195,7 +195,9 @@ func TestStatusPageNeedsTheLogin(t *testing.T) {
 		}
 	}
 	// Wrong passwords are refused, each later than the one before (the
-	// mail logins' throttle: 200 ms, then 400 ms).
+	// mail logins' throttle: 200 ms, then 400 ms, as the log lines say).
+	// The elapsed times are checked only for a lower bound, which a busy
+	// machine cannot break: the pause is really waited.
 	c.user, c.password = adminUser, "guess"
 	var took []time.Duration
 	for range 2 {
@@ -215,6 +217,11 @@ func TestStatusPageNeedsTheLogin(t *testing.T) {
 	}
 	if n := strings.Count(logs.String(), "status page login refused"); n != 3 {
 		t.Errorf("%d log lines for 3 refused logins", n)
+	}
+	for i, want := range []string{`"delay_ms":200,`, `"delay_ms":400,`, `"delay_ms":800,`} {
+		if lines := linesWith(logs.String(), "status page login refused"); len(lines) <= i || !strings.Contains(lines[i], want) {
+			t.Errorf("refusal %d is not logged with %s: %q", i+1, want, lines)
+		}
 	}
 	c.user, c.password = adminUser, adminPassword
 	if body := c.page(); !strings.Contains(body, "signed in as "+adminUser) {

@@ -31,6 +31,25 @@ import (
 // password; the two are never told apart to the client.
 var ErrBadCredentials = errors.New("unknown user name or wrong password")
 
+// Refusal is a failed login: it is ErrBadCredentials, answered after Delay
+// (the throttle's pause, which the log line shows).
+type Refusal struct{ Delay time.Duration }
+
+func (r *Refusal) Error() string { return ErrBadCredentials.Error() }
+
+// Is makes a Refusal ErrBadCredentials for errors.Is.
+func (r *Refusal) Is(target error) bool { return target == ErrBadCredentials }
+
+// RefusalDelay returns how long the login refused with err was held
+// before its answer, 0 if err is no Refusal.
+func RefusalDelay(err error) time.Duration {
+	var r *Refusal
+	if errors.As(err, &r) {
+		return r.Delay
+	}
+	return 0
+}
+
 // Account is a configured local user with its sending policy and upstream
 // clients.
 type Account struct {
@@ -136,7 +155,7 @@ func (r *Registry) ByName(name string) *Account {
 
 // Authenticate checks a local user name and password of an account that
 // may use protocol, and returns the account. Failures are slowed down per
-// remote address; they are ErrBadCredentials.
+// remote address; they are a *Refusal, which is ErrBadCredentials.
 func (r *Registry) Authenticate(ctx context.Context, protocol, remoteIP, username, password string) (*Account, error) {
 	user := strings.ToLower(username)
 	a := r.current.Load().byUser[user]
@@ -161,7 +180,7 @@ func (r *Registry) Authenticate(ctx context.Context, protocol, remoteIP, usernam
 			Msg("many failed logins for one account within a minute")
 	}
 	sleep(ctx, delay)
-	return nil, ErrBadCredentials
+	return nil, &Refusal{Delay: delay}
 }
 
 // sleep waits d or until ctx ends.

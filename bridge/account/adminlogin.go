@@ -23,7 +23,7 @@ func (r *Registry) AdminLogin(username, hash string) *AdminLogin {
 }
 
 // Authenticate checks a user name and password from remoteIP; a failure
-// waits as a failed mail login does and is ErrBadCredentials.
+// waits as a failed mail login does and is a *Refusal.
 func (l *AdminLogin) Authenticate(ctx context.Context, remoteIP, username, password string) error {
 	user := strings.ToLower(username)
 	key := "admin:" + l.username
@@ -39,5 +39,5 @@ func (l *AdminLogin) Authenticate(ctx context.Context, remoteIP, username, passw
 			Msg("many failed status page logins within a minute")
 	}
 	sleep(ctx, delay)
-	return ErrBadCredentials
+	return &Refusal{Delay: delay}
 }

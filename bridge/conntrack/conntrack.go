@@ -57,9 +57,10 @@ const MaxLoginFailures = 3
 // LoginFailed counts and logs a failed login of username on the
 // connection; it reports whether that was the last one allowed, and the
 // connection must be closed (logged too).
-func (s *State) LoginFailed(log zerolog.Logger, username string) (closeNow bool) {
+func (s *State) LoginFailed(log zerolog.Logger, username string, delay time.Duration) (closeNow bool) {
 	n := s.fails.Add(1)
-	log.Warn().Str("username", Clip(username)).Int32("failures", n).Msg("authentication failed: unknown user name or wrong password")
+	log.Warn().Str("username", Clip(username)).Int32("failures", n).Int64("delay_ms", delay.Milliseconds()).
+		Msg("authentication failed: unknown user name or wrong password")
 	if n < MaxLoginFailures {
 		return false
 	}

@@ -397,7 +397,7 @@ func (s *session) authenticate(tag string, args []string) *upstream.IMAPConn {
 	for {
 		challenge, done, err := server.Next(response)
 		if err != nil {
-			return s.loginFailed(tag, "")
+			return s.loginFailed(tag, "", 0)
 		}
 		if done {
 			break
@@ -426,8 +426,8 @@ func (s *session) authenticate(tag string, args []string) *upstream.IMAPConn {
 	return s.login(tag, user, pass)
 }
 
-func (s *session) loginFailed(tag, username string) *upstream.IMAPConn {
-	if s.state.LoginFailed(s.log, username) {
+func (s *session) loginFailed(tag, username string, delay time.Duration) *upstream.IMAPConn {
+	if s.state.LoginFailed(s.log, username, delay) {
 		s.write("* BYE Too many failed logins", tag+" NO [AUTHENTICATIONFAILED] Authentication failed")
 		s.ended = "too many failed logins"
 		return nil
@@ -442,7 +442,7 @@ func (s *session) login(tag, username, password string) *upstream.IMAPConn {
 	ip, _, _ := net.SplitHostPort(s.remote)
 	a, err := s.srv.opts.Accounts.Authenticate(s.ctx, "imap", ip, username, password)
 	if err != nil {
-		return s.loginFailed(tag, username)
+		return s.loginFailed(tag, username, account.RefusalDelay(err))
 	}
 	s.account = a
 	s.state.MarkAuthenticated()

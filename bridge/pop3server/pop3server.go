@@ -361,7 +361,7 @@ func (s *session) login(username, password string) {
 	ip, _, _ := net.SplitHostPort(s.remote)
 	a, err := s.srv.opts.Accounts.Authenticate(s.ctx, "pop3", ip, username, password)
 	if err != nil {
-		if s.state.LoginFailed(s.log, username) {
+		if s.state.LoginFailed(s.log, username, account.RefusalDelay(err)) {
 			s.reply("-ERR [AUTH] Too many failed logins, closing connection")
 			s.ended = "too many failed logins"
 			return

@@ -182,7 +182,7 @@ func (s *session) login(username, password string) error {
 	ip, _, _ := net.SplitHostPort(s.remote)
 	a, err := s.srv.opts.Accounts.Authenticate(s.ctx, "smtp", ip, username, password)
 	if err != nil {
-		if s.state.LoginFailed(s.log, username) {
+		if s.state.LoginFailed(s.log, username, account.RefusalDelay(err)) {
 			s.state.CloseAfterNextWrite()
 			return replyTooManyFailures
 		}

@@ -27,6 +27,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"mailbridge/bridge/account"
 	"mailbridge/bridge/admin"
 	"mailbridge/bridge/conntrack"
 )
@@ -284,7 +285,7 @@ func (p *Page) authenticate(w http.ResponseWriter, r *http.Request) (string, boo
 		if err == nil {
 			return user, true
 		}
-		p.opts.Log.Warn().Str("proto", "admin").Str("remote", r.RemoteAddr).Str("username", conntrack.Clip(user)).
+		p.opts.Log.Warn().Str("proto", "admin").Str("remote", r.RemoteAddr).Str("username", conntrack.Clip(user)).Int64("delay_ms", account.RefusalDelay(err).Milliseconds()).
 			Str("hint", "the status page's login is [admin] username and the password whose hash is [admin] password_hash; `mailbridge hash-password` makes a new hash").
 			Msg("status page login refused: wrong user name or password")
 	}
