@@ -224,3 +224,46 @@ func TestImplicitTLSDataIsByteExact(t *testing.T) {
 		t.Errorf("Graph got %q", got)
 	}
 }
+
+// The guard passes untouched only the BDAT chunks go-smtp reads. A chunk
+// of a real message arrives byte for byte, command-like lines and all; a
+// size go-smtp refuses (501, nothing read), or a BDAT line sent as an AUTH
+// response, leaves the guard bounding command lines, so what follows is
+// still refused as too long instead of reaching go-smtp's 4 MB reader.
+func TestBDATGuardAgreesWithGoSMTP(t *testing.T) {
+	fake := startFake(t)
+	b, _ := startBridge(t, fake, testConfig(fake))
+	long := "NOOP " + strings.Repeat("x", 5000)
+
+	r := dialRaw(t, b.SMTPAddr())
+	r.cmd(235, "AUTH PLAIN AHRtbWFzdGVyAGNvcnJlY3QgaG9yc2U=")
+	r.cmd(250, "MAIL FROM:<orders@example.com>")
+	r.cmd(250, "RCPT TO:<x@example.org>")
+	body := "From: orders@example.com\r\nTo: x@example.org\r\nSubject: chunks\r\n\r\n.\r\nBDAT 99\r\n" + long + "\r\n.\r\r\nend\r\n"
+	half := len(body) / 2
+	fmt.Fprintf(r.conn, "BDAT %d\r\n%s", half, body[:half])
+	r.expect(250)
+	fmt.Fprintf(r.conn, "BDAT %d LAST\r\n%s", len(body)-half, body[half:])
+	r.expect(250)
+	if sent := fake.Sent(); len(sent) != 1 || string(sent[0].MIME) != body {
+		t.Fatalf("the chunked message did not reach Graph byte for byte: %d sent", len(sent))
+	}
+	for _, bad := range []string{"BDAT 99999999999", "BDAT 4294967296 LAST", "BDAT 10 FIRST", "BDAT -5", "BDAT 1 LAST x", "BDAT\t10"} {
+		r := dialRaw(t, b.SMTPAddr())
+		r.cmd(501, "%s", bad)
+		// The guard's refusal, not go-smtp's 4 MB line reader's.
+		if msg := r.cmd(500, "%s", long); !strings.Contains(msg, "Line too long") {
+			t.Errorf("a long line after %q: %q, want the guard's refusal", bad, msg)
+		}
+	}
+
+	// A BDAT line as the answer to AUTH's 334 is no command to go-smtp.
+	r2 := dialRaw(t, b.SMTPAddr())
+	r2.cmd(334, "AUTH PLAIN")
+	if msg := r2.cmd(501, "BDAT 10 LAST"); !strings.Contains(msg, "base64") {
+		t.Errorf("BDAT as an AUTH response: %q", msg)
+	}
+	if msg := r2.cmd(500, "%s", long); !strings.Contains(msg, "Line too long") {
+		t.Errorf("a long line after it: %q, want the guard's refusal", msg)
+	}
+}

@@ -38,8 +38,13 @@ const (
 //
 // It follows the conversation by the server's replies: "354" starts a
 // message (which ends at CRLF "." CRLF), "220" to STARTTLS hands the
-// connection to TLS, which it then passes through untouched, as it does
-// BDAT chunks.
+// connection to TLS, which it then passes through untouched, and "334"
+// makes the next line an AUTH response, not a command. It passes BDAT
+// chunks untouched, and only those go-smtp reads: a BDAT line that
+// go-smtp's parser takes (one size below 2^32, then LAST or nothing)
+// where go-smtp reads a command. To know which lines are commands, it
+// gives go-smtp one command line at a time and holds what follows until
+// go-smtp has acted on it (and written its reply).
 type guardConn struct {
 	net.Conn
 	log func(what string)
@@ -51,6 +56,8 @@ type guardConn struct {
 	long     int    // over-long lines so far
 	startTLS bool   // the last command was STARTTLS
 	bdat     int64  // chunk bytes still to pass (BDAT)
+	auth     bool   // the server asked for an AUTH response (334)
+	pending  []byte // client bytes read, not yet filtered (within buf)
 	dot      int    // data mode: 0 in a line, 1 at a line start, 2 after ".", 3 after ".\r"; -1 after CR
 	out      []byte // transformed bytes not yet returned
 	buf      []byte
@@ -94,6 +101,8 @@ func (g *guardConn) Write(p []byte) (int, error) {
 		g.mode, g.dot = modeData, 1
 	case g.mode == modeCommand && g.startTLS && replyStarts(p, "220"):
 		g.mode = modePass
+	case g.mode == modeCommand && replyStarts(p, "334"):
+		g.auth = true
 	}
 	g.mu.Unlock()
 	return g.Conn.Write(p)
@@ -105,9 +114,14 @@ func (g *guardConn) Read(p []byte) (int, error) {
 		if g.closing {
 			return 0, io.EOF
 		}
+		if len(g.pending) > 0 {
+			g.filter()
+			continue
+		}
 		n, err := g.Conn.Read(g.buf[:min(len(g.buf), max(len(p), 512))])
 		if n > 0 {
-			g.filter(g.buf[:n])
+			g.pending = g.buf[:n]
+			g.filter()
 		}
 		if err != nil {
 			if len(g.out) > 0 {
@@ -124,15 +138,19 @@ func (g *guardConn) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-// filter appends the bytes of in that go-smtp may read to g.out.
-func (g *guardConn) filter(in []byte) {
+// filter moves the pending bytes that go-smtp may read to g.out; it stops
+// after a command line, so that go-smtp acts on it before the guard reads
+// what follows.
+func (g *guardConn) filter() {
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	in := g.pending
+	defer func() { g.pending = in }()
 	for len(in) > 0 {
 		switch {
 		case g.mode == modePass:
 			g.out = append(g.out, in...)
-			return
+			in = nil
 		case g.bdat > 0:
 			n := int(min(int64(len(in)), g.bdat))
 			g.out = append(g.out, in[:n]...)
@@ -141,24 +159,28 @@ func (g *guardConn) filter(in []byte) {
 		case g.mode == modeData:
 			in = g.filterData(in)
 		default:
-			in = g.filterCommand(in)
+			var line bool
+			if in, line = g.filterCommand(in); line {
+				return
+			}
 		}
 	}
 }
 
-// filterCommand takes command bytes up to the end of a line.
-func (g *guardConn) filterCommand(in []byte) []byte {
+// filterCommand takes command bytes up to the end of a line; line says
+// whether a whole line went to go-smtp.
+func (g *guardConn) filterCommand(in []byte) (rest []byte, line bool) {
 	i := bytes.IndexByte(in, '\n')
 	chunk := in
 	if i >= 0 {
 		chunk = in[:i+1]
 	}
-	rest := in[len(chunk):]
+	rest = in[len(chunk):]
 	if g.dropping {
 		if i >= 0 {
 			g.dropping = false
 		}
-		return rest
+		return rest, false
 	}
 	if len(g.line)+len(chunk) > MaxCommandLine+2 {
 		g.line = g.line[:0]
@@ -168,28 +190,47 @@ func (g *guardConn) filterCommand(in []byte) []byte {
 			g.Conn.Write([]byte("421 4.7.0 Too many long lines, closing connection\r\n"))
 			g.log("connection closed: too many command lines over 4096 bytes")
 			g.closing = true
-			return nil
+			return nil, false
 		}
 		g.Conn.Write([]byte("500 5.5.2 Line too long\r\n"))
 		g.log("command refused: line over 4096 bytes")
-		return rest
+		return rest, false
 	}
 	g.line = append(g.line, chunk...)
 	if i < 0 {
-		return rest
+		return rest, false
 	}
 	cmd := strings.TrimRight(string(g.line), "\r\n")
 	g.line = g.line[:0]
 	g.out = append(g.out, cmd...)
 	g.out = append(g.out, '\r', '\n')
-	verb, arg, _ := strings.Cut(cmd, " ")
-	g.startTLS = strings.EqualFold(verb, "STARTTLS")
-	if strings.EqualFold(verb, "BDAT") {
-		if n, err := strconv.ParseInt(strings.Fields(arg + " x")[0], 10, 64); err == nil && n > 0 {
-			g.bdat = n
-		}
+	if g.auth { // an AUTH response, whatever it looks like
+		g.auth, g.startTLS = false, false
+		return rest, true
 	}
-	return rest
+	g.startTLS = strings.HasPrefix(strings.ToUpper(cmd), "STARTTLS")
+	g.bdat = bdatChunk(cmd)
+	return rest, true
+}
+
+// bdatChunk returns the size of the chunk go-smtp reads after the command
+// line cmd, 0 if it reads none: go-smtp's parseCmd and handleBdat, rule
+// for rule (a four-letter verb, a space, then a size that ParseUint takes
+// in 32 bits and an optional LAST; a malformed one gets 501 and no chunk
+// is read).
+func bdatChunk(cmd string) int64 {
+	if len(cmd) < 6 || cmd[4] != ' ' || !strings.EqualFold(cmd[:4], "BDAT") {
+		return 0
+	}
+	args := strings.Fields(cmd[5:])
+	if len(args) == 0 || len(args) > 2 || (len(args) == 2 && !strings.EqualFold(args[1], "LAST")) {
+		return 0
+	}
+	n, err := strconv.ParseUint(args[0], 10, 32)
+	if err != nil {
+		return 0
+	}
+	return int64(n)
 }
 
 // filterData passes message bytes, doubling the CR of a line that starts
