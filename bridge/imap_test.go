@@ -379,3 +379,31 @@ func TestIMAPSlowReaderMemoryFlat(t *testing.T) {
 		t.Errorf("the heap peaked %d MB higher through the bridge than straight from the fake, want under 16 MB", grown>>20)
 	}
 }
+
+// Before login one command cannot chain literals without bound: past a
+// few kilobytes in all, the bridge answers BYE and closes, however small
+// each literal is.
+func TestIMAPCommandBoundedBeforeLogin(t *testing.T) {
+	fake := startFake(t)
+	b, _ := startBridge(t, fake, testConfig(fake))
+	c := dialIMAP(t, b.IMAPAddr())
+	go func() { // 80 KB in literals of 8000 bytes each, within one command
+		fmt.Fprint(c.conn, "a LOGIN")
+		for range 10 {
+			fmt.Fprintf(c.conn, " {8000+}\r\n%s", strings.Repeat("x", 8000))
+		}
+		fmt.Fprint(c.conn, "\r\n")
+	}()
+	if l := c.line(); l != "* BYE Command line too long" {
+		t.Fatalf("after chained literals: %q, want BYE", l)
+	}
+	if l, err := c.r.ReadString('\n'); err == nil {
+		t.Errorf("the connection stayed open: %q", l)
+	}
+	// A LOGIN with both arguments as literals of a normal size still works.
+	c2 := dialIMAP(t, b.IMAPAddr())
+	fmt.Fprintf(c2.conn, "b LOGIN {%d+}\r\n%s {%d+}\r\n%s\r\n", len(userA), userA, len(passwordA), passwordA)
+	if _, l := c2.until("b"); !strings.Contains(l, "b OK") {
+		t.Errorf("LOGIN with literals: %q", l)
+	}
+}

@@ -34,8 +34,12 @@ import (
 
 // Limits of the pre-login parser.
 const (
-	maxLine     = 8 << 10 // a command line before login
-	maxLiteral  = 8 << 10 // a literal before login (a user name or password)
+	maxLine    = 8 << 10 // a command line before login
+	maxLiteral = 8 << 10 // a literal before login (a user name or password)
+	// maxCommand bounds a whole command before login, its lines and
+	// literals together: however many literals a command chains, a
+	// client that has not logged in holds at most this much.
+	maxCommand  = 12 << 10
 	relayBuffer = 64 << 10
 )
 
@@ -222,7 +226,7 @@ func (s *session) readCommand() (tag, cmd string, args []string, err error) {
 		tag, rest, _ := strings.Cut(line, " ")
 		name, rest, _ := strings.Cut(rest, " ")
 		cmd = strings.ToUpper(name)
-		args, err = s.parseArgs(rest)
+		args, err = s.parseArgs(rest, maxCommand-len(line))
 		if errors.Is(err, errBadSyntax) {
 			s.log.Debug().Str("command", cmd).Msg("command")
 			s.write(tag + " BAD Invalid arguments")
@@ -241,8 +245,9 @@ func (s *session) readCommand() (tag, cmd string, args []string, err error) {
 }
 
 // parseArgs splits the rest of a command line into strings, reading the
-// literals it announces (after "+ Ready" for a synchronising one).
-func (s *session) parseArgs(rest string) ([]string, error) {
+// literals it announces (after "+ Ready" for a synchronising one); budget
+// is how many more bytes the command may take (errLineTooLong past it).
+func (s *session) parseArgs(rest string, budget int) ([]string, error) {
 	var args []string
 	for {
 		rest = strings.TrimLeft(rest, " ")
@@ -272,9 +277,10 @@ func (s *session) parseArgs(rest string) ([]string, error) {
 			if _, err := fmt.Sscanf(spec, "%d", &n); err != nil || n < 0 || fmt.Sprint(n) != spec {
 				return nil, errBadSyntax
 			}
-			if n > maxLiteral {
+			if n > maxLiteral || n > budget {
 				return nil, errLineTooLong
 			}
+			budget -= n
 			if sync && s.write("+ Ready for literal data") != nil {
 				return nil, io.ErrClosedPipe
 			}
@@ -287,6 +293,9 @@ func (s *session) parseArgs(rest string) ([]string, error) {
 			line, err := s.readLine() // the command goes on after the literal
 			if err != nil {
 				return nil, err
+			}
+			if budget -= len(line); budget < 0 {
+				return nil, errLineTooLong
 			}
 			rest = line
 		default:
