@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"mailbridge/bridge"
+	"mailbridge/bridge/config"
 	"mailbridge/upstream/m365fake"
 )
 
@@ -405,5 +406,43 @@ func TestIMAPCommandBoundedBeforeLogin(t *testing.T) {
 	fmt.Fprintf(c2.conn, "b LOGIN {%d+}\r\n%s {%d+}\r\n%s\r\n", len(userA), userA, len(passwordA), passwordA)
 	if _, l := c2.until("b"); !strings.Contains(l, "b OK") {
 		t.Errorf("LOGIN with literals: %q", l)
+	}
+}
+
+// A FETCH that takes longer than idle_timeout, because the client reads
+// slowly (a satellite link), completes: bytes moving to the client are
+// activity, though the client sends nothing meanwhile.
+func TestIMAPFetchLongerThanIdleTimeoutCompletes(t *testing.T) {
+	fake := startFake(t)
+	cfg := testConfig(fake)
+	cfg.IMAP.IdleTimeout = config.Duration{Duration: 2 * time.Second}
+	b, logs := startBridge(t, fake, cfg)
+	msg := bigMessage(12 << 20)
+	fake.AddMessage(mailboxA, msg)
+	c := dialIMAP(t, b.IMAPAddr())
+	c.conn.(*net.TCPConn).SetReadBuffer(128 << 10) // the bridge's writes wait on the reader (above one loopback MSS, or the window never reopens)
+	c.login(userA, passwordA)
+	c.cmd("EXAMINE INBOX")
+	fmt.Fprintf(c.conn, "F1 FETCH 1 BODY.PEEK[]\r\n")
+	head := c.line()
+	var size int
+	if _, err := fmt.Sscanf(head[strings.LastIndexByte(head, '{'):], "{%d}", &size); err != nil || size != len(msg) {
+		t.Fatalf("FETCH answered %q, want a literal of %d bytes", head, len(msg))
+	}
+	got := make([]byte, 0, size)
+	buf := make([]byte, 32<<10)
+	for len(got) < size { // at most 32 KB each 20 ms: 8 s in all, four times idle_timeout
+		n, err := c.r.Read(buf[:min(len(buf), size-len(got))])
+		if err != nil {
+			t.Fatalf("after %d of %d bytes: %v\n%s", len(got), size, err, linesWith(logs.String(), "session ended"))
+		}
+		got = append(got, buf[:n]...)
+		time.Sleep(20 * time.Millisecond)
+	}
+	if !bytes.Equal(got, msg) {
+		t.Fatal("the message arrived changed")
+	}
+	if _, l := c.until("F1"); !strings.HasPrefix(l, "F1 OK") {
+		t.Fatalf("FETCH ended %q", l)
 	}
 }

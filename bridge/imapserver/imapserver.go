@@ -159,7 +159,7 @@ func (s *session) finish() {
 	s.cancel()
 	ev := s.log.Info()
 	if s.account != nil {
-		ev = ev.Str("account", s.account.Config.Name).Str("mailbox", s.account.Config.IMAPMailbox).Str("upstream", s.account.Config.IMAPUpstream)
+		ev = ev.Str("mailbox", s.account.Config.IMAPMailbox).Str("upstream", s.account.Config.IMAPUpstream)
 	}
 	ev.Int64("bytes_in", s.in).Int64("bytes_out", s.out).Int64("duration_ms", time.Since(s.started).Milliseconds()).
 		Str("ended", s.ended).Msg("session ended")

@@ -36,6 +36,15 @@ func (s *session) relay(up *upstream.IMAPConn) {
 			s.conn.Close()
 		})
 	}
+	// Bytes on their way to the client are activity: a download that
+	// lasts longer than idle_timeout (a large message on a slow link) goes
+	// on while the client, reading, sends nothing. The client's read
+	// deadline then only makes it look whether Outlook → client wrote
+	// lately or is writing now (a write to a client that reads nothing
+	// ends at its own deadline).
+	idle := s.srv.opts.Config.IdleTimeout.Duration
+	var writing atomic.Bool
+	var sentAt atomic.Int64 // when bytes last went to the client, at most renewEvery old
 	arm := func() {
 		if t.outstanding() && !t.idling.Load() {
 			up.Conn.SetReadDeadline(time.Now().Add(timeout))
@@ -48,7 +57,7 @@ func (s *session) relay(up *upstream.IMAPConn) {
 		defer wg.Done()
 		buf := make([]byte, relayBuffer)
 		for {
-			s.conn.SetReadDeadline(time.Now().Add(s.srv.opts.Config.IdleTimeout.Duration))
+			s.conn.SetReadDeadline(time.Now().Add(idle))
 			n, err := s.r.Read(buf)
 			if n > 0 {
 				t.client(buf[:n])
@@ -64,6 +73,8 @@ func (s *session) relay(up *upstream.IMAPConn) {
 			if err != nil {
 				var ne net.Error
 				switch {
+				case errors.As(err, &ne) && ne.Timeout() && (writing.Load() || time.Since(time.Unix(0, sentAt.Load())) < idle):
+					continue // downloading
 				case errors.As(err, &ne) && ne.Timeout():
 					closeBoth("client idle timeout")
 				case s.ctx.Err() != nil:
@@ -79,6 +90,7 @@ func (s *session) relay(up *upstream.IMAPConn) {
 		defer wg.Done()
 		buf := make([]byte, relayBuffer)
 		var renewed time.Time
+		renewEvery := min(time.Second, idle/4)
 		for {
 			n, err := up.Reader.Read(buf)
 			if n > 0 {
@@ -86,12 +98,16 @@ func (s *session) relay(up *upstream.IMAPConn) {
 				t.upstream(buf[:n])
 				// Deadlines are renewed at most every second: a large
 				// literal comes in many reads.
-				if now := time.Now(); now.Sub(renewed) > time.Second || wasPending != t.outstanding() {
+				if now := time.Now(); now.Sub(renewed) > renewEvery || wasPending != t.outstanding() {
 					renewed = now
 					arm()
 					s.conn.SetWriteDeadline(now.Add(time.Minute))
+					sentAt.Store(now.UnixNano())
 				}
-				if _, werr := s.conn.Write(buf[:n]); werr != nil {
+				writing.Store(true)
+				_, werr := s.conn.Write(buf[:n])
+				writing.Store(false)
+				if werr != nil {
 					closeBoth("client gone")
 					return
 				}
