@@ -63,15 +63,24 @@ func (p *Proxy) String() string {
 }
 
 // Redact removes the password from a URL in a string, for error texts.
+// A string that is no URL (no scheme, a bad % escape) keeps nothing of
+// what could be a user and password: everything before the last "@" of
+// its authority goes.
 func Redact(raw string) string {
-	u, err := url.Parse(raw)
-	if err != nil || u.User == nil {
-		return raw
+	if u, err := url.Parse(raw); err == nil && u.Host != "" {
+		if _, has := u.User.Password(); has {
+			u.User = url.UserPassword(u.User.Username(), "xxxxx")
+		}
+		return u.String()
 	}
-	if _, has := u.User.Password(); has {
-		u.User = url.UserPassword(u.User.Username(), "xxxxx")
+	prefix, rest := "", raw
+	if i := strings.Index(raw, "://"); i >= 0 {
+		prefix, rest = raw[:i+3], raw[i+3:]
 	}
-	return u.String()
+	if at := strings.LastIndexByte(rest, '@'); at >= 0 {
+		return prefix + "xxxxx@" + rest[at+1:]
+	}
+	return raw
 }
 
 // bypass reports whether host is reached without the proxy.

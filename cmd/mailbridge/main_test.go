@@ -857,3 +857,20 @@ func TestCheckExplainsAnUntrustedCertificate(t *testing.T) {
 		t.Errorf("check without the CA: %d\n%s", code, out)
 	}
 }
+
+// A proxy setting that is no URL (no scheme, a bad % escape) is refused
+// without its password in the message, by check and by serve.
+func TestProxyPasswordNeverInErrors(t *testing.T) {
+	for _, proxy := range []string{"user:s3cret-pw@proxy.example:8080", "http://user:s3cret-pw%zz@proxy.example:8080", "ftp://user:s3cret-pw@proxy.example"} {
+		_, path, env := fakeAndConfig(t, "127.0.0.1:0", fmt.Sprintf("[network]\nproxy = %q\n", proxy))
+		for _, args := range [][]string{{"check", "-config", path}, {"serve", "-config", path}} {
+			code, out, stderr := runBinary(t, env, "", args...)
+			if code == 0 || !strings.Contains(stderr+out, "network.proxy") {
+				t.Errorf("%s with proxy %q: exit %d, no network.proxy problem:\n%s%s", args[0], proxy, code, out, stderr)
+			}
+			if strings.Contains(stderr+out, "s3cret") {
+				t.Errorf("%s with proxy %q prints the password:\n%s%s", args[0], proxy, out, stderr)
+			}
+		}
+	}
+}
