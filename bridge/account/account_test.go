@@ -3,6 +3,7 @@ package account
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -101,5 +102,39 @@ func TestPasswordCheckerRemembersOnlyTheRightPassword(t *testing.T) {
 		if got := p.check(tc.pw); got != tc.want {
 			t.Errorf("check %d (%q) = %v, want %v", i, tc.pw, got, tc.want)
 		}
+	}
+}
+
+// An hour of failures from 40,000 addresses with long user names leaves
+// the throttle's memory bounded: clipped keys, swept windows, at most
+// maxPairs pairs.
+func TestAuthThrottleMemoryIsBounded(t *testing.T) {
+	now := time.Unix(1000, 0)
+	th := newThrottle(time.Millisecond, 30*time.Millisecond)
+	th.now = func() time.Time { return now }
+	long := strings.Repeat("u", 20000)
+	for i := range 40000 {
+		now = now.Add(90 * time.Millisecond) // an hour in all
+		th.failed(fmt.Sprintf("10.%d.%d.%d", i>>16, i>>8&255, i&255), fmt.Sprintf("%s%d", long, i))
+	}
+	if n := len(th.pairs); n > maxPairs {
+		t.Errorf("%d pairs remembered, want at most %d", n, maxPairs)
+	}
+	if n := len(th.byIP) + len(th.byAcct); n > 2*maxPairs {
+		t.Errorf("%d address and account sums, want at most %d", n, 2*maxPairs)
+	}
+	// A minute's failures at most: 60 s / 90 ms.
+	if n := len(th.windows); n > 700 {
+		t.Errorf("%d minute windows kept", n)
+	}
+	for k := range th.pairs {
+		if len(k.account) > maxKeyBytes {
+			t.Fatalf("a %d-byte user name kept as a key", len(k.account))
+		}
+	}
+	// Clipped names still share their counts: a name past maxKeyBytes is
+	// throttled as its first maxKeyBytes.
+	if d, _ := th.failed("192.0.2.1", long+"x"); d <= time.Millisecond {
+		t.Errorf("a long user name's failures are not counted together: %v", d)
 	}
 }

@@ -71,6 +71,11 @@ func newProcessKey() *[32]byte {
 // loopback addresses, say) go fast. A success clears only its own pair.
 // A pair that stays quiet for forgetAfter is forgotten. An account that
 // fails more than capPerMinute times in a minute is reported.
+//
+// Its memory is bounded whatever clients send: user names are clipped to
+// maxKeyBytes before they become keys, quiet entries are swept out at most
+// once a minute (not by a walk on every failure), and past maxPairs the
+// oldest pairs go first.
 type throttle struct {
 	base, max    time.Duration
 	forgetAfter  time.Duration
@@ -78,6 +83,7 @@ type throttle struct {
 	now          func() time.Time
 
 	mu      sync.Mutex
+	swept   time.Time // the last sweep
 	pairs   map[pairKey]*failRecord
 	byIP    map[string]int
 	byAcct  map[string]int
@@ -98,6 +104,12 @@ type minuteWindow struct {
 	reported bool
 }
 
+// Bounds of the throttle's memory.
+const (
+	maxKeyBytes = 64    // of a user name used as a key
+	maxPairs    = 20000 // (address, account) pairs remembered
+)
+
 func newThrottle(base, max time.Duration) *throttle {
 	return &throttle{base: base, max: max, forgetAfter: 15 * time.Minute, capPerMinute: 10, now: time.Now,
 		pairs: map[pairKey]*failRecord{}, byIP: map[string]int{}, byAcct: map[string]int{}, windows: map[string]*minuteWindow{}}
@@ -108,15 +120,12 @@ func newThrottle(base, max time.Duration) *throttle {
 // per minute when the account is over its cap, the addresses it failed
 // from.
 func (t *throttle) failed(ip, account string) (time.Duration, []string) {
+	account = clipKey(account)
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	now := t.now()
-	if len(t.pairs) > 10000 {
-		for k, r := range t.pairs {
-			if now.Sub(r.last) > t.forgetAfter {
-				t.forget(k, r)
-			}
-		}
+	if now.Sub(t.swept) >= time.Minute || len(t.pairs) >= maxPairs {
+		t.sweep(now)
 	}
 	k := pairKey{ip, account}
 	r := t.pairs[k]
@@ -154,6 +163,46 @@ func (t *throttle) failed(ip, account string) (time.Duration, []string) {
 	return min(d, t.max), report
 }
 
+// sweep forgets the pairs quiet for forgetAfter and the minute windows
+// that have ended, then, past maxPairs, the oldest pairs down to three
+// quarters of it; t.mu is held.
+func (t *throttle) sweep(now time.Time) {
+	t.swept = now
+	for k, r := range t.pairs {
+		if now.Sub(r.last) > t.forgetAfter {
+			t.forget(k, r)
+		}
+	}
+	for a, w := range t.windows {
+		if now.Sub(w.start) >= time.Minute {
+			delete(t.windows, a)
+		}
+	}
+	if len(t.pairs) < maxPairs {
+		return
+	}
+	type aged struct {
+		k    pairKey
+		last time.Time
+	}
+	all := make([]aged, 0, len(t.pairs))
+	for k, r := range t.pairs {
+		all = append(all, aged{k, r.last})
+	}
+	slices.SortFunc(all, func(a, b aged) int { return a.last.Compare(b.last) })
+	for _, a := range all[:len(all)-maxPairs*3/4] {
+		t.forget(a.k, t.pairs[a.k])
+	}
+}
+
+// clipKey clips a user name to maxKeyBytes for use as a key.
+func clipKey(account string) string {
+	if len(account) > maxKeyBytes {
+		return account[:maxKeyBytes]
+	}
+	return account
+}
+
 // forget drops a pair's failures from the sums; t.mu is held.
 func (t *throttle) forget(k pairKey, r *failRecord) {
 	delete(t.pairs, k)
@@ -167,6 +216,7 @@ func (t *throttle) forget(k pairKey, r *failRecord) {
 
 // succeeded forgets the failures of the pair (ip, account), and no other.
 func (t *throttle) succeeded(ip, account string) {
+	account = clipKey(account)
 	t.mu.Lock()
 	if r := t.pairs[pairKey{ip, account}]; r != nil {
 		t.forget(pairKey{ip, account}, r)
