@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"encoding/json"
 	"io"
 	"net"
 	"net/textproto"
@@ -163,8 +164,40 @@ func startBridgeWith(t testing.TB, fake *m365fake.Server, cfg *config.Config, tw
 		ctx, cancel := context.WithTimeout(context.Background(), testShutdownPeriod)
 		defer cancel()
 		b.Shutdown(ctx)
+		// Every line the bridge wrote is JSON that a strict parser takes.
+		for _, line := range strings.Split(strings.TrimSpace(logs.String()), "\n") {
+			if key := duplicateKey(line); key != "" {
+				t.Errorf("the log line repeats the key %q: %s", key, line)
+			}
+		}
 	})
 	return b, logs
+}
+
+// duplicateKey returns a key that the JSON object line has twice at its
+// top level, "" if none (or if line is no JSON object).
+func duplicateKey(line string) string {
+	dec := json.NewDecoder(strings.NewReader(line))
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		return ""
+	}
+	seen := map[string]bool{}
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return ""
+		}
+		key, _ := tok.(string)
+		if seen[key] {
+			return key
+		}
+		seen[key] = true
+		var skip json.RawMessage
+		if err := dec.Decode(&skip); err != nil {
+			return ""
+		}
+	}
+	return ""
 }
 
 // dialAuth connects a go-smtp client and logs in with PLAIN.

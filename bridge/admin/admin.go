@@ -125,8 +125,8 @@ func Serve(ln net.Listener, m *Metrics, health Health, page http.Handler, idle t
 	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second,
 		WriteTimeout: 30 * time.Second, IdleTimeout: idle, ErrorLog: stdlog.New(io.Discard, "", 0)}
-	lim := &conntrack.LimitListener{Listener: ln, Slots: make(chan struct{}, MaxConnections), Proto: "admin", Key: "the admin connection cap",
-		Refusal: "HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", Log: log}
+	lim := &conntrack.LimitListener{Listener: ln, Slots: make(chan struct{}, MaxConnections), Key: "the admin connection cap",
+		Refusal: "HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", Log: log.With().Str("proto", "admin").Logger()}
 	return srv.Serve(lim)
 }
 

@@ -269,9 +269,10 @@ type LimitListener struct {
 	Slots chan struct{}
 	// Refusal is the line written to a refused client, with its CRLF.
 	Refusal string
-	// Proto and Key name the protocol and the limit's key for the log.
-	Proto, Key string
-	Log        zerolog.Logger
+	// Key names the limit's key for the log.
+	Key string
+	// Log is the protocol's logger (it carries "proto").
+	Log zerolog.Logger
 }
 
 func (l *LimitListener) Accept() (net.Conn, error) {
@@ -284,7 +285,7 @@ func (l *LimitListener) Accept() (net.Conn, error) {
 		case l.Slots <- struct{}{}:
 			return &slotConn{Conn: c, release: func() { <-l.Slots }}, nil
 		default:
-			l.Log.Warn().Str("proto", l.Proto).Str("remote", c.RemoteAddr().String()).Int("max_sessions", cap(l.Slots)).Msg("session refused: " + l.Key + " reached")
+			l.Log.Warn().Str("remote", c.RemoteAddr().String()).Int("max_sessions", cap(l.Slots)).Msg("session refused: " + l.Key + " reached")
 			c.SetWriteDeadline(time.Now().Add(5 * time.Second))
 			io.WriteString(c, l.Refusal)
 			c.Close()

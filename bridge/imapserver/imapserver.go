@@ -76,7 +76,7 @@ func New(opts Options) *Server {
 // refused with BYE.
 func (srv *Server) LimitListener(ln net.Listener) net.Listener {
 	return &conntrack.LimitListener{Listener: ln, Slots: srv.slots, Refusal: "* BYE [UNAVAILABLE] Too many IMAP sessions, try again later\r\n",
-		Proto: "imap", Key: "imap.max_sessions", Log: srv.log}
+		Key: "imap.max_sessions", Log: srv.log}
 }
 
 // Serve accepts IMAP clients on ln until it is closed.

@@ -72,7 +72,7 @@ func New(opts Options) *Server {
 // refused with -ERR [SYS/TEMP].
 func (srv *Server) LimitListener(ln net.Listener) net.Listener {
 	return &conntrack.LimitListener{Listener: ln, Slots: srv.slots, Refusal: "-ERR [SYS/TEMP] Too many POP3 sessions, try again later\r\n",
-		Proto: "pop3", Key: "pop3.max_sessions", Log: srv.log}
+		Key: "pop3.max_sessions", Log: srv.log}
 }
 
 // Serve accepts POP3 clients on ln until it is closed.

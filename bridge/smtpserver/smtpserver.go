@@ -111,7 +111,7 @@ func (srv *Server) Guard(ln net.Listener) net.Listener { return &guardListener{L
 // refused with 421.
 func (srv *Server) LimitListener(ln net.Listener, slots chan struct{}) net.Listener {
 	return &conntrack.LimitListener{Listener: ln, Slots: slots, Refusal: "421 4.3.2 Too many sessions, try again later\r\n",
-		Proto: "smtp", Key: "smtp.max_sessions", Log: srv.log}
+		Key: "smtp.max_sessions", Log: srv.log}
 }
 
 // errorLog passes go-smtp's internal errors to the structured log.
