@@ -611,6 +611,9 @@ func (b *Bridge) health() (bool, []string) {
 			reasons = append(reasons, fmt.Sprintf("outbox: %d message(s) queued, the oldest for %s (admin.max_queue_age %s): Graph is not taking them, see the outbox's log lines",
 				n, oldest.Round(time.Second), b.cfg.Admin.MaxQueueAge.Duration))
 		}
+		if err := b.outbox.FailedDirError(); err != nil {
+			reasons = append(reasons, fmt.Sprintf("outbox: a failed message could not be moved to outbox/failed (%v): free space or make it a directory again; the message stays queued", err))
+		}
 		if _, recent := b.outbox.Store().Failed(time.Now().Add(-b.cfg.Admin.FailedWindow.Duration)); recent > 0 {
 			reasons = append(reasons, fmt.Sprintf("outbox: %d message(s) failed within admin.failed_window (%s): see the status page or `mailbridge queue list`; Retry or Delete there (or `queue retry-failed`, `queue delete`) clears this",
 				recent, b.cfg.Admin.FailedWindow.Duration))

@@ -147,7 +147,9 @@ func TestOutboxPermanentFailureGoesToFailed(t *testing.T) {
 	b, logs := startOutboxBridge(t, fake, outboxConfig(t, fake))
 	fake.FailGraph(1, m365fake.Fault{Status: 400, Code: "ErrorInvalidRecipients", Message: "At least one recipient is not valid."})
 	c := dialAuth(t, b.SMTPAddr(), userA, passwordA)
-	reply, err := send(c, mailboxA, []string{"x@example.org"}, numberedMessage(1))
+	// Its Subject decodes to two lines: the report keeps it on one.
+	msg := crlf("From: orders@example.com\nTo: x@example.org\nMessage-ID: <m1@mailbridge.test>\nSubject: =?utf-8?q?PO_4711=0D=0AX-Injected:_yes?=\n\nbody 1\n")
+	reply, err := send(c, mailboxA, []string{"x@example.org"}, msg)
 	if err != nil {
 		t.Fatalf("the client did not get 250: %v", err)
 	}
@@ -189,13 +191,18 @@ func TestOutboxPermanentFailureGoesToFailed(t *testing.T) {
 		"Content-Type: multipart/report; report-type=delivery-status;",
 		"Auto-Submitted: auto-replied",
 		"Content-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mailbridge\r\n",
-		"Final-Recipient: rfc822; x@example.org\r\nAction: failed\r\nStatus: 5.6.0\r\nDiagnostic-Code: x-graph; 400 ErrorInvalidRecipients",
+		"Final-Recipient: rfc822; x@example.org\r\nAction: failed\r\nStatus: 5.1.1\r\nDiagnostic-Code: x-graph; 400 ErrorInvalidRecipients",
+		"Subject:    PO 4711 X-Injected: yes\r\n",
+		"sent again unchanged, it would fail the same way",
 		"Content-Type: text/rfc822-headers\r\n\r\nFrom: orders@example.com\r\nTo: x@example.org\r\nMessage-ID: <m1@mailbridge.test>\r\n",
 		"Queue ID:   " + id,
 	} {
 		if !strings.Contains(report, want) {
 			t.Errorf("the report lacks %q:\n%s", want, report)
 		}
+	}
+	if strings.Contains(report, "\r\nX-Injected: yes") || strings.Contains(report, "queue retry") {
+		t.Errorf("the report has a line from the Subject, or suggests a retry that would fail the same way:\n%s", report)
 	}
 	if !env.Failure.NDRSent || env.Failure.NDRRequestID != ndr.RequestID {
 		t.Errorf("failed/ records the report as %+v, want sent with request-id %s", env.Failure, ndr.RequestID)
@@ -455,5 +462,45 @@ func TestFinalLineAfterRestart(t *testing.T) {
 	}
 	if strings.Count(logs2.String(), `"message":"message sent"`) != 1 {
 		t.Error("more than one final line")
+	}
+}
+
+// When outbox/failed cannot take a message (here a file stands where the
+// directory should be), the message stays queued and fails again at each
+// rescan, but its sender gets one report, not one per rescan; the log
+// and /healthz say what is wrong.
+func TestOutboxOneReportWhenFailedDirIsUnusable(t *testing.T) {
+	fake := startFake(t)
+	cfg := outboxConfig(t, fake)
+	cfg.Admin.Listen = "127.0.0.1:0"
+	b, logs := startOutboxBridge(t, fake, cfg)
+	failedDir := filepath.Join(b.Outbox().Dir(), "failed")
+	if err := os.Remove(failedDir); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(failedDir, []byte("not a directory"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	fake.RefuseRecipients("example.org") // the message, not its report (to orders@example.com)
+	c := dialAuth(t, b.SMTPAddr(), userA, passwordA)
+	if _, err := send(c, mailboxA, []string{"x@example.org"}, numberedMessage(1)); err != nil {
+		t.Fatal(err)
+	}
+	// Three failed moves: three rescans, each failing the message again.
+	waitFor(t, "three failed moves to failed/", func() bool {
+		return len(linesWith(logs.String(), "outbox: cannot move the message to failed/")) >= 3
+	})
+	if n := len(fake.Sent()); n != 1 {
+		t.Errorf("%d reports sent for one failed message, want 1", n)
+	}
+	if line := linesWith(logs.String(), "outbox: cannot move the message to failed/")[0]; !strings.Contains(line, `"hint":"outbox/failed cannot take the message`) {
+		t.Errorf("the failed move is not explained: %s", line)
+	}
+	code, body := scrape(t, "http://"+b.AdminAddr()+"/healthz")
+	if code != 503 || !strings.Contains(body, "could not be moved to outbox/failed") {
+		t.Errorf("/healthz: %d %s", code, body)
+	}
+	if queueLen(b) == 0 {
+		t.Error("the message left the queue though failed/ could not take it")
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"os"
 	"strings"
 	"time"
+	"unicode"
 
 	"github.com/rs/zerolog"
 
@@ -19,9 +20,12 @@ import (
 	bmime "mailbridge/bridge/mime"
 )
 
-// reportStatus is the RFC 3463 status a failure of kind is reported with.
-func reportStatus(kind string) string {
-	switch failure.Kind(kind) {
+// reportStatus is the RFC 3463 status a failure is reported with.
+func reportStatus(rec *FailureRecord) string {
+	if rec.GraphCode == "ErrorInvalidRecipients" {
+		return "5.1.1" // bad destination mailbox address
+	}
+	switch failure.Kind(rec.Kind) {
 	case failure.Content:
 		return "5.6.0"
 	case failure.TooLarge:
@@ -92,7 +96,11 @@ func buildReport(env *Envelope, rec *FailureRecord, origHeader []byte, subject, 
 	if rec.Hint != "" {
 		w("What to do: %s", rec.Hint)
 	}
-	w("Queue ID:   %s (outbox/failed; `mailbridge queue retry %s` sends it again)", env.ID, env.ID)
+	if retryHelps(rec) {
+		w("Queue ID:   %s (outbox/failed; once the cause is fixed, `mailbridge queue retry %s` sends it again)", env.ID, env.ID)
+	} else {
+		w("Queue ID:   %s (outbox/failed; sent again unchanged, it would fail the same way)", env.ID)
+	}
 	w("")
 	w("--%s", boundary)
 	w("Content-Type: message/delivery-status")
@@ -100,7 +108,7 @@ func buildReport(env *Envelope, rec *FailureRecord, origHeader []byte, subject, 
 	w("Reporting-MTA: dns; mailbridge")
 	w("X-Mailbridge-Queue-ID: %s", env.ID)
 	w("Arrival-Date: %s", env.Received.Format(time.RFC1123Z))
-	status := reportStatus(rec.Kind)
+	status := reportStatus(rec)
 	for _, r := range env.Recipients {
 		w("")
 		w("Final-Recipient: rfc822; %s", r)
@@ -128,6 +136,34 @@ func buildReport(env *Envelope, rec *FailureRecord, origHeader []byte, subject, 
 
 func oneLine(s string) string {
 	return strings.Join(strings.Fields(s), " ")
+}
+
+// retryHelps reports whether sending the message again may succeed once
+// an administrator has acted (a secret, a permission, an outage); not when
+// Microsoft refused the message itself.
+func retryHelps(rec *FailureRecord) bool {
+	switch failure.Kind(rec.Kind) {
+	case failure.Content, failure.TooLarge, failure.Sender:
+		return false
+	}
+	return rec.GraphCode != "ErrorInvalidRecipients"
+}
+
+// cleanSubject makes a decoded Subject safe for one line of the report:
+// control characters (a CR LF inside an encoded word among them) become
+// spaces, and it is clipped to 200 characters.
+func cleanSubject(s string) string {
+	s = strings.Map(func(r rune) rune {
+		if unicode.IsControl(r) {
+			return ' '
+		}
+		return r
+	}, s)
+	s = oneLine(s)
+	if r := []rune(s); len(r) > 200 {
+		s = string(r[:200]) + "…"
+	}
+	return s
 }
 
 func randomHex(n int) string {
@@ -177,7 +213,7 @@ func (w *Outbox) bounce(ctx context.Context, log zerolog.Logger, a *account.Acco
 	if head != nil {
 		raw = head.Raw()
 		if s, err := new(mime.WordDecoder).DecodeHeader(head.Fields.Get("Subject")); err == nil {
-			subject = s
+			subject = cleanSubject(s)
 		}
 	}
 	report := buildReport(env, rec, raw, subject, a.Config.Mailbox, to, cc, time.Now())

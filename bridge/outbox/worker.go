@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -85,6 +86,9 @@ type Outbox struct {
 	wake chan struct{}
 	wg   sync.WaitGroup
 	now  func() time.Time // the clock of the rate limits and the schedule
+
+	reported     map[string]*FailureRecord // reports sent for messages not yet in failed/, by ID
+	failedDirErr atomic.Pointer[error]     // the last move to failed/ that failed
 }
 
 type indexed struct {
@@ -125,7 +129,7 @@ func New(store *Store, opts Options) *Outbox {
 	return &Outbox{
 		store: store, opts: opts, log: opts.Log,
 		index: map[string]*indexed{}, parked: map[string][]*indexed{}, perUser: map[string]int{}, limiters: map[string]*rate.Limiter{},
-		wake: make(chan struct{}, 1), now: time.Now,
+		wake: make(chan struct{}, 1), now: time.Now, reported: map[string]*FailureRecord{},
 	}
 }
 
@@ -513,7 +517,24 @@ func (w *Outbox) giveUp(ctx context.Context, log zerolog.Logger, a *account.Acco
 	if rec.At.IsZero() {
 		rec.At = time.Now()
 	}
-	w.bounce(ctx, log, a, env, rec)
+	// At most one report per message, whatever the disk does: a message
+	// that could not be moved to failed/ stays queued and fails again, and
+	// its report was recorded on its envelope (or, the disk refusing
+	// even that, here in memory).
+	w.mu.Lock()
+	prior := w.reported[env.ID]
+	w.mu.Unlock()
+	if prior == nil && env.Failure != nil && (env.Failure.NDRSent || env.Failure.NDRSkipped != "") {
+		prior = env.Failure
+	}
+	if prior != nil {
+		rec.NDRSent, rec.NDRRequestID, rec.NDRTo, rec.NDRSkipped = prior.NDRSent, prior.NDRRequestID, prior.NDRTo, prior.NDRSkipped
+	} else {
+		w.bounce(ctx, log, a, env, rec)
+		w.mu.Lock()
+		w.reported[env.ID] = rec
+		w.mu.Unlock()
+	}
 	ev := log.Error().Str("reason", rec.Kind).Str("error", rec.Reason)
 	if rec.Hint != "" {
 		ev = ev.Str("hint", rec.Hint)
@@ -527,6 +548,23 @@ func (w *Outbox) giveUp(ctx context.Context, log zerolog.Logger, a *account.Acco
 		From: env.From, Recipients: env.Recipients, GraphStatus: rec.GraphStatus, RequestID: rec.RequestID,
 		Reason: rec.Kind, Error: rec.Reason, Hint: rec.Hint}, env.Size)
 	if err := w.store.fail(env, rec); err != nil {
-		log.Error().Err(err).Msg("outbox: cannot move the message to failed/")
+		w.failedDirErr.Store(&err)
+		log.Error().Err(err).Str("dir", w.store.path("failed")).
+			Str("hint", "outbox/failed cannot take the message (a full disk, or a file where the directory should be): free space or make it a directory again; the message stays queued, and its report is not sent again").
+			Msg("outbox: cannot move the message to failed/")
+		return
 	}
+	w.failedDirErr.Store(nil)
+	w.mu.Lock()
+	delete(w.reported, env.ID)
+	w.mu.Unlock()
+}
+
+// FailedDirError returns why the last move of a message to failed/
+// failed, nil if it worked (or none was tried).
+func (w *Outbox) FailedDirError() error {
+	if p := w.failedDirErr.Load(); p != nil {
+		return *p
+	}
+	return nil
 }
