@@ -25,6 +25,7 @@ import (
 	"mailbridge/upstream"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/crypto/bcrypt"
 )
 
 // ErrBadCredentials is a login with an unknown user name or a wrong
@@ -74,6 +75,10 @@ type Account struct {
 type Set struct {
 	byUser  map[string]*Account // by lower-case user name
 	ordered []*Account
+	// cost is the highest bcrypt cost of the accounts' hashes: an unknown
+	// user name is refused after a check of that cost, as slow as a
+	// wrong password of the slowest account.
+	cost int
 }
 
 // All returns the accounts in configuration order.
@@ -135,6 +140,9 @@ func (r *Registry) Load(cfg *config.Config, res *config.Resolved) *Set {
 		}
 		set.byUser[strings.ToLower(ac.Username)] = a
 		set.ordered = append(set.ordered, a)
+		if c, err := bcrypt.Cost([]byte(ac.PasswordHash)); err == nil && c > set.cost {
+			set.cost = c
+		}
 	}
 	r.current.Store(set)
 	return set
@@ -158,7 +166,8 @@ func (r *Registry) ByName(name string) *Account {
 // remote address; they are a *Refusal, which is ErrBadCredentials.
 func (r *Registry) Authenticate(ctx context.Context, protocol, remoteIP, username, password string) (*Account, error) {
 	user := strings.ToLower(username)
-	a := r.current.Load().byUser[user]
+	set := r.current.Load()
+	a := set.byUser[user]
 	if a != nil && !a.Config.Uses(protocol) {
 		a = nil
 	}
@@ -167,7 +176,7 @@ func (r *Registry) Authenticate(ctx context.Context, protocol, remoteIP, usernam
 		return a, nil
 	}
 	if a == nil {
-		spendBcrypt(password)
+		spendBcrypt(password, set.cost)
 	}
 	delay, report := r.throttle.failed(remoteIP, user)
 	if report != nil {

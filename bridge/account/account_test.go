@@ -138,3 +138,17 @@ func TestAuthThrottleMemoryIsBounded(t *testing.T) {
 		t.Errorf("a long user name's failures are not counted together: %v", d)
 	}
 }
+
+// The hash an unknown user name is checked against has the cost asked
+// for (the accounts' highest, which Load records), so that its timing does
+// not tell which names exist.
+func TestDummyHashHasTheCostAsked(t *testing.T) {
+	for _, cost := range []int{bcrypt.MinCost, 6, 12} {
+		if got, _ := bcrypt.Cost(dummyHash(cost)); got != cost {
+			t.Errorf("the dummy hash for cost %d has cost %d", cost, got)
+		}
+	}
+	if got, _ := bcrypt.Cost(dummyHash(0)); got != bcrypt.DefaultCost {
+		t.Errorf("no account: the dummy hash has cost %d, want the default", got)
+	}
+}

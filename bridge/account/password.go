@@ -42,17 +42,30 @@ func (p *passwordChecker) check(password string) bool {
 }
 
 var (
-	dummyHashOnce sync.Once
-	dummyHash     []byte
+	dummyMu     sync.Mutex
+	dummyHashes = map[int][]byte{} // by cost
 )
 
-// spendBcrypt does the work of one bcrypt check, so that an unknown user
-// name takes as long to refuse as a wrong password.
-func spendBcrypt(password string) {
-	dummyHashOnce.Do(func() {
-		dummyHash, _ = bcrypt.GenerateFromPassword([]byte("mailbridge-dummy"), bcrypt.DefaultCost)
-	})
-	bcrypt.CompareHashAndPassword(dummyHash, []byte(password))
+// dummyHash returns a hash of cost (DefaultCost if below MinCost), made
+// once per cost.
+func dummyHash(cost int) []byte {
+	if cost < bcrypt.MinCost {
+		cost = bcrypt.DefaultCost
+	}
+	dummyMu.Lock()
+	defer dummyMu.Unlock()
+	h := dummyHashes[cost]
+	if h == nil {
+		h, _ = bcrypt.GenerateFromPassword([]byte("mailbridge-dummy"), cost)
+		dummyHashes[cost] = h
+	}
+	return h
+}
+
+// spendBcrypt does the work of one bcrypt check at cost, so that an
+// unknown user name takes as long to refuse as a wrong password.
+func spendBcrypt(password string, cost int) {
+	bcrypt.CompareHashAndPassword(dummyHash(cost), []byte(password))
 }
 
 func newProcessKey() *[32]byte {
