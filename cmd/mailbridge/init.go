@@ -17,6 +17,7 @@ import (
 	"text/template"
 	"time"
 
+	"github.com/BurntSushi/toml"
 	"golang.org/x/crypto/bcrypt"
 	"golang.org/x/term"
 
@@ -33,7 +34,7 @@ type initAnswers struct {
 	TokenURL, GraphURL, POP3Upstream                            string // advanced: national clouds, tests
 }
 
-var configTemplate = template.Must(template.New("config").Parse(`# mailbridge configuration, written by ` + "`mailbridge init`" + ` on {{.Date}}.
+var configTemplate = template.Must(template.New("config").Funcs(template.FuncMap{"q": tomlString}).Parse(`# mailbridge configuration, written by ` + "`mailbridge init`" + ` on {{.Date}}.
 # Every key and its default: config.example.toml. Check it: mailbridge check -config {{.Path}}
 
 [smtp]
@@ -44,7 +45,7 @@ listen = "127.0.0.1:2525"
 # Where its "POP3 server" points: 127.0.0.1, port 1110, SSL off. "" turns POP3 off.
 listen = "{{if .A.POP3}}127.0.0.1:1110{{end}}"
 {{- if .A.POP3Upstream}}
-upstream = "{{.A.POP3Upstream}}"
+upstream = {{q .A.POP3Upstream}}
 {{- end}}
 
 [outbox]
@@ -62,21 +63,21 @@ dir = "outbox"
 name = "main"
 # The user name and password the legacy program logs in with (the password
 # only as a bcrypt hash: ` + "`mailbridge hash-password`" + ` makes a new one).
-username = "{{.A.Username}}"
-password_hash = "{{.A.PasswordHash}}"
+username = {{q .A.Username}}
+password_hash = {{q .A.PasswordHash}}
 # The mailbox Microsoft 365 sends as (and POP3 reads).
-mailbox = "{{.A.Mailbox}}"
+mailbox = {{q .A.Mailbox}}
 # From the app registration's Overview page in the Entra admin center.
-tenant_id = "{{.A.TenantID}}"
-client_id = "{{.A.ClientID}}"
+tenant_id = {{q .A.TenantID}}
+client_id = {{q .A.ClientID}}
 # The client secret's Value, in a file only its owner can read.
-client_secret_file = "{{.A.SecretFile}}"
+client_secret_file = {{q .A.SecretFile}}
 protocols = [{{if .A.POP3}}"smtp", "pop3"{{else}}"smtp"{{end}}]
 {{- if .A.TokenURL}}
-token_url = "{{.A.TokenURL}}"
+token_url = {{q .A.TokenURL}}
 {{- end}}
 {{- if .A.GraphURL}}
-graph_url = "{{.A.GraphURL}}"
+graph_url = {{q .A.GraphURL}}
 {{- end}}
 `))
 
@@ -208,8 +209,12 @@ func initConfig(ctx context.Context, args []string, stdin io.Reader, stdout, std
 		fmt.Fprintln(stderr, "mailbridge:", err)
 		return 1
 	}
-	a.SecretFile = "mailbridge-secret.txt"
-	secretPath := filepath.Join(dir, a.SecretFile)
+	secretPath, err := secretFileFor(*path, a.Secret)
+	if err != nil {
+		fmt.Fprintln(stderr, "mailbridge:", err)
+		return 1
+	}
+	a.SecretFile = filepath.Base(secretPath)
 	if err := writePrivate(secretPath, []byte(a.Secret+"\n")); err != nil {
 		fmt.Fprintln(stderr, "mailbridge:", err)
 		return 1
@@ -276,13 +281,66 @@ func isTerminal(r any) bool {
 // writePrivate writes a file only its owner can read (on Windows: only
 // Administrators and SYSTEM, without inherited access).
 func writePrivate(path string, data []byte) error {
-	if err := os.WriteFile(path, data, 0o600); err != nil {
+	// Private from its first byte, then renamed into place: a symbolic
+	// link at path is replaced, never followed.
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
+	if err != nil {
 		return err
 	}
-	if err := os.Chmod(path, 0o600); err != nil {
+	tmp := f.Name()
+	defer os.Remove(tmp) // after a failure; gone after the rename
+	if err := restrictACL(tmp); err != nil {
+		f.Close()
 		return err
 	}
-	return restrictACL(path)
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+// tomlString returns s as a TOML string, quoted and escaped by the TOML
+// library's encoder (a user name such as CORP\scanner, or one with a
+// quote, stays what it was).
+func tomlString(s string) (string, error) {
+	var b strings.Builder
+	if err := toml.NewEncoder(&b).Encode(map[string]string{"v": s}); err != nil {
+		return "", err
+	}
+	return strings.TrimSpace(strings.TrimPrefix(b.String(), "v = ")), nil
+}
+
+// secretFileFor returns where init keeps the client secret of the
+// configuration at path: beside it, named after it (mailbridge.toml:
+// mailbridge-secret.txt). A secret file is never overwritten: Azure shows
+// a secret's Value only once, and another configuration may use it. One
+// holding this very secret is reused; otherwise the first free
+// NAME-secret-2.txt, -3 and so on is taken.
+func secretFileFor(path, secret string) (string, error) {
+	base := strings.TrimSuffix(filepath.Base(path), filepath.Ext(path))
+	for i := 1; i < 100; i++ {
+		name := base + "-secret.txt"
+		if i > 1 {
+			name = fmt.Sprintf("%s-secret-%d.txt", base, i)
+		}
+		p := filepath.Join(filepath.Dir(path), name)
+		old, err := os.ReadFile(p)
+		if errors.Is(err, fs.ErrNotExist) {
+			return p, nil
+		}
+		if err == nil && strings.TrimSpace(string(old)) == secret {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("%s: no free name for the secret file beside it", path)
 }
 
 // restrictACL removes inherited access on Windows, where ProgramData lets

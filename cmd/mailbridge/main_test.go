@@ -24,6 +24,7 @@ import (
 	pop3 "github.com/knadh/go-pop3"
 	"golang.org/x/crypto/bcrypt"
 
+	"mailbridge/bridge/config"
 	"mailbridge/upstream/m365fake"
 	"mailbridge/upstream/m365fake/m365test"
 )
@@ -872,5 +873,60 @@ func TestProxyPasswordNeverInErrors(t *testing.T) {
 				t.Errorf("%s with proxy %q prints the password:\n%s%s", args[0], proxy, out, stderr)
 			}
 		}
+	}
+}
+
+// init writes valid TOML whatever the user name holds (a backslash, a
+// quote), names the secret file after the configuration, and never
+// overwrites a secret file: a second configuration in the same folder, or
+// the same one again with -force and another secret, keeps the first
+// secret where the first configuration finds it.
+func TestInitKeepsSecretsAndEscapesValues(t *testing.T) {
+	fake, _, env := fakeAndConfig(t, "127.0.0.1:0", "")
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "password.in"), []byte("pw\n"), 0o600)
+	initWith := func(file, user, secretValue string, extra ...string) {
+		t.Helper()
+		in := filepath.Join(dir, "secret.in")
+		os.WriteFile(in, []byte(secretValue+"\n"), 0o600)
+		args := append([]string{"init", "-config", filepath.Join(dir, file), "-tenant-id", tenant, "-client-id", client, "-client-secret-file", in,
+			"-mailbox", mailbox, "-username", user, "-password-file", filepath.Join(dir, "password.in"),
+			"-token-url", fake.TokenURL(), "-graph-url", fake.GraphURL(), "-pop3-upstream", fake.POP3Addr()}, extra...)
+		if code, out, stderr := runBinary(t, env, "", args...); code != 0 && code != 1 {
+			t.Fatalf("init %s: %d\n%s\n%s", file, code, out, stderr)
+		}
+	}
+	secretOf := func(file string) string {
+		t.Helper()
+		cfg, err := config.Load(filepath.Join(dir, file))
+		if err != nil {
+			t.Fatalf("%s does not load: %v", file, err)
+		}
+		data, err := os.ReadFile(filepath.Join(dir, cfg.Accounts[0].ClientSecretFile))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.TrimSpace(string(data))
+	}
+	initWith("first.toml", `CORP\scanner "one"`, secret)
+	initWith("second.toml", "erp", "another~Secret.Value")
+	if got := secretOf("first.toml"); got != secret {
+		t.Errorf("first.toml's secret file now holds %q", got)
+	}
+	if got := secretOf("second.toml"); got != "another~Secret.Value" {
+		t.Errorf("second.toml's secret file holds %q", got)
+	}
+	cfg, err := config.Load(filepath.Join(dir, "first.toml"))
+	if err != nil || cfg.Accounts[0].Username != `CORP\scanner "one"` || cfg.Accounts[0].ClientSecretFile != "first-secret.txt" {
+		t.Fatalf("first.toml: %v, user name %q, secret file %q", err, cfg.Accounts[0].Username, cfg.Accounts[0].ClientSecretFile)
+	}
+	// first.toml again, with -force and a new secret: the old secret file
+	// stays as it was, the new secret goes beside it.
+	initWith("first.toml", "tm", "a-new~Secret.Value", "-force")
+	if data, _ := os.ReadFile(filepath.Join(dir, "first-secret.txt")); strings.TrimSpace(string(data)) != secret {
+		t.Errorf("first-secret.txt was overwritten: %q", data)
+	}
+	if got := secretOf("first.toml"); got != "a-new~Secret.Value" {
+		t.Errorf("first.toml's secret after -force: %q", got)
 	}
 }
