@@ -12,8 +12,10 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync"
 	"time"
 
+	"golang.org/x/net/http/httpproxy"
 	"golang.org/x/net/proxy"
 )
 
@@ -24,11 +26,16 @@ type Proxy struct {
 	URL      *url.URL // http://, https:// or socks5://host:port, without credentials
 	User     string
 	Password string
-	// NoProxy lists hosts reached directly: "host", ".domain" (the domain
-	// and its subdomains), or "*".
+	// NoProxy lists hosts reached directly, with the usual NO_PROXY
+	// rules (golang.org/x/net/http/httpproxy): "host", "domain" and
+	// ".domain" and "*.domain" (the domain and its subdomains), an IP
+	// address or a CIDR range, an optional ":port", or "*".
 	NoProxy []string
 	// RootCAs verify an https:// proxy's own certificate.
 	RootCAs *x509.CertPool
+
+	noProxyOnce sync.Once
+	viaProxy    func(*url.URL) (*url.URL, error) // httpproxy's rules over NoProxy
 }
 
 // ParseProxy reads a proxy URL ("http://proxy:8080", "socks5://gw:1080");
@@ -83,19 +90,27 @@ func Redact(raw string) string {
 	return raw
 }
 
-// bypass reports whether host is reached without the proxy.
-func (p *Proxy) bypass(host string) bool {
-	host = strings.ToLower(host)
-	for _, n := range p.NoProxy {
-		n = strings.ToLower(strings.TrimSpace(n))
-		switch {
-		case n == "*", n == host:
-			return true
-		case strings.HasPrefix(n, ".") && (strings.HasSuffix(host, n) || host == n[1:]):
-			return true
+// bypass reports whether host:port is reached without the proxy.
+// httpproxy never proxies a loopback address; the bridge does, unless
+// NoProxy names it (Microsoft is never on loopback, but tests tunnel to a
+// fake there), by its own rules for that case: "*", the host itself, or a
+// CIDR range holding it.
+func (p *Proxy) bypass(host, port string) bool {
+	if ip := net.ParseIP(host); strings.EqualFold(host, "localhost") || (ip != nil && ip.IsLoopback()) {
+		for _, n := range p.NoProxy {
+			n = strings.ToLower(strings.TrimSpace(n))
+			if _, cidr, err := net.ParseCIDR(n); n == "*" || n == strings.ToLower(host) || (err == nil && ip != nil && cidr.Contains(ip)) {
+				return true
+			}
 		}
+		return false
 	}
-	return false
+	p.noProxyOnce.Do(func() {
+		any := "http://proxy.invalid"
+		p.viaProxy = (&httpproxy.Config{HTTPProxy: any, HTTPSProxy: any, NoProxy: strings.Join(p.NoProxy, ",")}).ProxyFunc()
+	})
+	u, err := p.viaProxy(&url.URL{Scheme: "https", Host: net.JoinHostPort(host, port)})
+	return err == nil && u == nil
 }
 
 // ProxyError is a proxy's refusal of a tunnel, or no proxy at its address.
@@ -135,8 +150,8 @@ func (e *ProxyError) Hint() string {
 // handshake for a SOCKS5 one. TLS, if any, goes inside.
 func (p *Proxy) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
 	d := &net.Dialer{Timeout: 15 * time.Second, KeepAlive: 30 * time.Second}
-	host, _, _ := net.SplitHostPort(addr)
-	if p.bypass(host) {
+	host, port, _ := net.SplitHostPort(addr)
+	if p.bypass(host, port) {
 		return d.DialContext(ctx, network, addr)
 	}
 	if p.URL.Scheme == "socks5" {

@@ -13,6 +13,7 @@ import (
 	"io"
 	"math/big"
 	mrand "math/rand/v2"
+	"net"
 	"net/http"
 	"net/url"
 	"slices"
@@ -392,5 +393,29 @@ func TestFakeChecksClientAssertions(t *testing.T) {
 	forged, _ := (&upstream.ClientCertificate{Key: other, Cert: cert}).Assertion("cert-app", tokenURL, time.Now())
 	if code, _ := ask(forged); code != 401 {
 		t.Errorf("signed with another key: %d", code)
+	}
+}
+
+// no_proxy follows the usual NO_PROXY rules for Microsoft's names and
+// addresses, and the bridge's own for loopback (which httpproxy would
+// never proxy).
+func TestNoProxyRules(t *testing.T) {
+	p, err := upstream.ParseProxy("http://proxy.example:8080")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.NoProxy = []string{"*.corp.example", "10.0.0.0/8", ".internal.example", "graph.microsoft.us", "127.0.0.2"}
+	for _, tc := range []struct {
+		addr   string
+		direct bool
+	}{
+		{"mail.corp.example:443", true}, {"corp.example:443", false}, {"10.1.2.3:993", true}, {"a.b.internal.example:995", true},
+		{"graph.microsoft.us:443", true}, {"127.0.0.2:443", true},
+		{"graph.microsoft.com:443", false}, {"11.1.2.3:993", false}, {"corp.example.com:443", false}, {"127.0.0.1:443", false},
+	} {
+		host, port, _ := net.SplitHostPort(tc.addr)
+		if got := upstream.ProxyBypass(p, host, port); got != tc.direct {
+			t.Errorf("%s: direct %v, want %v", tc.addr, got, tc.direct)
+		}
 	}
 }
