@@ -148,6 +148,7 @@ type tracker struct {
 	mu      sync.Mutex
 	pending int
 	idling  atomic.Bool
+	idleTag string // the tag of the IDLE command in progress
 	c, u    scanner
 }
 
@@ -176,23 +177,37 @@ func (t *tracker) client(p []byte) {
 		t.pending++
 		if upper(cmd) == "IDLE" {
 			t.idling.Store(true)
+			t.idleTag = string(tag)
 		}
 	})
 }
 
 // upstream scans bytes from Outlook: each tagged completion ends one
-// command.
+// command. A completion while the client waits to send a synchronising
+// literal refuses the literal: the client sends none, so the client's
+// scanner stops waiting for its bytes. The IDLE's own completion ends the
+// IDLE, also when Outlook refused it (then no DONE comes).
 func (t *tracker) upstream(p []byte) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.u.feed(p, func(line []byte) {
 		tag, rest := word(line)
-		if len(tag) == 0 || tag[0] == '*' || tag[0] == '+' {
+		if len(tag) > 0 && tag[0] == '+' {
+			t.c.sync = false // go on: the literal's bytes come
+			return
+		}
+		if len(tag) == 0 || tag[0] == '*' {
 			return
 		}
 		if st, _ := word(rest); upper(st) == "OK" || upper(st) == "NO" || upper(st) == "BAD" {
 			if t.pending > 0 {
 				t.pending--
+			}
+			if t.c.sync {
+				t.c.skip, t.c.continuing, t.c.sync = 0, false, false
+			}
+			if t.idling.Load() && string(tag) == t.idleTag {
+				t.idling.Store(false)
 			}
 		}
 	})
@@ -203,6 +218,7 @@ func (t *tracker) upstream(p []byte) {
 // new command or response (not the rest of one after a literal).
 type scanner struct {
 	skip       int64  // literal bytes still to pass
+	sync       bool   // the literal is synchronising, not yet accepted with "+"
 	head       []byte // the line's first bytes
 	tailBuf    []byte // its last bytes, for a literal's announcement
 	continuing bool   // the line goes on after a literal
@@ -237,6 +253,7 @@ func (sc *scanner) feed(p []byte, line func([]byte)) {
 		}
 		n, ok := literalAt(sc.tailBuf)
 		sc.skip, sc.continuing = n, ok
+		sc.sync = ok && !bytes.HasSuffix(trimCRLF(sc.tailBuf), []byte("+}"))
 		sc.head, sc.tailBuf = sc.head[:0], sc.tailBuf[:0]
 	}
 }
