@@ -192,6 +192,13 @@ func (b *Bridge) loginPolicy(proto string, timeout time.Duration, maxSessions in
 	}
 }
 
+// evict returns the function a protocol's session limit calls when full:
+// it closes a connection of policy p that has not logged in, so that
+// connections that never log in cannot keep a client from the login.
+func (b *Bridge) evict(p *conntrack.LoginPolicy) func() bool {
+	return func() bool { return b.conns.EvictUnauthenticated(p) }
+}
+
 // Accounts returns the configured accounts in configuration order.
 func (b *Bridge) Accounts() []*account.Account { return b.accounts.All() }
 
@@ -225,7 +232,9 @@ func (b *Bridge) Start() error {
 			return err
 		}
 		b.pop3Ln = pln
-		b.serve(func() { b.pop3.Serve(b.conns.WrapLogin(b.pop3Watch.Listener(b.pop3.LimitListener(pln)), b.pop3Login)) })
+		b.serve(func() {
+			b.pop3.Serve(b.conns.WrapLogin(b.pop3Watch.Listener(b.pop3.LimitListener(pln, b.evict(b.pop3Login))), b.pop3Login))
+		})
 		if tl := b.cfg.POP3.TLSListen; tl != "" {
 			tln, err := b.listen("pop3", tl, b.pop3TLS)
 			if err != nil {
@@ -233,7 +242,7 @@ func (b *Bridge) Start() error {
 			}
 			b.pop3TLSLn = tln
 			b.serve(func() {
-				b.pop3.Serve(tls.NewListener(b.conns.WrapLogin(b.pop3Watch.Listener(b.pop3.LimitListener(tln)), b.pop3Login), b.pop3TLS))
+				b.pop3.Serve(tls.NewListener(b.conns.WrapLogin(b.pop3Watch.Listener(b.pop3.LimitListener(tln, b.evict(b.pop3Login))), b.pop3Login), b.pop3TLS))
 			})
 		}
 	}
@@ -243,7 +252,9 @@ func (b *Bridge) Start() error {
 			return err
 		}
 		b.imapLn = iln
-		b.serve(func() { b.imap.Serve(b.conns.WrapLogin(b.imapWatch.Listener(b.imap.LimitListener(iln)), b.imapLogin)) })
+		b.serve(func() {
+			b.imap.Serve(b.conns.WrapLogin(b.imapWatch.Listener(b.imap.LimitListener(iln, b.evict(b.imapLogin))), b.imapLogin))
+		})
 		if tl := b.cfg.IMAP.TLSListen; tl != "" {
 			tln, err := b.listen("imap", tl, b.imapTLS)
 			if err != nil {
@@ -251,7 +262,7 @@ func (b *Bridge) Start() error {
 			}
 			b.imapTLSLn = tln
 			b.serve(func() {
-				b.imap.Serve(tls.NewListener(b.conns.WrapLogin(b.imapWatch.Listener(b.imap.LimitListener(tln)), b.imapLogin), b.imapTLS))
+				b.imap.Serve(tls.NewListener(b.conns.WrapLogin(b.imapWatch.Listener(b.imap.LimitListener(tln, b.evict(b.imapLogin))), b.imapLogin), b.imapTLS))
 			})
 		}
 	}
@@ -275,10 +286,10 @@ func (b *Bridge) Start() error {
 	}
 	idle := b.cfg.SMTP.IdleTimeout.Duration
 	if b.smtpLn != nil {
-		serveSMTP(b.conns.WrapLogin(b.smtpWatch.Listener(b.smtp.Guard(conntrack.IdleListener(b.smtp.LimitListener(b.smtpLn, b.smtpSlots), idle))), b.smtpLogin))
+		serveSMTP(b.conns.WrapLogin(b.smtpWatch.Listener(b.smtp.Guard(conntrack.IdleListener(b.smtp.LimitListener(b.smtpLn, b.smtpSlots, b.evict(b.smtpLogin)), idle))), b.smtpLogin))
 	}
 	if b.smtpTLSLn != nil {
-		l := b.smtp.Guard(tls.NewListener(b.conns.WrapLogin(b.smtpWatch.Listener(conntrack.IdleListener(b.smtp.LimitListener(b.smtpTLSLn, b.smtpSlots), idle)), b.smtpLogin), b.smtpTLS))
+		l := b.smtp.Guard(tls.NewListener(b.conns.WrapLogin(b.smtpWatch.Listener(conntrack.IdleListener(b.smtp.LimitListener(b.smtpTLSLn, b.smtpSlots, b.evict(b.smtpLogin)), idle)), b.smtpLogin), b.smtpTLS))
 		b.serve(func() {
 			if err := b.smtp.ServeImplicitTLS(l); err != nil && !errors.Is(err, smtp.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
 				b.log.Error().Err(err).Msg("smtp listener stopped")

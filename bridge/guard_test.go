@@ -267,3 +267,46 @@ func TestBDATGuardAgreesWithGoSMTP(t *testing.T) {
 		t.Errorf("a long line after it: %q, want the guard's refusal", msg)
 	}
 }
+
+// Connections that never log in, opened all at once from one address until
+// every session slot is held, cannot keep a client elsewhere from logging
+// in: at the limit, the oldest idler of the address with the most is
+// closed for it. For SMTP, POP3 and IMAP.
+func TestIdleFloodCannotTakeEverySlot(t *testing.T) {
+	fake := startFake(t)
+	cfg := testConfig(fake)
+	cfg.SMTP.MaxSessions, cfg.POP3.MaxSessions, cfg.IMAP.MaxSessions = 6, 6, 6
+	b, logs := startBridge(t, fake, cfg)
+	flood := func(addr string) {
+		t.Helper()
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}}
+		for range 6 {
+			c, err := d.Dial("tcp", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { c.Close() })
+			c.SetReadDeadline(time.Now().Add(patience))
+			if l, err := bufio.NewReader(c).ReadString('\n'); err != nil || strings.Contains(l, "Too many") {
+				t.Fatalf("idler %s: %q %v", addr, l, err)
+			}
+		}
+	}
+	flood(b.SMTPAddr())
+	c := dialAuth(t, b.SMTPAddr(), userA, passwordA)
+	if _, err := send(c, mailboxA, []string{"x@example.org"}, crlf("From: orders@example.com\nTo: x@example.org\n\nhi\n")); err != nil {
+		t.Fatalf("SMTP: a client that logs in is locked out: %v", err)
+	}
+	flood(b.POP3Addr())
+	p := dialPOP3(t, b.POP3Addr())
+	p.login(userA, passwordA)
+	flood(b.IMAPAddr())
+	i := dialIMAP(t, b.IMAPAddr())
+	i.login(userA, passwordA)
+	if n := len(linesWith(logs.String(), "connection closed: the session limit is reached")); n != 3 {
+		t.Errorf("%d idlers closed to make room, want one per protocol", n)
+	}
+	if n := len(linesWith(logs.String(), "session refused")); n != 0 {
+		t.Errorf("%d sessions refused", n)
+	}
+}

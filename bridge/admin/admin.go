@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -101,8 +102,9 @@ func (m *Metrics) Activity() *Activity { return m.activity }
 // Health reports whether the bridge is healthy and, if not, why.
 type Health func() (ok bool, reasons []string)
 
-// MaxConnections bounds the admin listener's open connections; more are
-// answered 503 and closed.
+// MaxConnections bounds the admin listener's open connections: at the
+// cap the longest idle one is closed for a new one, and only when every
+// one has a request in flight is a new one answered 503 and closed.
 const MaxConnections = 32
 
 // Serve serves /metrics and /healthz on ln until it is closed, and hands
@@ -125,8 +127,40 @@ func Serve(ln net.Listener, m *Metrics, health Health, page http.Handler, idle t
 	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second,
 		WriteTimeout: 30 * time.Second, IdleTimeout: idle, ErrorLog: stdlog.New(io.Discard, "", 0)}
-	lim := &conntrack.LimitListener{Listener: ln, Slots: make(chan struct{}, MaxConnections), Key: "the admin connection cap",
-		Refusal: "HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", Log: log.With().Str("proto", "admin").Logger()}
+	// At the cap, the connection idle the longest (no request in flight:
+	// a keep-alive, or one that never sent a request) is closed for the
+	// new one, so that idle connections cannot make /healthz fail.
+	var mu sync.Mutex
+	idleSince := map[net.Conn]time.Time{}
+	srv.ConnState = func(c net.Conn, st http.ConnState) {
+		mu.Lock()
+		defer mu.Unlock()
+		if st == http.StateNew || st == http.StateIdle {
+			idleSince[c] = time.Now()
+		} else {
+			delete(idleSince, c)
+		}
+	}
+	adminLog := log.With().Str("proto", "admin").Logger()
+	evict := func() bool {
+		mu.Lock()
+		var victim net.Conn
+		for c, at := range idleSince {
+			if victim == nil || at.Before(idleSince[victim]) {
+				victim = c
+			}
+		}
+		delete(idleSince, victim)
+		mu.Unlock()
+		if victim == nil {
+			return false
+		}
+		adminLog.Info().Str("remote", victim.RemoteAddr().String()).Int("max_connections", MaxConnections).Msg("idle admin connection closed to make room")
+		victim.Close()
+		return true
+	}
+	lim := &conntrack.LimitListener{Listener: ln, Slots: make(chan struct{}, MaxConnections), Key: "the admin connection cap", Evict: evict,
+		Refusal: "HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", Log: adminLog}
 	return srv.Serve(lim)
 }
 

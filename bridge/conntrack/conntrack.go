@@ -88,6 +88,48 @@ type LoginPolicy struct {
 	Opened, Closed func()
 }
 
+// EvictUnauthenticated closes one connection of policy p that has not
+// logged in, to make room for a new client at the session limit: the
+// oldest of the remote address that holds the most such connections (a
+// flood from one address costs that address its connections, not a
+// client elsewhere its login). It reports whether it closed one.
+func (t *Tracker) EvictUnauthenticated(p *LoginPolicy) bool {
+	t.mu.Lock()
+	perIP := map[string]int{}
+	type candidate struct {
+		c      *trackedConn
+		opened time.Time
+	}
+	oldest := map[string]candidate{}
+	for other, st := range t.conns {
+		oc, ok := other.(*trackedConn)
+		if !ok || st.policy != p || st.authed.Load() {
+			continue
+		}
+		ip, _, _ := net.SplitHostPort(oc.RemoteAddr().String())
+		perIP[ip]++
+		if o, ok := oldest[ip]; !ok || st.opened.Before(o.opened) {
+			oldest[ip] = candidate{oc, st.opened}
+		}
+	}
+	victimIP := ""
+	for ip, n := range perIP {
+		if victimIP == "" || n > perIP[victimIP] || (n == perIP[victimIP] && oldest[ip].opened.Before(oldest[victimIP].opened)) {
+			victimIP = ip
+		}
+	}
+	t.mu.Unlock()
+	if victimIP == "" {
+		return false
+	}
+	victim := oldest[victimIP].c
+	p.Log.Warn().Str("remote", victim.RemoteAddr().String()).Int("not_logged_in_from_there", perIP[victimIP]).
+		Str("hint", "connections that do not log in held every session slot; if this repeats, look at what runs on that address").
+		Msg("connection closed: the session limit is reached, and this one, of the address with the most, had not logged in")
+	victim.Close()
+	return true
+}
+
 // CloseAfterNextWrite closes the connection once the next reply has been
 // written to it (the 421 of a session the bridge ends).
 func (s *State) CloseAfterNextWrite() { s.closeNext.Store(true) }
@@ -262,7 +304,8 @@ func (c *trackedConn) Close() error {
 
 // LimitListener refuses connections over the session limit with the
 // protocol's refusal (SMTP's 421, RFC 5321 §3.8) instead of letting them
-// queue.
+// queue. With Evict set, a full house first closes a connection that has
+// not logged in, so that idlers can never keep a client from the login.
 type LimitListener struct {
 	net.Listener
 	// Slots holds a token for each open session; its capacity is the limit.
@@ -271,6 +314,9 @@ type LimitListener struct {
 	Refusal string
 	// Key names the limit's key for the log.
 	Key string
+	// Evict, if set, closes one connection that has not logged in (its
+	// slot is free when it returns true).
+	Evict func() bool
 	// Log is the protocol's logger (it carries "proto").
 	Log zerolog.Logger
 }
@@ -285,11 +331,18 @@ func (l *LimitListener) Accept() (net.Conn, error) {
 		case l.Slots <- struct{}{}:
 			return &slotConn{Conn: c, release: func() { <-l.Slots }}, nil
 		default:
-			l.Log.Warn().Str("remote", c.RemoteAddr().String()).Int("max_sessions", cap(l.Slots)).Msg("session refused: " + l.Key + " reached")
-			c.SetWriteDeadline(time.Now().Add(5 * time.Second))
-			io.WriteString(c, l.Refusal)
-			c.Close()
 		}
+		if l.Evict != nil && l.Evict() {
+			select {
+			case l.Slots <- struct{}{}:
+				return &slotConn{Conn: c, release: func() { <-l.Slots }}, nil
+			default:
+			}
+		}
+		l.Log.Warn().Str("remote", c.RemoteAddr().String()).Int("max_sessions", cap(l.Slots)).Msg("session refused: " + l.Key + " reached")
+		c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(c, l.Refusal)
+		c.Close()
 	}
 }
 

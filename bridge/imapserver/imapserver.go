@@ -73,10 +73,11 @@ func New(opts Options) *Server {
 }
 
 // LimitListener wraps ln so that connections over imap.max_sessions are
-// refused with BYE.
-func (srv *Server) LimitListener(ln net.Listener) net.Listener {
+// refused with BYE, once evict (if set) found no connection to close that
+// had not logged in.
+func (srv *Server) LimitListener(ln net.Listener, evict func() bool) net.Listener {
 	return &conntrack.LimitListener{Listener: ln, Slots: srv.slots, Refusal: "* BYE [UNAVAILABLE] Too many IMAP sessions, try again later\r\n",
-		Key: "imap.max_sessions", Log: srv.log}
+		Key: "imap.max_sessions", Log: srv.log, Evict: evict}
 }
 
 // Serve accepts IMAP clients on ln until it is closed.

@@ -69,10 +69,11 @@ func New(opts Options) *Server {
 }
 
 // LimitListener wraps ln so that connections over pop3.max_sessions are
-// refused with -ERR [SYS/TEMP].
-func (srv *Server) LimitListener(ln net.Listener) net.Listener {
+// refused with -ERR [SYS/TEMP], once evict (if set) found no connection to
+// close that had not logged in.
+func (srv *Server) LimitListener(ln net.Listener, evict func() bool) net.Listener {
 	return &conntrack.LimitListener{Listener: ln, Slots: srv.slots, Refusal: "-ERR [SYS/TEMP] Too many POP3 sessions, try again later\r\n",
-		Key: "pop3.max_sessions", Log: srv.log}
+		Key: "pop3.max_sessions", Log: srv.log, Evict: evict}
 }
 
 // Serve accepts POP3 clients on ln until it is closed.

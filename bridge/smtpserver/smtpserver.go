@@ -108,10 +108,11 @@ func (srv *Server) Close() error { return errors.Join(srv.Server.Close(), srv.im
 func (srv *Server) Guard(ln net.Listener) net.Listener { return &guardListener{Listener: ln, srv: srv} }
 
 // LimitListener wraps ln so that connections over smtp.max_sessions are
-// refused with 421.
-func (srv *Server) LimitListener(ln net.Listener, slots chan struct{}) net.Listener {
+// refused with 421, once evict (if set) found no connection to close that
+// had not logged in.
+func (srv *Server) LimitListener(ln net.Listener, slots chan struct{}, evict func() bool) net.Listener {
 	return &conntrack.LimitListener{Listener: ln, Slots: slots, Refusal: "421 4.3.2 Too many sessions, try again later\r\n",
-		Key: "smtp.max_sessions", Log: srv.log}
+		Key: "smtp.max_sessions", Log: srv.log, Evict: evict}
 }
 
 // errorLog passes go-smtp's internal errors to the structured log.
