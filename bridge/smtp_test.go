@@ -744,10 +744,11 @@ func TestLoginThrottleCannotBeSidestepped(t *testing.T) {
 		}
 		c.Close()
 	}
-	// The delays the throttle chose, from the log lines: testAuthFailDelay
-	// is 5 ms, doubled per failure of the account, up to 30 times itself.
-	// From 127.0.0.1: 5, 10, 20; then the account has failed 3 times, so
-	// other addresses wait 40, 80, then 150 (the cap).
+	// The waits the throttle chose before each verdict, from the log
+	// lines: testAuthFailDelay is 5 ms, doubled per failure of the
+	// account, up to 30 times itself. From 127.0.0.1: none before the
+	// first failure, then 5, 10; then the account has failed 3 times, so
+	// other addresses wait 20, 40, then 80.
 	var delays []int
 	for _, line := range strings.Split(logs.String(), "\n") {
 		if strings.Contains(line, `"message":"authentication failed: unknown user name or wrong password"`) {
@@ -760,8 +761,8 @@ func TestLoginThrottleCannotBeSidestepped(t *testing.T) {
 			delays = append(delays, f.DelayMS)
 		}
 	}
-	if !slices.Equal(delays, []int{5, 10, 20, 40, 80, 150}) {
-		t.Errorf("refusals delayed by %v ms, want 5 10 20 from one address, then 40 80 150 from others", delays)
+	if !slices.Equal(delays, []int{0, 5, 10, 20, 40, 80}) {
+		t.Errorf("refusals delayed by %v ms, want 0 5 10 from one address, then 20 40 80 from others", delays)
 	}
 	// The right password is never refused.
 	dialAuth(t, b.SMTPAddr(), userA, passwordA)
@@ -769,4 +770,55 @@ func TestLoginThrottleCannotBeSidestepped(t *testing.T) {
 
 func plainB64(user, pass string) string {
 	return base64.StdEncoding.EncodeToString([]byte("\x00" + user + "\x00" + pass))
+}
+
+// Guesses in parallel do not each wait on their own: once the account has
+// failed, their verdicts come one after another, each wait booked after
+// the one before; the right password waits its turn too.
+func TestParallelGuessesWaitInTurn(t *testing.T) {
+	fake := startFake(t)
+	b, logs := startBridge(t, fake, testConfig(fake))
+	r := dialRaw(t, b.SMTPAddr())
+	r.cmd(535, "AUTH PLAIN %s", plainB64(userA, "wrong1"))
+	var wg sync.WaitGroup
+	for i := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 1, byte(i+1))}}
+			c, err := d.Dial("tcp", b.SMTPAddr())
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(patience))
+			tp := textproto.NewConn(c)
+			tp.ReadResponse(220)
+			tp.PrintfLine("EHLO guesser")
+			tp.ReadResponse(250)
+			tp.PrintfLine("AUTH PLAIN %s", plainB64(userA, fmt.Sprintf("guess%d", i)))
+			if code, msg, _ := tp.ReadResponse(0); code != 535 && code != 454 {
+				t.Errorf("guess %d: %d %s", i, code, msg)
+			}
+		}()
+	}
+	wg.Wait()
+	var waits []int
+	for _, line := range linesWith(logs.String(), "authentication failed: unknown user name or wrong password") {
+		var f struct {
+			DelayMS int `json:"delay_ms"`
+		}
+		json.Unmarshal([]byte(line), &f)
+		waits = append(waits, f.DelayMS)
+	}
+	if len(waits) != 9 {
+		t.Fatalf("%d refusals logged, want 9", len(waits))
+	}
+	slices.Sort(waits)
+	for i := 2; i < len(waits); i++ {
+		if waits[i] <= waits[i-1] {
+			t.Fatalf("parallel guesses waited %v ms: two were checked at once", waits)
+		}
+	}
 }

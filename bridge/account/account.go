@@ -32,8 +32,12 @@ import (
 // password; the two are never told apart to the client.
 var ErrBadCredentials = errors.New("unknown user name or wrong password")
 
+// ErrTooManyGuesses is a login that got no verdict: the waits booked for
+// its account or address were already too long (a temporary refusal).
+var ErrTooManyGuesses = errors.New("too many logins waiting for this account or address: try again later")
+
 // Refusal is a failed login: it is ErrBadCredentials, answered after Delay
-// (the throttle's pause, which the log line shows).
+// (the throttle's pause before the verdict, which the log line shows).
 type Refusal struct{ Delay time.Duration }
 
 func (r *Refusal) Error() string { return ErrBadCredentials.Error() }
@@ -162,10 +166,21 @@ func (r *Registry) ByName(name string) *Account {
 }
 
 // Authenticate checks a local user name and password of an account that
-// may use protocol, and returns the account. Failures are slowed down per
-// remote address; they are a *Refusal, which is ErrBadCredentials.
+// may use protocol, and returns the account. Once the address or the
+// account has failed lately, the check waits first, whatever its outcome
+// (see throttle.admit); a client that hangs up does not shorten the wait
+// of the logins after it. Failures are a *Refusal (ErrBadCredentials);
+// a login beyond the booked waits is ErrTooManyGuesses, with no verdict.
 func (r *Registry) Authenticate(ctx context.Context, protocol, remoteIP, username, password string) (*Account, error) {
 	user := strings.ToLower(username)
+	wait, ok := r.throttle.admit(remoteIP, user)
+	if !ok {
+		r.log.Warn().Str("proto", protocol).Str("remote_ip", remoteIP).Str("username", conntrack.Clip(username)).
+			Str("hint", "someone is guessing this account's password from many connections at once; the right password logs in once the guessing stops").
+			Msg("login not checked: too many logins waiting for this account or address")
+		return nil, ErrTooManyGuesses
+	}
+	sleep(ctx, wait)
 	set := r.current.Load()
 	a := set.byUser[user]
 	if a != nil && !a.Config.Uses(protocol) {
@@ -178,8 +193,7 @@ func (r *Registry) Authenticate(ctx context.Context, protocol, remoteIP, usernam
 	if a == nil {
 		spendBcrypt(password, set.cost)
 	}
-	delay, report := r.throttle.failed(remoteIP, user)
-	if report != nil {
+	if report := r.throttle.failed(remoteIP, user); report != nil {
 		name := ""
 		if a != nil {
 			name = a.Config.Name
@@ -188,8 +202,7 @@ func (r *Registry) Authenticate(ctx context.Context, protocol, remoteIP, usernam
 			Str("hint", "someone is guessing this account's password: check the addresses; the right password still logs in").
 			Msg("many failed logins for one account within a minute")
 	}
-	sleep(ctx, delay)
-	return nil, &Refusal{Delay: delay}
+	return nil, &Refusal{Delay: wait}
 }
 
 // sleep waits d or until ctx ends.

@@ -43,33 +43,56 @@ func TestLoginServer(t *testing.T) {
 	}
 }
 
-func TestAuthThrottleDoublesAndForgets(t *testing.T) {
+func TestAuthThrottleWaitsBeforeTheVerdict(t *testing.T) {
 	now := time.Unix(1000, 0)
 	th := newThrottle(100*time.Millisecond, time.Second)
 	th.now = func() time.Time { return now }
-	want := []time.Duration{100, 200, 400, 800, 1000, 1000}
-	for i, w := range want {
-		if got, _ := th.failed("192.0.2.1", "a"); got != w*time.Millisecond {
-			t.Fatalf("failure %d: delay %v, want %v", i+1, got, w*time.Millisecond)
+	admit := func(ip, account string) time.Duration {
+		t.Helper()
+		d, ok := th.admit(ip, account)
+		if !ok {
+			t.Fatalf("%s for %s: no verdict", ip, account)
 		}
+		return d
 	}
-	if got, _ := th.failed("192.0.2.2", "b"); got != 100*time.Millisecond {
-		t.Errorf("another address and account is slowed down too: %v", got)
+	// One guesser, one connection after another: no wait before any
+	// failure, then each login waits twice as long as the one before.
+	for i, w := range []time.Duration{0, 100, 200, 400, 800, 1000, 1000} {
+		if got := admit("192.0.2.1", "a"); got != w*time.Millisecond {
+			t.Fatalf("login %d: wait %v, want %v", i+1, got, w*time.Millisecond)
+		}
+		now = now.Add(w * time.Millisecond) // it waited
+		th.failed("192.0.2.1", "a")
 	}
-	// Other addresses guessing account a are slowed down by a's count.
-	if got, _ := th.failed("127.0.0.2", "a"); got != time.Second {
-		t.Errorf("another address for the same account: %v, want the account's delay", got)
+	if got := admit("192.0.2.2", "b"); got != 0 {
+		t.Errorf("another address and account waits: %v", got)
 	}
-	// A success clears its own pair only: the attacker's other pair and
-	// the other address's failures stay.
+	// Another address for account a waits the account's wait, the right
+	// password too (admit comes before the verdict).
+	if got := admit("127.0.0.2", "a"); got != time.Second {
+		t.Errorf("another address for the same account: %v, want the account's wait", got)
+	}
+	// Logins at the same moment follow one another: the one above booked
+	// a second, so the next waits two; past maxQueue seconds, none is
+	// checked.
+	if got := admit("127.0.0.3", "a"); got != 2*time.Second {
+		t.Errorf("a second login at once: %v, want 2s", got)
+	}
+	if _, ok := th.admit("127.0.0.4", "a"); ok {
+		t.Error("a third login at once was booked beyond maxQueue")
+	}
+	// A success clears its own pair only: the address's other failures
+	// stay.
+	now = now.Add(time.Minute)
 	th.failed("192.0.2.1", "b")
 	th.succeeded("192.0.2.1", "b")
-	if got, _ := th.failed("192.0.2.1", "c"); got != time.Second {
-		t.Errorf("after another account's success from the same address: %v, want the address's delay", got)
+	if got := admit("192.0.2.1", "c"); got != time.Second {
+		t.Errorf("after another account's success from the same address: %v, want the address's wait", got)
 	}
 	now = now.Add(16 * time.Minute)
-	if got, _ := th.failed("192.0.2.9", "z"); got != 100*time.Millisecond {
-		t.Errorf("a fresh pair: %v, want the base delay", got)
+	th.failed("192.0.2.9", "z")
+	if got := admit("192.0.2.9", "y"); got != 100*time.Millisecond {
+		t.Errorf("a fresh address with one failure: %v, want the base wait", got)
 	}
 }
 
@@ -79,7 +102,7 @@ func TestAuthThrottleReportsAnAccountOverItsCap(t *testing.T) {
 	th.now = func() time.Time { return now }
 	var reported [][]string
 	for i := range 25 {
-		if _, r := th.failed(fmt.Sprintf("127.0.0.%d", i%3+1), "victim"); r != nil {
+		if r := th.failed(fmt.Sprintf("127.0.0.%d", i%3+1), "victim"); r != nil {
 			reported = append(reported, r)
 		}
 	}
@@ -87,7 +110,7 @@ func TestAuthThrottleReportsAnAccountOverItsCap(t *testing.T) {
 		t.Fatalf("reports %v, want one naming the three addresses", reported)
 	}
 	now = now.Add(time.Minute)
-	if _, r := th.failed("127.0.0.1", "victim"); r != nil {
+	if r := th.failed("127.0.0.1", "victim"); r != nil {
 		t.Error("a new minute starts with a report")
 	}
 }
@@ -134,7 +157,7 @@ func TestAuthThrottleMemoryIsBounded(t *testing.T) {
 	}
 	// Clipped names still share their counts: a name past maxKeyBytes is
 	// throttled as its first maxKeyBytes.
-	if d, _ := th.failed("192.0.2.1", long+"x"); d <= time.Millisecond {
+	if d, _ := th.admit("192.0.2.1", long+"x"); d <= time.Millisecond {
 		t.Errorf("a long user name's failures are not counted together: %v", d)
 	}
 }

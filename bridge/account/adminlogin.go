@@ -27,17 +27,21 @@ func (r *Registry) AdminLogin(username, hash string) *AdminLogin {
 func (l *AdminLogin) Authenticate(ctx context.Context, remoteIP, username, password string) error {
 	user := strings.ToLower(username)
 	key := "admin:" + l.username
+	wait, ok := l.r.throttle.admit(remoteIP, key)
+	if !ok {
+		return ErrTooManyGuesses
+	}
+	sleep(ctx, wait)
 	nameOK := subtle.ConstantTimeCompare([]byte(user), []byte(l.username)) == 1
 	if l.password.check(password) && nameOK {
 		l.r.throttle.succeeded(remoteIP, key)
 		return nil
 	}
-	delay, report := l.r.throttle.failed(remoteIP, key)
+	report := l.r.throttle.failed(remoteIP, key)
 	if report != nil {
 		l.r.log.Warn().Str("proto", "admin").Str("username", conntrack.Clip(username)).Strs("remotes", report).
 			Str("hint", "someone is guessing the status page's password: check the addresses, and keep [admin] listen on loopback").
 			Msg("many failed status page logins within a minute")
 	}
-	sleep(ctx, delay)
-	return &Refusal{Delay: delay}
+	return &Refusal{Delay: wait}
 }

@@ -78,10 +78,11 @@ func newProcessKey() *[32]byte {
 
 // throttle slows down clients that keep failing to log in. Failures are
 // counted per (address, account) pair and summed per address and per
-// account: the next refusal for an address or an account waits twice as
-// long as the one before, from base up to max, so that neither many
-// accounts from one address nor one account from many addresses (other
-// loopback addresses, say) go fast. A success clears only its own pair.
+// account: once an address or an account has failed, each of its logins
+// waits before its verdict (admit), twice as long as the one before, from
+// base up to max, so that neither many accounts from one address nor one
+// account from many addresses (other loopback addresses, say) nor many
+// connections at once go fast. A success clears only its own pair.
 // A pair that stays quiet for forgetAfter is forgotten. An account that
 // fails more than capPerMinute times in a minute is reported.
 //
@@ -101,6 +102,7 @@ type throttle struct {
 	byIP    map[string]int
 	byAcct  map[string]int
 	windows map[string]*minuteWindow // by account
+	gates   map[string]time.Time     // by account, and by "ip:"+address: the end of the waits booked
 }
 
 type pairKey struct{ ip, account string }
@@ -125,14 +127,57 @@ const (
 
 func newThrottle(base, max time.Duration) *throttle {
 	return &throttle{base: base, max: max, forgetAfter: 15 * time.Minute, capPerMinute: 10, now: time.Now,
-		pairs: map[pairKey]*failRecord{}, byIP: map[string]int{}, byAcct: map[string]int{}, windows: map[string]*minuteWindow{}}
+		pairs: map[pairKey]*failRecord{}, byIP: map[string]int{}, byAcct: map[string]int{}, windows: map[string]*minuteWindow{}, gates: map[string]time.Time{}}
+}
+
+// maxQueue bounds the wait admit books for a login, in multiples of max:
+// a login that would wait longer gets no verdict at all.
+const maxQueue = 2
+
+// admit books the login of account from ip: it returns how long to wait
+// before checking the password, and ok false when that wait would exceed
+// maxQueue times max, the waits of the account or the address being
+// booked so far ahead (then the login gets a temporary refusal and no
+// verdict, so that it is no guess).
+//
+// Once the address or the account has recent failures, every login waits
+// before its verdict, whatever the verdict: a right password is not
+// answered sooner than a wrong one, so a client that hangs up early learns
+// nothing. The wait doubles with the failures (base, 2·base, … up to max),
+// and the waits of one account, or one address, follow one another: a
+// hundred connections guessing in parallel get a verdict one after the
+// other, as one connection would.
+func (t *throttle) admit(ip, account string) (wait time.Duration, ok bool) {
+	account = clipKey(account)
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	now := t.now()
+	n := max(t.byIP[ip], t.byAcct[account])
+	if n == 0 {
+		return 0, true
+	}
+	d := t.base
+	for i := 1; i < n && d < t.max; i++ {
+		d *= 2
+	}
+	d = min(d, t.max)
+	slot := now
+	for _, g := range []time.Time{t.gates[account], t.gates["ip:"+ip]} {
+		if g.After(slot) {
+			slot = g
+		}
+	}
+	if slot.Add(d).Sub(now) > maxQueue*t.max {
+		return 0, false
+	}
+	t.gates[account], t.gates["ip:"+ip] = slot.Add(d), slot.Add(d)
+	return slot.Add(d).Sub(now), true
 }
 
 // failed records a failed login from ip for account (the lower-case user
-// name given) and returns how long to wait before answering it, and, once
-// per minute when the account is over its cap, the addresses it failed
-// from.
-func (t *throttle) failed(ip, account string) (time.Duration, []string) {
+// name given) and returns, once per minute when the account is over its
+// cap, the addresses it failed from.
+func (t *throttle) failed(ip, account string) []string {
 	account = clipKey(account)
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -154,11 +199,6 @@ func (t *throttle) failed(ip, account string) (time.Duration, []string) {
 	r.last = now
 	t.byIP[ip]++
 	t.byAcct[account]++
-	n := max(t.byIP[ip], t.byAcct[account])
-	d := t.base
-	for i := 1; i < n && d < t.max; i++ {
-		d *= 2
-	}
 	w := t.windows[account]
 	if w == nil || now.Sub(w.start) >= time.Minute {
 		w = &minuteWindow{start: now}
@@ -173,7 +213,7 @@ func (t *throttle) failed(ip, account string) (time.Duration, []string) {
 		w.reported = true
 		report = slices.Clone(w.ips)
 	}
-	return min(d, t.max), report
+	return report
 }
 
 // sweep forgets the pairs quiet for forgetAfter and the minute windows
@@ -189,6 +229,11 @@ func (t *throttle) sweep(now time.Time) {
 	for a, w := range t.windows {
 		if now.Sub(w.start) >= time.Minute {
 			delete(t.windows, a)
+		}
+	}
+	for k, g := range t.gates {
+		if g.Before(now) {
+			delete(t.gates, k)
 		}
 	}
 	if len(t.pairs) < maxPairs {

@@ -451,6 +451,10 @@ func (s *session) loginFailed(tag, username string, delay time.Duration) *upstre
 func (s *session) login(tag, username, password string) *upstream.IMAPConn {
 	ip, _, _ := net.SplitHostPort(s.remote)
 	a, err := s.srv.opts.Accounts.Authenticate(s.ctx, "imap", ip, username, password)
+	if errors.Is(err, account.ErrTooManyGuesses) {
+		s.write(tag + " NO [UNAVAILABLE] Too many logins waiting for this account, try again later")
+		return nil
+	}
 	if err != nil {
 		return s.loginFailed(tag, username, account.RefusalDelay(err))
 	}

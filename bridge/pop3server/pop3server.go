@@ -361,6 +361,10 @@ func (s *session) parseCommand(line string) (cmd, arg string) {
 func (s *session) login(username, password string) {
 	ip, _, _ := net.SplitHostPort(s.remote)
 	a, err := s.srv.opts.Accounts.Authenticate(s.ctx, "pop3", ip, username, password)
+	if errors.Is(err, account.ErrTooManyGuesses) {
+		s.reply("-ERR [SYS/TEMP] Too many logins waiting for this account, try again later")
+		return
+	}
 	if err != nil {
 		if s.state.LoginFailed(s.log, username, account.RefusalDelay(err)) {
 			s.reply("-ERR [AUTH] Too many failed logins, closing connection")

@@ -182,6 +182,9 @@ func (s *session) Auth(mech string) (sasl.Server, error) {
 func (s *session) login(username, password string) error {
 	ip, _, _ := net.SplitHostPort(s.remote)
 	a, err := s.srv.opts.Accounts.Authenticate(s.ctx, "smtp", ip, username, password)
+	if errors.Is(err, account.ErrTooManyGuesses) {
+		return replyTooManyGuesses
+	}
 	if err != nil {
 		if s.state.LoginFailed(s.log, username, account.RefusalDelay(err)) {
 			s.state.CloseAfterNextWrite()

@@ -285,6 +285,13 @@ func (p *Page) authenticate(w http.ResponseWriter, r *http.Request) (string, boo
 		if err == nil {
 			return user, true
 		}
+		if errors.Is(err, account.ErrTooManyGuesses) {
+			p.opts.Log.Warn().Str("proto", "admin").Str("remote", r.RemoteAddr).
+				Str("hint", "someone is guessing the status page's password from many connections at once: keep [admin] listen on loopback").
+				Msg("status page login not checked: too many logins waiting")
+			http.Error(w, "too many logins waiting: try again later", http.StatusServiceUnavailable)
+			return "", false
+		}
 		p.opts.Log.Warn().Str("proto", "admin").Str("remote", r.RemoteAddr).Str("username", conntrack.Clip(user)).Int64("delay_ms", account.RefusalDelay(err).Milliseconds()).
 			Str("hint", "the status page's login is [admin] username and the password whose hash is [admin] password_hash; `mailbridge hash-password` makes a new hash").
 			Msg("status page login refused: wrong user name or password")
