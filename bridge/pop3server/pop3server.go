@@ -112,8 +112,10 @@ func (srv *Server) newSession(c net.Conn) *session {
 	return &session{
 		isTLS: isTLS,
 		srv:   srv, conn: c, state: srv.opts.Conns.StateOf(c), ctx: ctx, cancel: cancel, remote: remote, started: time.Now(),
-		r:   bufio.NewReaderSize(c, 4096),
-		w:   bufio.NewWriterSize(c, 64<<10),
+		r: bufio.NewReaderSize(c, 4096),
+		// A small writer before login (a connection that has not logged
+		// in costs a few kilobytes); the relay's 64 KB one after.
+		w:   bufio.NewWriterSize(c, 512),
 		log: srv.log.With().Str("session", conntrack.SessionID()).Str("remote", remote).Logger(),
 	}
 }
@@ -376,6 +378,8 @@ func (s *session) login(username, password string) {
 	}
 	s.account = a
 	s.state.MarkAuthenticated()
+	s.w.Flush()
+	s.w = bufio.NewWriterSize(s.conn, 64<<10)
 	s.log = s.log.With().Str("account", a.Config.Name).Logger()
 	s.state.SetBusy(true)
 	defer s.state.SetBusy(false)

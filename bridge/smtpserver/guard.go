@@ -70,8 +70,15 @@ const (
 	modePass
 )
 
+// Read buffer sizes: small while commands come (a connection that has not
+// logged in costs little), large once a message or TLS streams through.
+const (
+	commandBuffer = 4 << 10
+	streamBuffer  = 32 << 10
+)
+
 func newGuardConn(c net.Conn, log func(string)) *guardConn {
-	return &guardConn{Conn: c, log: log, buf: make([]byte, 32<<10)}
+	return &guardConn{Conn: c, log: log, buf: make([]byte, commandBuffer)}
 }
 
 // NetConn returns the connection the guard reads from.
@@ -117,6 +124,14 @@ func (g *guardConn) Read(p []byte) (int, error) {
 		if len(g.pending) > 0 {
 			g.filter()
 			continue
+		}
+		if len(g.buf) < streamBuffer {
+			g.mu.Lock()
+			streaming := g.mode != modeCommand || g.bdat > 0
+			g.mu.Unlock()
+			if streaming {
+				g.buf = make([]byte, streamBuffer)
+			}
 		}
 		n, err := g.Conn.Read(g.buf[:min(len(g.buf), max(len(p), 512))])
 		if n > 0 {
