@@ -22,7 +22,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/emersion/go-smtp"
 	"github.com/rs/zerolog"
 
 	"mailbridge/bridge/account"
@@ -71,27 +70,13 @@ type Bridge struct {
 	metrics   *admin.Metrics
 	conns     conntrack.Tracker
 
-	smtp      *smtpserver.Server
-	pop3      *pop3server.Server
-	imap      *imapserver.Server
-	imapLn    net.Listener
-	imapTLSLn net.Listener
-	imapTLS   *tls.Config
-	imapWatch *localtls.Watcher
-	imapLogin *conntrack.LoginPolicy
-	smtpTLS   *tls.Config // res.SMTPTLS, watched
-	pop3TLS   *tls.Config
-	smtpWatch *localtls.Watcher
-	pop3Watch *localtls.Watcher
-	smtpLogin *conntrack.LoginPolicy
-	pop3Login *conntrack.LoginPolicy
-	smtpSlots chan struct{}
-	smtpLn    net.Listener
-	smtpTLSLn net.Listener
-	pop3Ln    net.Listener
-	pop3TLSLn net.Listener
-	adminLn   net.Listener
-	listeners []net.Listener // every listener opened, closed at shutdown
+	smtp *smtpserver.Server
+	pop3 *pop3server.Server
+	imap *imapserver.Server
+	// The listening side of each protocol (front.go).
+	smtpFront, pop3Front, imapFront *front
+	adminLn                         net.Listener
+	listeners                       []net.Listener // every listener opened, closed at shutdown
 
 	stopWorker    context.CancelFunc
 	stopDelivery  context.CancelFunc
@@ -158,28 +143,41 @@ func New(cfg *config.Config, opts Options) (*Bridge, error) {
 		b.metrics.RegisterQueue(b.outbox)
 		submit = b.outbox
 	}
-	b.smtpWatch = localtls.NewWatcher(b.log, "smtp", config.TLSVersions[cfg.SMTP.TLSMinVersion])
-	b.pop3Watch = localtls.NewWatcher(b.log, "pop3", config.TLSVersions[cfg.POP3.TLSMinVersion])
-	b.imapWatch = localtls.NewWatcher(b.log, "imap", config.TLSVersions[cfg.IMAP.TLSMinVersion])
-	b.imapTLS = b.imapWatch.Config(res.IMAPTLS)
-	b.imapLogin = b.loginPolicy("imap", cfg.IMAP.LoginTimeout.Duration, cfg.IMAP.MaxSessions)
-	b.smtpTLS, b.pop3TLS = b.smtpWatch.Config(res.SMTPTLS), b.pop3Watch.Config(res.POP3TLS)
-	b.smtpSlots = make(chan struct{}, max(cfg.SMTP.MaxSessions, 1))
-	b.smtpLogin = b.loginPolicy("smtp", cfg.SMTP.LoginTimeout.Duration, cfg.SMTP.MaxSessions)
-	b.pop3Login = b.loginPolicy("pop3", cfg.POP3.LoginTimeout.Duration, cfg.POP3.MaxSessions)
+	b.smtpFront = b.newFront("smtp", cfg.SMTP.Listen, cfg.SMTP.LocalTLS, res.SMTPTLS, cfg.SMTP.LoginTimeout.Duration, cfg.SMTP.MaxSessions)
+	b.pop3Front = b.newFront("pop3", cfg.POP3.Listen, cfg.POP3.LocalTLS, res.POP3TLS, cfg.POP3.LoginTimeout.Duration, cfg.POP3.MaxSessions)
+	b.imapFront = b.newFront("imap", cfg.IMAP.Listen, cfg.IMAP.LocalTLS, res.IMAPTLS, cfg.IMAP.LoginTimeout.Duration, cfg.IMAP.MaxSessions)
 	b.smtp = smtpserver.New(smtpserver.Options{
-		Config: cfg.SMTP, TLS: b.smtpTLS, Accounts: b.accounts, Submit: submit, Plan: b.deliverer.Plan,
+		Config: cfg.SMTP, TLS: b.smtpFront.tls, Accounts: b.accounts, Submit: submit, Plan: b.deliverer.Plan,
 		Conns: &b.conns, Metrics: b.metrics, Log: b.log, Context: b.baseCtx,
 	})
 	b.imap = imapserver.New(imapserver.Options{
-		Config: cfg.IMAP, TLS: b.imapTLS, TLSFailed: b.imapWatch.Failed, Accounts: b.accounts,
+		Config: cfg.IMAP, TLS: b.imapFront.tls, TLSFailed: b.imapFront.watch.Failed, Accounts: b.accounts,
 		Conns: &b.conns, Metrics: b.metrics, Log: b.log, Context: b.baseCtx,
 	})
 	b.pop3 = pop3server.New(pop3server.Options{
-		Config: cfg.POP3, TLS: b.pop3TLS, TLSFailed: b.pop3Watch.Failed, Accounts: b.accounts,
+		Config: cfg.POP3, TLS: b.pop3Front.tls, TLSFailed: b.pop3Front.watch.Failed, Accounts: b.accounts,
 		Conns: &b.conns, Metrics: b.metrics, Log: b.log, Context: b.baseCtx,
 	})
+	smtpSlots := make(chan struct{}, max(cfg.SMTP.MaxSessions, 1)) // the plain and the implicit-TLS listener share them
+	b.smtpFront.limit = func(ln net.Listener, evict func() bool) net.Listener {
+		return b.smtp.LimitListener(ln, smtpSlots, evict)
+	}
+	b.smtpFront.idle = cfg.SMTP.IdleTimeout.Duration
+	b.smtpFront.guard = b.smtp.Guard
+	b.smtpFront.serve, b.smtpFront.serveTLS = b.smtp.Serve, b.smtp.ServeImplicitTLS
+	b.pop3Front.limit = b.pop3.LimitListener
+	b.pop3Front.serve = func(l net.Listener) error { b.pop3.Serve(l); return nil }
+	b.imapFront.limit = b.imap.LimitListener
+	b.imapFront.serve = func(l net.Listener) error { b.imap.Serve(l); return nil }
 	return b, nil
+}
+
+// newFront returns the listening side of proto, with its certificate
+// watcher and login policy; the protocol's server fills in the rest.
+func (b *Bridge) newFront(proto, listen string, local config.LocalTLS, resolved *tls.Config, loginTimeout time.Duration, maxSessions int) *front {
+	w := localtls.NewWatcher(b.log, proto, config.TLSVersions[local.TLSMinVersion])
+	return &front{proto: proto, listen: listen, local: local, watch: w, tls: w.Config(resolved),
+		login: b.loginPolicy(proto, loginTimeout, maxSessions)}
 }
 
 // loginPolicy bounds the connections of proto that have not logged in: a
@@ -190,13 +188,6 @@ func (b *Bridge) loginPolicy(proto string, timeout time.Duration, maxSessions in
 		Log:    b.log.With().Str("proto", proto).Logger(),
 		Opened: func() { b.metrics.ConnectionOpened(proto) }, Closed: func() { b.metrics.ConnectionClosed(proto) },
 	}
-}
-
-// evict returns the function a protocol's session limit calls when full:
-// it closes a connection of policy p that has not logged in, so that
-// connections that never log in cannot keep a client from the login.
-func (b *Bridge) evict(p *conntrack.LoginPolicy) func() bool {
-	return func() bool { return b.conns.EvictUnauthenticated(p) }
 }
 
 // Accounts returns the configured accounts in configuration order.
@@ -212,60 +203,13 @@ func (b *Bridge) Start() error {
 				Str("hint", "add \""+proto+"\" to an account's protocols, or set ["+proto+"] listen, to open it").Msg("listener off")
 		}
 	}
-	if b.cfg.SMTP.Listen != "" {
-		ln, err := b.listen("smtp", b.cfg.SMTP.Listen, nil)
-		if err != nil {
+	for _, f := range []*front{b.smtpFront, b.pop3Front, b.imapFront} {
+		if err := f.open(b); err != nil {
 			return err
 		}
-		b.smtpLn = ln
-		if tl := b.cfg.SMTP.TLSListen; tl != "" {
-			tln, err := b.listen("smtp", tl, b.smtpTLS)
-			if err != nil {
-				return err
-			}
-			b.smtpTLSLn = tln
-		}
 	}
-	if b.cfg.POP3.Listen != "" {
-		pln, err := b.listen("pop3", b.cfg.POP3.Listen, nil)
-		if err != nil {
-			return err
-		}
-		b.pop3Ln = pln
-		b.serve(func() {
-			b.pop3.Serve(b.conns.WrapLogin(b.pop3Watch.Listener(b.pop3.LimitListener(pln, b.evict(b.pop3Login))), b.pop3Login))
-		})
-		if tl := b.cfg.POP3.TLSListen; tl != "" {
-			tln, err := b.listen("pop3", tl, b.pop3TLS)
-			if err != nil {
-				return err
-			}
-			b.pop3TLSLn = tln
-			b.serve(func() {
-				b.pop3.Serve(tls.NewListener(b.conns.WrapLogin(b.pop3Watch.Listener(b.pop3.LimitListener(tln, b.evict(b.pop3Login))), b.pop3Login), b.pop3TLS))
-			})
-		}
-	}
-	if b.cfg.IMAP.Listen != "" {
-		iln, err := b.listen("imap", b.cfg.IMAP.Listen, nil)
-		if err != nil {
-			return err
-		}
-		b.imapLn = iln
-		b.serve(func() {
-			b.imap.Serve(b.conns.WrapLogin(b.imapWatch.Listener(b.imap.LimitListener(iln, b.evict(b.imapLogin))), b.imapLogin))
-		})
-		if tl := b.cfg.IMAP.TLSListen; tl != "" {
-			tln, err := b.listen("imap", tl, b.imapTLS)
-			if err != nil {
-				return err
-			}
-			b.imapTLSLn = tln
-			b.serve(func() {
-				b.imap.Serve(tls.NewListener(b.conns.WrapLogin(b.imapWatch.Listener(b.imap.LimitListener(tln, b.evict(b.imapLogin))), b.imapLogin), b.imapTLS))
-			})
-		}
-	}
+	b.pop3Front.start(b)
+	b.imapFront.start(b)
 	if b.outbox != nil {
 		wctx, stop := context.WithCancel(context.Background())
 		dctx, stopDelivery := context.WithCancel(context.Background())
@@ -277,25 +221,7 @@ func (b *Bridge) Start() error {
 		}()
 		b.log.Info().Str("proto", "outbox").Str("dir", b.cfg.Outbox.Dir).Msg("outbox open: queued messages will be delivered")
 	}
-	serveSMTP := func(l net.Listener) {
-		b.serve(func() {
-			if err := b.smtp.Serve(l); err != nil && !errors.Is(err, smtp.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
-				b.log.Error().Err(err).Msg("smtp listener stopped")
-			}
-		})
-	}
-	idle := b.cfg.SMTP.IdleTimeout.Duration
-	if b.smtpLn != nil {
-		serveSMTP(b.conns.WrapLogin(b.smtpWatch.Listener(b.smtp.Guard(conntrack.IdleListener(b.smtp.LimitListener(b.smtpLn, b.smtpSlots, b.evict(b.smtpLogin)), idle))), b.smtpLogin))
-	}
-	if b.smtpTLSLn != nil {
-		l := b.smtp.Guard(tls.NewListener(b.conns.WrapLogin(b.smtpWatch.Listener(conntrack.IdleListener(b.smtp.LimitListener(b.smtpTLSLn, b.smtpSlots, b.evict(b.smtpLogin)), idle)), b.smtpLogin), b.smtpTLS))
-		b.serve(func() {
-			if err := b.smtp.ServeImplicitTLS(l); err != nil && !errors.Is(err, smtp.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
-				b.log.Error().Err(err).Msg("smtp listener stopped")
-			}
-		})
-	}
+	b.smtpFront.start(b) // once the outbox takes messages
 	if b.cfg.Admin.Listen != "" {
 		aln, err := b.listen("admin", b.cfg.Admin.Listen, nil)
 		if err != nil {
@@ -330,7 +256,7 @@ func (b *Bridge) Start() error {
 	b.serving.Store(true)
 	b.serve(b.watchCredentials)
 	// The plain SMTP listener's line comes last, when all is up.
-	if b.smtpLn != nil {
+	if b.smtpFront.ln != nil {
 		b.log.Info().Str("proto", "smtp").Str("listen", b.SMTPAddr()).Int("accounts", len(b.Accounts())).Msg("listening")
 	} else {
 		b.log.Info().Int("accounts", len(b.Accounts())).Msg("ready (no SMTP listener)")
@@ -393,22 +319,22 @@ func addr(ln net.Listener) string {
 
 // SMTPAddr is the address the SMTP listener is bound to, "" if SMTP is
 // off.
-func (b *Bridge) SMTPAddr() string { return addr(b.smtpLn) }
+func (b *Bridge) SMTPAddr() string { return addr(b.smtpFront.ln) }
 
 // SMTPTLSAddr is the address of the implicit-TLS SMTP listener, "" if none.
-func (b *Bridge) SMTPTLSAddr() string { return addr(b.smtpTLSLn) }
+func (b *Bridge) SMTPTLSAddr() string { return addr(b.smtpFront.tlsLn) }
 
 // POP3Addr is the address the POP3 listener is bound to, "" if POP3 is off.
-func (b *Bridge) POP3Addr() string { return addr(b.pop3Ln) }
+func (b *Bridge) POP3Addr() string { return addr(b.pop3Front.ln) }
 
 // IMAPAddr is the address the IMAP listener is bound to, "" if IMAP is off.
-func (b *Bridge) IMAPAddr() string { return addr(b.imapLn) }
+func (b *Bridge) IMAPAddr() string { return addr(b.imapFront.ln) }
 
 // IMAPTLSAddr is the address of the implicit-TLS IMAP listener, "" if none.
-func (b *Bridge) IMAPTLSAddr() string { return addr(b.imapTLSLn) }
+func (b *Bridge) IMAPTLSAddr() string { return addr(b.imapFront.tlsLn) }
 
 // POP3TLSAddr is the address of the implicit-TLS POP3 listener, "" if none.
-func (b *Bridge) POP3TLSAddr() string { return addr(b.pop3TLSLn) }
+func (b *Bridge) POP3TLSAddr() string { return addr(b.pop3Front.tlsLn) }
 
 // AdminAddr is the address of the /metrics and /healthz listener, "" if
 // none.

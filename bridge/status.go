@@ -56,7 +56,7 @@ func (s statusBackend) Status() statuspage.Status {
 	for _, a := range b.Accounts() {
 		as := statuspage.AccountState{Account: a.Config.Name}
 		for _, proto := range []string{"smtp", "pop3", "imap"} {
-			if !a.Config.Uses(proto) || (proto == "pop3" && b.pop3Ln == nil) || (proto == "imap" && b.imapLn == nil) {
+			if !a.Config.Uses(proto) || (proto == "pop3" && b.pop3Front.ln == nil) || (proto == "imap" && b.imapFront.ln == nil) {
 				continue
 			}
 			ts := a.OutlookTokens
