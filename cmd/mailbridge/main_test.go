@@ -930,3 +930,29 @@ func TestInitKeepsSecretsAndEscapesValues(t *testing.T) {
 		t.Errorf("first.toml's secret after -force: %q", got)
 	}
 }
+
+// init writes its files private from the first byte and renames them into
+// place: a symbolic link where the configuration goes is replaced, not
+// followed, so init cannot be made to write elsewhere.
+func TestInitReplacesASymlinkInsteadOfFollowingIt(t *testing.T) {
+	fake, _, env := fakeAndConfig(t, "127.0.0.1:0", "")
+	dir := t.TempDir()
+	elsewhere := filepath.Join(t.TempDir(), "victim.txt")
+	os.WriteFile(elsewhere, []byte("untouched\n"), 0o644)
+	path := filepath.Join(dir, "mailbridge.toml")
+	if err := os.Symlink(elsewhere, path); err != nil {
+		t.Skip("no symbolic links here:", err)
+	}
+	os.WriteFile(filepath.Join(dir, "secret.in"), []byte(secret+"\n"), 0o600)
+	os.WriteFile(filepath.Join(dir, "password.in"), []byte("pw\n"), 0o600)
+	runBinary(t, env, "", "init", "-config", path, "-force", "-tenant-id", tenant, "-client-id", client,
+		"-client-secret-file", filepath.Join(dir, "secret.in"), "-mailbox", mailbox, "-username", "tm",
+		"-password-file", filepath.Join(dir, "password.in"), "-token-url", fake.TokenURL(), "-graph-url", fake.GraphURL())
+	if data, _ := os.ReadFile(elsewhere); string(data) != "untouched\n" {
+		t.Errorf("init wrote through the symbolic link: %q", data)
+	}
+	st, err := os.Lstat(path)
+	if err != nil || st.Mode()&os.ModeSymlink != 0 || st.Mode().Perm() != 0o600 {
+		t.Errorf("the configuration: %v %v, want a regular file of mode 0600", st.Mode(), err)
+	}
+}
