@@ -62,6 +62,11 @@ type Envelope struct {
 	// after it: found set at start-up, it means a crash during an attempt
 	// whose outcome is unknown.
 	InFlight bool `json:"in_flight,omitempty"`
+	// MaybeSent is set when an attempt's outcome stayed unknown (InFlight
+	// found set at start-up) and kept until the message is delivered: a
+	// later attempt that fails first does not make the eventual delivery
+	// any less a possible duplicate.
+	MaybeSent bool `json:"maybe_sent,omitempty"`
 	// DraftID is the draft a large message's attempt created at Graph;
 	// found set at start-up, it is deleted before the message goes again.
 	DraftID string `json:"draft_id,omitempty"`

@@ -443,8 +443,11 @@ func (w *Outbox) deliver(ctx context.Context, env *Envelope) bool {
 		Content: mime.View{mime.NewPiece(f, 0, env.Size)}, Session: env.Session, Remote: env.Remote, MessageID: env.MessageID,
 		StaleDraft: env.DraftID}
 	// An attempt that was under way when the bridge died may have reached
-	// Graph: this one may then send the message twice.
-	possibleDuplicate := env.InFlight
+	// Graph: this one, and any after it, may then send the message twice.
+	if env.InFlight {
+		env.MaybeSent = true
+	}
+	possibleDuplicate := env.MaybeSent
 	if possibleDuplicate {
 		log = log.With().Bool("possible_duplicate", true).Logger()
 	}

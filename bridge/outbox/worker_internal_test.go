@@ -3,6 +3,7 @@ package outbox
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -124,3 +125,40 @@ func TestRateBelowOnePerSecondSpacesAttempts(t *testing.T) {
 		}
 	}
 }
+
+// A message found in flight at start-up (its outcome unknown) stays a
+// possible duplicate until it is delivered, even when the first attempt
+// after the restart fails.
+func TestPossibleDuplicateSurvivesAFailedRetry(t *testing.T) {
+	var attempts atomic.Int64
+	w := newTestOutbox(t, 1, 1e6, func(ctx context.Context, m *deliver.Message, log zerolog.Logger) (deliver.Delivery, error) {
+		if attempts.Add(1) == 1 {
+			return deliver.Delivery{}, &upstream.APIError{Status: 429}
+		}
+		log.Info().Msg("attempt")
+		return deliver.Delivery{User: m.GraphUser, Path: "sendMail"}, nil
+	})
+	var logs strings.Builder
+	var mu sync.Mutex
+	w.log = zerolog.New(zerolog.SyncWriter(writerFunc(func(p []byte) (int, error) { mu.Lock(); defer mu.Unlock(); return logs.Write(p) })))
+	for _, ix := range w.index { // as a crash mid-attempt leaves it
+		ix.env.InFlight = true
+		if err := w.store.saveEnvelope("queue", ix.env); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for depth := 1; depth > 0 && attempts.Load() < 10; depth, _ = w.Depth() {
+		w.dispatch(context.Background())
+		w.wg.Wait()
+		time.Sleep(2 * time.Millisecond) // the retry's back-off
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if attempts.Load() != 2 || !strings.Contains(logs.String(), `"possible_duplicate":true,"message":"attempt"`) {
+		t.Errorf("%d attempts; the delivery after a failed retry is not flagged:\n%s", attempts.Load(), logs.String())
+	}
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
