@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -772,15 +773,17 @@ func plainB64(user, pass string) string {
 	return base64.StdEncoding.EncodeToString([]byte("\x00" + user + "\x00" + pass))
 }
 
-// Guesses in parallel do not each wait on their own: once the account has
-// failed, their verdicts come one after another, each wait booked after
-// the one before; the right password waits its turn too.
-func TestParallelGuessesWaitInTurn(t *testing.T) {
+// Guesses in parallel, once the account has failed, each wait before
+// their verdict (the booking of those waits one after another is tested
+// on an injected clock, in bridge/account: here the machine's load decides
+// when each connection is admitted).
+func TestParallelGuessesWaitBeforeTheirVerdict(t *testing.T) {
 	fake := startFake(t)
 	b, logs := startBridge(t, fake, testConfig(fake))
 	r := dialRaw(t, b.SMTPAddr())
 	r.cmd(535, "AUTH PLAIN %s", plainB64(userA, "wrong1"))
 	var wg sync.WaitGroup
+	var verdicts atomic.Int32
 	for i := range 8 {
 		wg.Add(1)
 		go func() {
@@ -798,8 +801,12 @@ func TestParallelGuessesWaitInTurn(t *testing.T) {
 			tp.PrintfLine("EHLO guesser")
 			tp.ReadResponse(250)
 			tp.PrintfLine("AUTH PLAIN %s", plainB64(userA, fmt.Sprintf("guess%d", i)))
-			if code, msg, _ := tp.ReadResponse(0); code != 535 && code != 454 {
+			code, msg, _ := tp.ReadResponse(0)
+			if code != 535 && code != 454 { // 454: no verdict, the waits booked too far ahead
 				t.Errorf("guess %d: %d %s", i, code, msg)
+			}
+			if code == 535 {
+				verdicts.Add(1)
 			}
 		}()
 	}
@@ -812,13 +819,14 @@ func TestParallelGuessesWaitInTurn(t *testing.T) {
 		json.Unmarshal([]byte(line), &f)
 		waits = append(waits, f.DelayMS)
 	}
-	if len(waits) != 9 {
-		t.Fatalf("%d refusals logged, want 9", len(waits))
+	if want := 1 + int(verdicts.Load()); len(waits) != want {
+		t.Fatalf("%d refusals logged, want %d", len(waits), want)
 	}
-	slices.Sort(waits)
-	for i := 2; i < len(waits); i++ {
-		if waits[i] <= waits[i-1] {
-			t.Fatalf("parallel guesses waited %v ms: two were checked at once", waits)
+	// The first failure came at once (no failure before it); every guess
+	// after it waited at least testAuthFailDelay before its verdict.
+	for i, w := range waits[1:] {
+		if w < int(testAuthFailDelay/time.Millisecond) {
+			t.Errorf("guess %d got its verdict without waiting (%d ms): %v", i+1, w, waits)
 		}
 	}
 }
