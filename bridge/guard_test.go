@@ -50,7 +50,7 @@ func TestLongCommandLinesBeforeLogin(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(20 * time.Second))
+	c.SetDeadline(time.Now().Add(patience))
 	br := bufio.NewReader(c)
 	br.ReadString('\n') // greeting
 	long := "EHLO " + strings.Repeat("x", 5000) + "\r\n"
@@ -83,7 +83,7 @@ func TestLongCommandLinesBeforeLogin(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer c.Close()
-		c.SetDeadline(time.Now().Add(30 * time.Second))
+		c.SetDeadline(time.Now().Add(patience))
 		bufio.NewReader(c).ReadString('\n')
 		c.Write([]byte("EHLO attacker\r\nNOOP "))
 		for range 64 { // 4 MiB without a line end
@@ -170,7 +170,7 @@ func TestIdleUnauthenticatedConnectionsCannotLockOut(t *testing.T) {
 	}
 	findLogLine(t, logs.String(), "connection closed: the oldest of too many that have not logged in, to make room")
 	// The others are closed at login_timeout.
-	idle[1].SetReadDeadline(time.Now().Add(5 * time.Second))
+	idle[1].SetReadDeadline(time.Now().Add(patience))
 	buf := make([]byte, 512)
 	for {
 		if _, err := idle[1].Read(buf); err != nil {
@@ -210,7 +210,7 @@ func TestImplicitTLSDataIsByteExact(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(20 * time.Second))
+	conn.SetDeadline(time.Now().Add(patience))
 	r := &rawSession{t: t, conn: conn, tp: textproto.NewConn(conn)}
 	r.expect(220)
 	r.cmd(250, "EHLO tls.test")

@@ -262,7 +262,7 @@ func dialRaw(t testing.TB, addr string) *rawSession {
 	if err != nil {
 		t.Fatal(err)
 	}
-	conn.SetDeadline(time.Now().Add(20 * time.Second))
+	conn.SetDeadline(time.Now().Add(patience))
 	t.Cleanup(func() { conn.Close() })
 	r := &rawSession{t: t, conn: conn, tp: textproto.NewConn(conn)}
 	r.expect(220)

@@ -53,7 +53,7 @@ func newPOP3Client(t testing.TB, conn net.Conn) *popClient {
 
 func (p *popClient) line() string {
 	p.t.Helper()
-	p.conn.SetReadDeadline(time.Now().Add(30 * time.Second))
+	p.conn.SetReadDeadline(time.Now().Add(patience))
 	l, err := p.r.ReadString('\n')
 	if err != nil {
 		p.t.Fatalf("reading answer: %v (got %q)", err, l)
@@ -91,7 +91,7 @@ func (p *popClient) body(raw, msg io.Writer) error {
 	}
 	atStart := true
 	for {
-		p.conn.SetReadDeadline(time.Now().Add(60 * time.Second))
+		p.conn.SetReadDeadline(time.Now().Add(patience))
 		frag, err := p.r.ReadSlice('\n')
 		if err != nil && !errors.Is(err, bufio.ErrBufferFull) {
 			return err
@@ -420,7 +420,7 @@ func TestPOP3UpstreamDropClosesClientWithoutOK(t *testing.T) {
 		t.Fatal("the client saw a complete message although Outlook dropped the connection")
 	}
 	fmt.Fprintf(p.conn, "QUIT\r\n")
-	p.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	p.conn.SetReadDeadline(time.Now().Add(patience))
 	if rest, _ := io.ReadAll(p.r); bytes.Contains(rest, []byte("+OK")) {
 		t.Fatalf("the client got %q after the upstream failed", rest)
 	}
@@ -607,7 +607,7 @@ func TestPOP3StalledUpstreamEndsSession(t *testing.T) {
 	p := dialPOP3(t, b.POP3Addr())
 	p.login(userA, passwordA)
 	fmt.Fprintf(p.conn, "RETR 1\r\n")
-	p.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	p.conn.SetReadDeadline(time.Now().Add(patience))
 	got, err := io.ReadAll(p.r)
 	if err != nil {
 		t.Fatalf("the bridge did not close the connection: %v", err)
@@ -660,7 +660,7 @@ func TestPOP3ThreeFailedLoginsClose(t *testing.T) {
 			t.Fatalf("failure %d: %q, want %q", i+1, l, want)
 		}
 	}
-	p.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	p.conn.SetReadDeadline(time.Now().Add(patience))
 	if _, err := p.r.ReadString('\n'); err == nil {
 		t.Error("the connection stayed open")
 	}

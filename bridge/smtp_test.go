@@ -616,7 +616,7 @@ func TestSMTPSessionLimit(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer r.Close()
-	r.SetDeadline(time.Now().Add(5 * time.Second))
+	r.SetDeadline(time.Now().Add(patience))
 	line, _ := bufio.NewReader(r).ReadString('\n')
 	if !strings.HasPrefix(line, "421 4.3.2 ") {
 		t.Errorf("third session greeted with %q, want 421 4.3.2", line)
@@ -720,7 +720,7 @@ func TestLoginThrottleCannotBeSidestepped(t *testing.T) {
 	r.cmd(535, "AUTH PLAIN %s", plainB64(userA, "wrong1"))
 	r.cmd(535, "AUTH PLAIN %s", plainB64(userA, "wrong2"))
 	r.cmd(421, "AUTH PLAIN %s", plainB64(userA, "wrong3"))
-	r.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	r.conn.SetReadDeadline(time.Now().Add(patience))
 	if _, err := r.tp.ReadLine(); err == nil {
 		t.Error("the connection stayed open after three failed logins")
 	}
@@ -734,7 +734,7 @@ func TestLoginThrottleCannotBeSidestepped(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		c.SetDeadline(time.Now().Add(20 * time.Second))
+		c.SetDeadline(time.Now().Add(patience))
 		tp := textproto.NewConn(c)
 		tp.ReadResponse(220)
 		tp.PrintfLine("EHLO other")
