@@ -750,18 +750,7 @@ func TestLoginThrottleCannotBeSidestepped(t *testing.T) {
 	// account, up to 30 times itself. From 127.0.0.1: none before the
 	// first failure, then 5, 10; then the account has failed 3 times, so
 	// other addresses wait 20, 40, then 80.
-	var delays []int
-	for _, line := range strings.Split(logs.String(), "\n") {
-		if strings.Contains(line, `"message":"authentication failed: unknown user name or wrong password"`) {
-			var f struct {
-				DelayMS int `json:"delay_ms"`
-			}
-			if err := json.Unmarshal([]byte(line), &f); err != nil {
-				t.Fatal(err)
-			}
-			delays = append(delays, f.DelayMS)
-		}
-	}
+	delays := refusalDelays(t, logs.String())
 	if !slices.Equal(delays, []int{0, 5, 10, 20, 40, 80}) {
 		t.Errorf("refusals delayed by %v ms, want 0 5 10 from one address, then 20 40 80 from others", delays)
 	}
@@ -811,14 +800,7 @@ func TestParallelGuessesWaitBeforeTheirVerdict(t *testing.T) {
 		}()
 	}
 	wg.Wait()
-	var waits []int
-	for _, line := range linesWith(logs.String(), "authentication failed: unknown user name or wrong password") {
-		var f struct {
-			DelayMS int `json:"delay_ms"`
-		}
-		json.Unmarshal([]byte(line), &f)
-		waits = append(waits, f.DelayMS)
-	}
+	waits := refusalDelays(t, logs.String())
 	if want := 1 + int(verdicts.Load()); len(waits) != want {
 		t.Fatalf("%d refusals logged, want %d", len(waits), want)
 	}
@@ -829,4 +811,21 @@ func TestParallelGuessesWaitBeforeTheirVerdict(t *testing.T) {
 			t.Errorf("guess %d got its verdict without waiting (%d ms): %v", i+1, w, waits)
 		}
 	}
+}
+
+// refusalDelays returns, in order, how long each refused login waited
+// before its verdict, as its log line says (delay_ms).
+func refusalDelays(t testing.TB, logs string) []int {
+	t.Helper()
+	var delays []int
+	for _, line := range linesWith(logs, "authentication failed: unknown user name or wrong password") {
+		var f struct {
+			DelayMS int `json:"delay_ms"`
+		}
+		if err := json.Unmarshal([]byte(line), &f); err != nil {
+			t.Fatal(err)
+		}
+		delays = append(delays, f.DelayMS)
+	}
+	return delays
 }
