@@ -121,6 +121,7 @@ func New(cfg *config.Config, opts Options) (*Bridge, error) {
 		UploadBytesPer5Min: cfg.SMTP.UploadBytesPer5Min,
 		SpoolDir:           cfg.SMTP.SpoolDir,
 		MaxRequests:        cfg.SMTP.MaxGraphRequestsPerMessage,
+		LookupWindow:       cfg.SMTP.LookupWindow.Duration,
 	})
 	var submit deliver.Submitter = b.deliverer
 	if cfg.Outbox.Enabled {

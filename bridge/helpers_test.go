@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/textproto"
 	"os"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -340,4 +341,18 @@ func linesWith(logs, message string) []string {
 		}
 	}
 	return found
+}
+
+// addedMessageID matches the Message-ID field the bridge adds to a message
+// that has none.
+var addedMessageID = regexp.MustCompile(`Message-ID: (<[0-9]{14}\.[0-9a-f]{20}\.mailbridge@[a-z0-9.-]+>)\r\n`)
+
+// withoutAddedID returns raw without the Message-ID field the bridge added,
+// failing unless there is exactly one.
+func withoutAddedID(t *testing.T, raw []byte) []byte {
+	t.Helper()
+	if n := len(addedMessageID.FindAllIndex(raw, -1)); n != 1 {
+		t.Fatalf("%d Message-ID fields added by the bridge, want 1:\n%.600q", n, raw)
+	}
+	return addedMessageID.ReplaceAll(raw, nil)
 }

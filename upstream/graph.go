@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 )
 
@@ -42,12 +43,18 @@ type SendResult struct {
 // SendMail posts the raw RFC 5322 message of size bytes read from mime to
 // POST /users/{user}/sendMail, base64-encoded as it is read. A refused
 // token is renewed and the request made once more. Graph's refusals are
-// *APIError, token failures *TokenError.
+// *APIError, token failures *TokenError; a request written whole that got
+// no clear answer is an *OutcomeUnknownError.
 func (g *GraphClient) SendMail(ctx context.Context, user string, mime io.ReaderAt, size int64) (SendResult, error) {
 	body := func() io.Reader { return NewBase64Reader(io.NewSectionReader(mime, 0, size)) }
-	res, err := g.call(ctx, http.MethodPost, g.userURL(user, "sendMail"), "text/plain", body, int64(base64.StdEncoding.EncodedLen(int(size))), http.StatusAccepted, nil)
+	var wrote atomic.Bool
+	res, err := g.call(traceWritten(ctx, &wrote), http.MethodPost, g.userURL(user, "sendMail"), "text/plain", body, int64(base64.StdEncoding.EncodedLen(int(size))), http.StatusAccepted, nil)
 	if err != nil {
-		return res, fmt.Errorf("graph sendMail: %w", err)
+		err = fmt.Errorf("graph sendMail: %w", err)
+		if unknownOutcome(wrote.Load(), err) {
+			err = &OutcomeUnknownError{Err: err}
+		}
+		return res, err
 	}
 	return res, nil
 }

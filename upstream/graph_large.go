@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync/atomic"
 )
 
 // Limits of Graph's attachment API.
@@ -164,11 +165,17 @@ func (g *GraphClient) CancelUpload(ctx context.Context, s *UploadSession) error 
 	return nil
 }
 
-// SendDraft sends a draft (POST /users/{user}/messages/{id}/send).
+// SendDraft sends a draft (POST /users/{user}/messages/{id}/send). Its
+// errors are those of SendMail.
 func (g *GraphClient) SendDraft(ctx context.Context, user, messageID string) (SendResult, error) {
-	res, err := g.call(ctx, http.MethodPost, g.userURL(user, "messages", messageID, "send"), "", nil, 0, http.StatusAccepted, nil)
+	var wrote atomic.Bool
+	res, err := g.call(traceWritten(ctx, &wrote), http.MethodPost, g.userURL(user, "messages", messageID, "send"), "", nil, 0, http.StatusAccepted, nil)
 	if err != nil {
-		return res, fmt.Errorf("send draft: %w", err)
+		err = fmt.Errorf("send draft: %w", err)
+		if unknownOutcome(wrote.Load(), err) {
+			err = &OutcomeUnknownError{Err: err}
+		}
+		return res, err
 	}
 	return res, nil
 }

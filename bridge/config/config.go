@@ -69,7 +69,11 @@ type SMTPConfig struct {
 	LocalTLS        `toml:",inline"`
 	MaxMessageBytes int64    `toml:"max_message_bytes"`
 	MaxRecipients   int      `toml:"max_recipients"`
-	SendTimeout     Duration `toml:"send_timeout"`     // how long one message may take to reach Graph, retries included
+	SendTimeout     Duration `toml:"send_timeout"` // how long one message may take to reach Graph, retries included
+	// LookupWindow is how long a message whose send had an unknown outcome
+	// (Graph's answer lost) is looked for in Sent Items before it is sent
+	// again.
+	LookupWindow    Duration `toml:"lookup_window"`
 	MaxSessions     int      `toml:"max_sessions"`     // concurrent SMTP sessions
 	IdleTimeout     Duration `toml:"idle_timeout"`     // how long a client may stay silent
 	LoginTimeout    Duration `toml:"login_timeout"`    // how long a client may take to log in
@@ -341,6 +345,7 @@ func Default() *Config {
 			MaxMessageBytes:            DefaultMaxMessageBytes,
 			MaxRecipients:              DefaultMaxRecipients,
 			SendTimeout:                Duration{60 * time.Second},
+			LookupWindow:               Duration{2 * time.Minute},
 			IdleTimeout:                Duration{5 * time.Minute},
 			LoginTimeout:               Duration{60 * time.Second},
 			ShutdownTimeout:            Duration{30 * time.Second},
@@ -465,7 +470,7 @@ func (c *Config) Complete(dir string) error {
 	if c.SMTP.MaxRecipients <= 0 {
 		bad("smtp.max_recipients", "must be positive")
 	}
-	for key, d := range map[string]Duration{"smtp.send_timeout": c.SMTP.SendTimeout, "smtp.idle_timeout": c.SMTP.IdleTimeout, "smtp.shutdown_timeout": c.SMTP.ShutdownTimeout, "smtp.login_timeout": c.SMTP.LoginTimeout} {
+	for key, d := range map[string]Duration{"smtp.send_timeout": c.SMTP.SendTimeout, "smtp.idle_timeout": c.SMTP.IdleTimeout, "smtp.shutdown_timeout": c.SMTP.ShutdownTimeout, "smtp.login_timeout": c.SMTP.LoginTimeout, "smtp.lookup_window": c.SMTP.LookupWindow} {
 		if d.Duration <= 0 {
 			bad(key, "must be a positive duration such as \"30s\"")
 		}

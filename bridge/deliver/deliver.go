@@ -26,7 +26,8 @@ import (
 
 // Graph is what delivery needs of Microsoft Graph: sendMail, and for a
 // message over its limit a draft from MIME, attachments (in one request or
-// an upload session), sending the draft, and deleting it when that fails.
+// an upload session), sending the draft, and deleting it when that fails;
+// and a look in Sent Items after a send whose outcome is unknown.
 // Refusals are *upstream.APIError, a token that could not be had
 // *upstream.TokenError. *upstream.GraphClient is the real one.
 type Graph interface {
@@ -38,6 +39,7 @@ type Graph interface {
 	CancelUpload(ctx context.Context, s *upstream.UploadSession) error
 	SendDraft(ctx context.Context, user, messageID string) (upstream.SendResult, error)
 	DeleteMessage(ctx context.Context, user, messageID string) error
+	FindSent(ctx context.Context, user, internetMessageID string, since time.Time) (upstream.SentCopy, bool, error)
 }
 
 var _ Graph = (*upstream.GraphClient)(nil)
@@ -53,8 +55,18 @@ type Message struct {
 	GraphUser, FallbackUser string
 	Content                 mime.View
 	// Session and Remote name the SMTP session that received the message,
-	// MessageID its Message-ID header: for the log.
+	// for the log. MessageID is its Message-ID (the client's, or the one
+	// the bridge added at DATA), by which it is looked up in Sent Items.
 	Session, Remote, MessageID string
+	// IDReused: another message the bridge took recently had the same
+	// Message-ID, so Sent Items cannot tell this one apart.
+	IDReused bool
+	// OutcomeUnknown: an earlier send of this message may have reached
+	// Graph; it is looked up in Sent Items before it is sent again.
+	OutcomeUnknown bool
+	// FirstAttempt is when the bridge took the message: a copy in Sent
+	// Items much older than that is another message.
+	FirstAttempt time.Time
 	// StaleDraft is a draft an earlier, interrupted attempt left at Graph:
 	// it is deleted before the message goes again.
 	StaleDraft string
@@ -82,6 +94,17 @@ type Delivery struct {
 	Attempts int
 	FellBack bool   // use_address_from_user fell back to the account mailbox
 	Path     string // "sendMail", or "draft" for a large message
+	// FoundInSentItems: an earlier send's outcome was unknown, and the
+	// message was found in Sent Items instead of being sent again.
+	FoundInSentItems bool
+	// OutcomeUnknown: the send failed in a way that leaves open whether
+	// Graph took the message, and no look-up settled it yet.
+	OutcomeUnknown bool
+	// PossibleDuplicate: the message was sent again after an unknown
+	// outcome without a look-up (no read permission, no usable ID).
+	PossibleDuplicate bool
+	// Lookups counts the requests made to Sent Items.
+	Lookups int
 }
 
 // Receipt is what a Submitter says of a message it took.
@@ -136,6 +159,10 @@ type Options struct {
 	// MaxRequests bounds the Graph requests of one message (Plan); zero
 	// means 50.
 	MaxRequests int
+	// LookupWindow is how long a message whose send had an unknown outcome
+	// is looked for in Sent Items before it is sent again; zero means
+	// DefaultLookupWindow.
+	LookupWindow time.Duration
 }
 
 // Deliverer sends messages through Graph. It is safe for concurrent use.
@@ -143,6 +170,7 @@ type Deliverer struct {
 	opts  Options
 	pacer *uploadPacer
 	slots *MailboxSlots
+	now   func() time.Time
 }
 
 // New returns a Deliverer.
@@ -156,7 +184,10 @@ func New(opts Options) *Deliverer {
 	if opts.UploadBytesPer5Min <= 0 {
 		opts.UploadBytesPer5Min = 150 << 20
 	}
-	return &Deliverer{opts: opts, pacer: newUploadPacer(opts.UploadBytesPer5Min, 5*time.Minute), slots: NewMailboxSlots(PerMailboxInFlight)}
+	if opts.LookupWindow <= 0 {
+		opts.LookupWindow = DefaultLookupWindow
+	}
+	return &Deliverer{opts: opts, pacer: newUploadPacer(opts.UploadBytesPer5Min, 5*time.Minute), slots: NewMailboxSlots(PerMailboxInFlight), now: time.Now}
 }
 
 // Slots returns the limit of Graph requests in flight per app and mailbox
@@ -166,7 +197,10 @@ func (d *Deliverer) Slots() *MailboxSlots { return d.slots }
 var _ Submitter = (*Deliverer)(nil)
 
 // Submit sends m now, retrying transient failures within the send timeout:
-// direct delivery, for when the outbox is off.
+// direct delivery, for when the outbox is off. A send whose outcome is
+// unknown is looked up in Sent Items within the send timeout; if that does
+// not settle it, the Receipt says OutcomeUnknown and the caller answers
+// 451 (the client's resend is looked up first).
 func (d *Deliverer) Submit(ctx context.Context, m *Message, log zerolog.Logger) (Receipt, error) {
 	sctx, cancel := context.WithTimeout(ctx, d.opts.SendTimeout)
 	defer cancel()
@@ -175,14 +209,44 @@ func (d *Deliverer) Submit(ctx context.Context, m *Message, log zerolog.Logger) 
 		return Receipt{Delivery: Delivery{User: m.GraphUser}}, err
 	}
 	defer release()
+	if m.FirstAttempt.IsZero() {
+		m.FirstAttempt = d.now()
+	}
 	if m.Size() > upstream.MaxSendMailMIME {
-		del, err := d.sendLarge(ctx, m, log) // each step has its own send_timeout
+		del, err := d.attemptLarge(ctx, m, log) // each step has its own send_timeout
 		return Receipt{Delivery: del}, err
 	}
-	del := Delivery{User: m.GraphUser, Path: "sendMail"}
-	n, err := d.retry(sctx, func(ctx context.Context) error { return d.sendOnce(ctx, m, &del) })
+	del := Delivery{User: m.GraphUser, Path: "sendMail", OutcomeUnknown: m.OutcomeUnknown}
+	n, err := d.retry(sctx, func(ctx context.Context) error { return d.sendChecked(ctx, ctx, m, &del, log) })
 	del.Attempts += n
 	return Receipt{Delivery: del}, err
+}
+
+// sendChecked sends m (within sendCtx) unless an earlier send's outcome is
+// unknown and Sent Items says it went; a send with an unknown outcome is
+// looked up (within lookCtx) before sendChecked returns. Its error is the
+// send's.
+func (d *Deliverer) sendChecked(lookCtx, sendCtx context.Context, m *Message, del *Delivery, log zerolog.Logger) error {
+	ctx := lookCtx
+	if del.OutcomeUnknown {
+		done, err := d.settle(ctx, m, candidates(m, del), del, log)
+		if done || err != nil {
+			return err
+		}
+	}
+	err := d.sendOnce(sendCtx, m, del)
+	if !upstream.IsOutcomeUnknown(err) {
+		return err
+	}
+	del.OutcomeUnknown = true
+	log.Warn().Err(err).Str("graph_user", del.User).Bool("possible_duplicate", true).
+		Msg("the send's outcome is unknown: looking in Sent Items before sending again")
+	if done, lerr := d.settle(ctx, m, []string{del.User}, del, log); done {
+		return nil
+	} else if lerr != nil && !errors.Is(lerr, ctx.Err()) {
+		log.Warn().Err(lerr).Msg("the look-up in Sent Items failed")
+	}
+	return err
 }
 
 // Attempt makes one attempt at m, for the outbox, which spaces the retries
@@ -192,16 +256,20 @@ func (d *Deliverer) Submit(ctx context.Context, m *Message, log zerolog.Logger) 
 func (d *Deliverer) Attempt(ctx context.Context, m *Message, log zerolog.Logger) (Delivery, error) {
 	release, err := d.slots.Acquire(ctx, SlotKey(m))
 	if err != nil {
-		return Delivery{User: m.GraphUser}, err
+		return Delivery{User: m.GraphUser, OutcomeUnknown: m.OutcomeUnknown}, err
 	}
 	defer release()
-	if m.Size() > upstream.MaxSendMailMIME {
-		return d.sendLarge(ctx, m, log)
+	if m.FirstAttempt.IsZero() {
+		m.FirstAttempt = d.now()
 	}
+	if m.Size() > upstream.MaxSendMailMIME {
+		return d.attemptLarge(ctx, m, log)
+	}
+	del := Delivery{User: m.GraphUser, Path: "sendMail", OutcomeUnknown: m.OutcomeUnknown}
+	// The look-ups have their own window; the send its send_timeout.
 	sctx, cancel := context.WithTimeout(ctx, d.opts.SendTimeout)
 	defer cancel()
-	del := Delivery{User: m.GraphUser, Path: "sendMail"}
-	err = d.sendOnce(sctx, m, &del)
+	err = d.sendChecked(ctx, sctx, m, &del, log)
 	return del, err
 }
 

@@ -78,15 +78,27 @@ func (dl *Deliverer) Plan(m *Message) error {
 	return nil
 }
 
+// attemptLarge sends a message over sendMail's limit after settling an
+// earlier attempt's unknown outcome.
+func (dl *Deliverer) attemptLarge(ctx context.Context, m *Message, log zerolog.Logger) (Delivery, error) {
+	d := Delivery{User: m.GraphUser, Path: "draft", OutcomeUnknown: m.OutcomeUnknown}
+	if d.OutcomeUnknown {
+		if done, err := dl.settle(ctx, m, candidates(m, &d), &d, log); done || err != nil {
+			return d, err
+		}
+	}
+	err := dl.sendLarge(ctx, m, log, &d)
+	return d, err
+}
+
 // sendLarge sends a message over sendMail's limit: the attachments that
 // make it large leave the MIME, the rest becomes a draft byte for byte, the
 // attachments are added to the draft (by upload session from 3 MB), and the
 // draft is sent. A step that fails for a transient reason is retried alone;
 // when the message cannot be sent the draft is deleted.
-func (dl *Deliverer) sendLarge(ctx context.Context, m *Message, log zerolog.Logger) (Delivery, error) {
-	d := Delivery{User: m.GraphUser, Path: "draft"}
+func (dl *Deliverer) sendLarge(ctx context.Context, m *Message, log zerolog.Logger, d *Delivery) error {
 	if !m.Account.Config.LargeMessages {
-		return d, ErrLargeMessagesOff
+		return ErrLargeMessagesOff
 	}
 	var gc Graph = m.Account.Graph
 	msg := m.Content
@@ -96,7 +108,7 @@ func (dl *Deliverer) sendLarge(ctx context.Context, m *Message, log zerolog.Logg
 	if p := m.planned; p != nil {
 		removed, draft = p.removed, p.draft
 	} else if removed, draft, err = dl.split(msg); err != nil {
-		return d, err
+		return err
 	}
 	atts, err := dl.decodeAttachments(msg, removed)
 	defer func() {
@@ -105,11 +117,11 @@ func (dl *Deliverer) sendLarge(ctx context.Context, m *Message, log zerolog.Logg
 		}
 	}()
 	if err != nil {
-		return d, err
+		return err
 	}
 	log.Debug().Int64("draft_bytes", draft.Size()).Int("attachments", len(atts)).Msg("sending as draft with attachments")
 	if m.StaleDraft != "" {
-		err := dl.step(ctx, &d, "delete the draft of an interrupted attempt", func(ctx context.Context) error {
+		err := dl.step(ctx, d, "delete the draft of an interrupted attempt", func(ctx context.Context) error {
 			err := gc.DeleteMessage(ctx, d.User, m.StaleDraft)
 			if failure.Classify(err).Kind == failure.Mailbox { // 404: already gone
 				return nil
@@ -123,7 +135,7 @@ func (dl *Deliverer) sendLarge(ctx context.Context, m *Message, log zerolog.Logg
 		}
 	}
 
-	step := func(name string, op func(ctx context.Context) error) error { return dl.step(ctx, &d, name, op) }
+	step := func(name string, op func(ctx context.Context) error) error { return dl.step(ctx, d, name, op) }
 
 	var draftID string
 	err = step("create draft", func(ctx context.Context) error {
@@ -131,7 +143,7 @@ func (dl *Deliverer) sendLarge(ctx context.Context, m *Message, log zerolog.Logg
 			return err
 		}
 		id, err := gc.CreateDraft(ctx, d.User, draft, draft.Size())
-		if err != nil && dl.fallBack(m, &d, err) {
+		if err != nil && dl.fallBack(m, d, err) {
 			id, err = gc.CreateDraft(ctx, d.User, draft, draft.Size())
 		}
 		draftID = id
@@ -142,10 +154,10 @@ func (dl *Deliverer) sendLarge(ctx context.Context, m *Message, log zerolog.Logg
 	}
 	if err != nil {
 		if failure.IsAccessDenied(err) {
-			return d, &failure.Error{Kind: failure.TooLarge, Hint: failure.ReadWriteHint, Err: err,
+			return &failure.Error{Kind: failure.TooLarge, Hint: failure.ReadWriteHint, Err: err,
 				Reason: fmt.Sprintf("Message over Graph sendMail's limit of %d bytes: the app lacks the Mail.ReadWrite permission; the administrator must grant it", upstream.MaxSendMailMIME)}
 		}
-		return d, err
+		return err
 	}
 	sent := false
 	defer func() {
@@ -162,19 +174,38 @@ func (dl *Deliverer) sendLarge(ctx context.Context, m *Message, log zerolog.Logg
 	}()
 	for _, at := range atts {
 		if err := dl.addAttachment(ctx, gc, d.User, draftID, at, step); err != nil {
-			return d, err
+			return err
 		}
 	}
+	lookCtx := ctx // the look-ups have their own window, longer than a step
 	err = step("send draft", func(ctx context.Context) error {
+		if d.OutcomeUnknown {
+			if done, err := dl.settle(lookCtx, m, []string{d.User}, d, log); done || err != nil {
+				sent = done
+				return err
+			}
+		}
 		res, err := gc.SendDraft(ctx, d.User, draftID)
 		d.Result = res
+		if upstream.IsOutcomeUnknown(err) {
+			d.OutcomeUnknown = true
+			log.Warn().Err(err).Str("graph_user", d.User).Bool("possible_duplicate", true).
+				Msg("the draft's send had an unknown outcome: looking in Sent Items before sending again")
+			if done, _ := dl.settle(lookCtx, m, []string{d.User}, d, log); done {
+				sent = true
+				return nil
+			}
+		}
 		return err
 	})
+	if sent {
+		return nil // found in Sent Items: the draft left Drafts when it went
+	}
 	if err != nil {
-		return d, err
+		return err
 	}
 	sent = true
-	return d, nil
+	return nil
 }
 
 // addAttachment adds one attachment to the draft: in one request under

@@ -15,7 +15,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"slices"
 	"strings"
@@ -107,8 +106,9 @@ type Failure struct {
 	// Hint says in one sentence what an administrator should do; "" if
 	// nothing.
 	Hint string
-	// PossibleDuplicate: Graph may have taken the message although no
-	// answer came, so a retry may send it twice.
+	// PossibleDuplicate: the send's outcome is unknown (the request was
+	// written whole, then no clear answer came): Graph may have taken the
+	// message, so it is looked up in Sent Items before any resend.
 	PossibleDuplicate bool
 	// UntrustedCertificate: a Microsoft endpoint's certificate did not
 	// verify (an unknown CA, or a TLS-inspecting proxy).
@@ -129,7 +129,6 @@ func Classify(err error) Failure {
 	var tokErr *upstream.TokenError
 	var popErr *upstream.POP3AuthError
 	var imapErr *upstream.IMAPAuthError
-	var opErr *net.OpError
 	var verifyErr *tls.CertificateVerificationError
 	var unknownCA x509.UnknownAuthorityError
 	var hostErr x509.HostnameError
@@ -173,9 +172,11 @@ func Classify(err error) Failure {
 	default:
 		f.Kind, f.Temporary, f.Retryable = Network, true, true
 		f.Hint = "Graph could not be reached: check the network, proxy (HTTPS_PROXY) and DNS, and graph_url"
-		// A connection never made cannot have delivered anything.
-		f.PossibleDuplicate = !(errors.As(err, &opErr) && opErr.Op == "dial")
 	}
+	// Only a request that reached Graph whole and got no clear answer may
+	// have sent the message: a connection never made, or one that broke
+	// while the request was written, cannot have.
+	f.PossibleDuplicate = upstream.IsOutcomeUnknown(err)
 	return f
 }
 

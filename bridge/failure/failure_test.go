@@ -70,14 +70,18 @@ func TestClassifyKeepsGraphDetails(t *testing.T) {
 	}
 }
 
+// Only a send whose outcome upstream says is unknown (written whole, no
+// clear answer) may be a duplicate; the rest were not taken.
 func TestPossibleDuplicate(t *testing.T) {
 	for err, want := range map[error]bool{
-		errors.New("connection reset by peer"):             true,
-		&net.OpError{Op: "dial", Err: errors.New("x")}:     false,
-		&net.OpError{Op: "read", Err: errors.New("reset")}: true,
-		&upstream.APIError{Status: 503}:                    false,
-		&upstream.TokenError{Status: 503}:                  false,
-		fmt.Errorf("%w: x", mime.ErrSpool):                 false,
+		&upstream.OutcomeUnknownError{Err: errors.New("connection reset by peer")}: true,
+		&upstream.OutcomeUnknownError{Err: &upstream.APIError{Status: 504}}:        true,
+		errors.New("connection reset by peer"):                                     false,
+		&net.OpError{Op: "dial", Err: errors.New("x")}:                             false,
+		&net.OpError{Op: "write", Err: errors.New("broken pipe")}:                  false,
+		&upstream.APIError{Status: 503}:                                            false,
+		&upstream.TokenError{Status: 503}:                                          false,
+		fmt.Errorf("%w: x", mime.ErrSpool):                                         false,
 	} {
 		if got := failure.Classify(err).PossibleDuplicate; got != want {
 			t.Errorf("PossibleDuplicate(%v) = %v, want %v", err, got, want)

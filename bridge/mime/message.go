@@ -55,10 +55,11 @@ func (h *Head) FieldAddresses(field string) [][]string {
 // WithBcc returns msg (size bytes, whose header is h) as Graph must receive
 // it: every envelope recipient that no To, Cc or Bcc field names is added
 // to one Bcc field at the end of the header, merged with a Bcc field the
-// client wrote, since a message may have only one (RFC 5322 §3.6). The
-// rest of the message stays byte for byte. headerOnly lists the header
-// recipients that are not envelope recipients.
-func WithBcc(msg io.ReaderAt, size int64, h *Head, rcpts []string) (out View, headerOnly []string) {
+// client wrote, since a message may have only one (RFC 5322 §3.6); and a
+// Message-ID field with messageID when it is not "" (for a message that
+// has none). The rest of the message stays byte for byte. headerOnly lists
+// the header recipients that are not envelope recipients.
+func WithBcc(msg io.ReaderAt, size int64, h *Head, rcpts []string, messageID string) (out View, headerOnly []string) {
 	inHeaders := map[string]bool{}
 	for _, a := range h.Addresses("To", "Cc", "Bcc") {
 		inHeaders[a] = true
@@ -78,21 +79,28 @@ func WithBcc(msg io.ReaderAt, size int64, h *Head, rcpts []string) (out View, he
 		}
 	}
 	whole := Piece{r: msg, n: size}
-	if len(bcc) == 0 {
+	if len(bcc) == 0 && messageID == "" {
 		return View{whole}, headerOnly
 	}
 	head := h.raw
-	if existing := h.Fields["Bcc"]; len(existing) > 0 {
-		head = removeField(head, "Bcc")
-		bcc = append(h.Addresses("Bcc"), bcc...)
+	var added []byte
+	if messageID != "" {
+		added = []byte("Message-ID: " + messageID + "\r\n")
+	}
+	if len(bcc) > 0 {
+		if existing := h.Fields["Bcc"]; len(existing) > 0 {
+			head = removeField(head, "Bcc")
+			bcc = append(h.Addresses("Bcc"), bcc...)
+		}
+		added = append(added, foldedField("Bcc", bcc)...)
 	}
 	headerLen := len(h.raw)
 	if headerLen == h.bodyStart { // no empty line: the message is all header
 		if len(head) > 0 && head[len(head)-1] != '\n' {
 			head = append(head[:len(head):len(head)], '\r', '\n')
 		}
-		return View{BytesPiece(head), BytesPiece(foldedField("Bcc", bcc)), BytesPiece([]byte("\r\n"))}, headerOnly
+		return View{BytesPiece(head), BytesPiece(added), BytesPiece([]byte("\r\n"))}, headerOnly
 	}
 	rest := Piece{r: msg, off: int64(headerLen), n: size - int64(headerLen)}
-	return View{BytesPiece(head), BytesPiece(foldedField("Bcc", bcc)), rest}, headerOnly
+	return View{BytesPiece(head), BytesPiece(added), rest}, headerOnly
 }

@@ -62,10 +62,17 @@ type Envelope struct {
 	// after it: found set at start-up, it means a crash during an attempt
 	// whose outcome is unknown.
 	InFlight bool `json:"in_flight,omitempty"`
-	// MaybeSent is set when an attempt's outcome stayed unknown (InFlight
-	// found set at start-up) and kept until the message is delivered: a
-	// later attempt that fails first does not make the eventual delivery
-	// any less a possible duplicate.
+	// OutcomeUnknown is set when an attempt's send reached Graph whole and
+	// got no clear answer, and no look-up in Sent Items settled it yet:
+	// the next attempt looks there before it sends.
+	OutcomeUnknown bool `json:"outcome_unknown,omitempty"`
+	// IDReused: another message the bridge took recently had the same
+	// Message-ID, so a look-up in Sent Items cannot tell them apart.
+	IDReused bool `json:"id_reused,omitempty"`
+	// MaybeSent is set when the message was sent again after an unknown
+	// outcome without a look-up (no read permission, no usable
+	// Message-ID), and kept until it is delivered: its final line says
+	// possible_duplicate.
 	MaybeSent bool `json:"maybe_sent,omitempty"`
 	// DraftID is the draft a large message's attempt created at Graph;
 	// found set at start-up, it is deleted before the message goes again.

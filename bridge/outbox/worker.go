@@ -147,7 +147,7 @@ func (w *Outbox) Submit(ctx context.Context, m *deliver.Message, log zerolog.Log
 	env := &Envelope{
 		Account: m.Account.Config.Name, From: m.From, Recipients: slices.Clone(m.Recipients),
 		GraphUser: m.GraphUser, FallbackUser: m.FallbackUser, Size: m.Size(), Received: time.Now(), NextAttempt: time.Now(),
-		Session: m.Session, Remote: m.Remote, MessageID: m.MessageID,
+		Session: m.Session, Remote: m.Remote, MessageID: m.MessageID, IDReused: m.IDReused,
 	}
 	if err := w.store.Add(env, m.Content, w.opts.MaxBytes); err != nil {
 		return deliver.Receipt{}, err
@@ -441,16 +441,10 @@ func (w *Outbox) deliver(ctx context.Context, env *Envelope) bool {
 	defer f.Close()
 	m := &deliver.Message{Account: a, From: env.From, Recipients: env.Recipients, GraphUser: env.GraphUser, FallbackUser: env.FallbackUser,
 		Content: mime.View{mime.NewPiece(f, 0, env.Size)}, Session: env.Session, Remote: env.Remote, MessageID: env.MessageID,
-		StaleDraft: env.DraftID}
-	// An attempt that was under way when the bridge died may have reached
-	// Graph: this one, and any after it, may then send the message twice.
-	if env.InFlight {
-		env.MaybeSent = true
-	}
-	possibleDuplicate := env.MaybeSent
-	if possibleDuplicate {
-		log = log.With().Bool("possible_duplicate", true).Logger()
-	}
+		StaleDraft: env.DraftID, IDReused: env.IDReused, FirstAttempt: env.Received,
+		// An attempt that was under way when the bridge died may have
+		// reached Graph: Sent Items is looked at before it goes again.
+		OutcomeUnknown: env.InFlight || env.OutcomeUnknown}
 	env.InFlight = true
 	if err := w.store.saveEnvelope("queue", env); err != nil {
 		log.Error().Err(err).Msg("outbox: cannot mark the message in flight")
@@ -465,6 +459,10 @@ func (w *Outbox) deliver(ctx context.Context, env *Envelope) bool {
 	d, err := w.opts.Deliver(ctx, m, log)
 	env.Attempts++
 	env.InFlight, env.DraftID = false, "" // the draft was sent, or deleted
+	env.OutcomeUnknown = d.OutcomeUnknown
+	if d.PossibleDuplicate {
+		env.MaybeSent = true
+	}
 	fl := failure.Classify(err)
 	status := d.Result.Status
 	if fl.GraphStatus != 0 {
@@ -477,7 +475,14 @@ func (w *Outbox) deliver(ctx context.Context, env *Envelope) bool {
 		if err := w.store.delivered(env); err != nil {
 			ev.Error().Err(err).Msg("outbox: delivered, but the entry could not be removed")
 		}
-		ev.Info().Msg("message sent")
+		done := ev.Info()
+		if d.FoundInSentItems {
+			done = done.Bool("found_in_sent_items", true)
+		}
+		if env.MaybeSent {
+			done = done.Bool("possible_duplicate", true)
+		}
+		done.Msg("message sent")
 		w.opts.Metrics.Final(admin.FinalMessage{Account: env.Account, Result: "sent", QueueID: env.ID, MessageID: env.MessageID,
 			From: env.From, Recipients: env.Recipients, GraphStatus: status, RequestID: d.Result.RequestID}, env.Size)
 		return true
@@ -485,7 +490,7 @@ func (w *Outbox) deliver(ctx context.Context, env *Envelope) bool {
 	if ctx.Err() != nil {
 		ev.Info().Msg("outbox: delivery interrupted by shutdown; the message stays queued")
 		env.Attempts--
-		env.InFlight = true // the outcome is unknown
+		env.InFlight = true // the outcome is unknown: looked up at the next start
 		if err := w.store.saveEnvelope("queue", env); err != nil {
 			ev.Error().Err(err).Msg("outbox: cannot save the envelope")
 		}

@@ -3,6 +3,7 @@ package outbox
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -126,14 +127,18 @@ func TestRateBelowOnePerSecondSpacesAttempts(t *testing.T) {
 	}
 }
 
-// A message found in flight at start-up (its outcome unknown) stays a
-// possible duplicate until it is delivered, even when the first attempt
-// after the restart fails.
+// A message found in flight at start-up (its outcome unknown) is handed
+// over to be looked up before it is sent again; when that look-up could
+// not be made and the message went again, it stays a possible duplicate
+// until it is delivered, even when that send failed first.
 func TestPossibleDuplicateSurvivesAFailedRetry(t *testing.T) {
 	var attempts atomic.Int64
+	var unknownAt []bool
 	w := newTestOutbox(t, 1, 1e6, func(ctx context.Context, m *deliver.Message, log zerolog.Logger) (deliver.Delivery, error) {
+		unknownAt = append(unknownAt, m.OutcomeUnknown)
 		if attempts.Add(1) == 1 {
-			return deliver.Delivery{}, &upstream.APIError{Status: 429}
+			// No read permission: sent again without a look-up, refused.
+			return deliver.Delivery{PossibleDuplicate: true}, &upstream.APIError{Status: 429}
 		}
 		log.Info().Msg("attempt")
 		return deliver.Delivery{User: m.GraphUser, Path: "sendMail"}, nil
@@ -154,8 +159,11 @@ func TestPossibleDuplicateSurvivesAFailedRetry(t *testing.T) {
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	if attempts.Load() != 2 || !strings.Contains(logs.String(), `"possible_duplicate":true,"message":"attempt"`) {
-		t.Errorf("%d attempts; the delivery after a failed retry is not flagged:\n%s", attempts.Load(), logs.String())
+	if attempts.Load() != 2 || !slices.Equal(unknownAt, []bool{true, false}) {
+		t.Fatalf("%d attempts, outcome unknown at each: %v; want 2, [true false]", attempts.Load(), unknownAt)
+	}
+	if !strings.Contains(logs.String(), `"possible_duplicate":true,"message":"message sent"`) {
+		t.Errorf("the delivery after a failed retry is not flagged:\n%s", logs.String())
 	}
 }
 

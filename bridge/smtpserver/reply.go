@@ -28,6 +28,9 @@ var (
 	replyTooManyGuesses    = &smtp.SMTPError{Code: 454, EnhancedCode: smtp.EnhancedCode{4, 7, 0}, Message: "Too many logins waiting for this account, try again later"}
 	replyTooManyRecipients = &smtp.SMTPError{Code: 452, EnhancedCode: smtp.EnhancedCode{4, 5, 3}, Message: "Too many recipients"}
 	replyHeaderTooBig      = &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 6, 0}, Message: "Message header over 1 MB or without an end"}
+	// A send whose outcome stayed unknown: the client's resend is looked
+	// up in Sent Items first, so sending it again is safe.
+	replyOutcomeUnknown = &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 4, 2}, Message: "Microsoft Graph's answer was lost and the message is not in Sent Items yet; send it again later: the bridge will not send it twice"}
 )
 
 func replySenderNotAllowed(addr, where string) *smtp.SMTPError {

@@ -59,6 +59,7 @@ type Server struct {
 	implicit *smtp.Server
 	opts     Options
 	log      zerolog.Logger
+	recent   recentMessages
 }
 
 // New returns the SMTP server of opts; Serve it on each listener.
@@ -315,7 +316,7 @@ func (s *session) Data(r io.Reader) error {
 		s.log.Info().Err(err).Int64("bytes", n).Msg("message not received: client connection failed in DATA")
 		return replyDataBroken
 	}
-	m, err := s.prepare(sp)
+	m, clientID, err := s.prepare(sp)
 	if err != nil {
 		return err
 	}
@@ -334,6 +335,10 @@ func (s *session) Data(r io.Reader) error {
 	}
 	receipt, err := s.srv.opts.Submit.Submit(s.ctx, m, s.log)
 	s.messages++
+	if err == nil || receipt.OutcomeUnknown {
+		s.srv.recent.remember(s.account.Config.Name, clientID, sp, recentMessage{messageID: m.MessageID, size: sp.Size(),
+			firstAttempt: m.FirstAttempt, unknown: err != nil, at: time.Now()})
+	}
 	return s.finish(m, receipt, err, start)
 }
 
@@ -359,12 +364,22 @@ func (s *session) finish(m *deliver.Message, r deliver.Receipt, err error, start
 	}
 	ev = ev.Str("message_id", m.MessageID).Str("from", conntrack.Clip(s.from)).Strs("rcpt", m.Recipients).Int("rcpt_count", len(m.Recipients)).Int64("bytes", size).
 		Str("graph_user", r.User).Int64("duration_ms", time.Since(start).Milliseconds())
+	if r.FoundInSentItems {
+		ev = ev.Bool("found_in_sent_items", true)
+	}
+	if r.PossibleDuplicate {
+		ev = ev.Bool("possible_duplicate", true)
+	}
 	switch {
 	case err != nil:
 		reply := replyFor(f)
 		msg := "message not sent"
 		if errors.Is(err, failure.ErrQueueFull) {
 			msg = "message refused: the outbox is full"
+		}
+		if r.OutcomeUnknown {
+			reply, msg = replyOutcomeUnknown, "message outcome unknown: Graph's answer was lost and Sent Items did not show it within smtp.send_timeout; the client's resend will be looked up first"
+			ev = ev.Bool("outcome_unknown", true)
 		}
 		ev.Int("graph_status", status).Str("request_id", requestID).Int("attempts", r.Attempts).Str("path", r.Path).
 			Int("reply", reply.Code).Msg(msg)
@@ -386,39 +401,63 @@ func (s *session) finish(m *deliver.Message, r deliver.Receipt, err error, start
 
 // prepare checks the message against the account's sender policy and
 // returns it as Graph must receive it (every envelope recipient in a To,
-// Cc or Bcc field) with the Graph user to send as.
-func (s *session) prepare(sp *mime.Spool) (*deliver.Message, error) {
+// Cc or Bcc field, and a Message-ID) with the Graph user to send as, and
+// the client's own Message-ID ("" if it gave none).
+func (s *session) prepare(sp *mime.Spool) (*deliver.Message, string, error) {
 	head, err := mime.ReadHead(sp, sp.Size())
 	if err != nil {
 		f := failure.Classify(err)
 		s.log.Warn().Err(err).Str("reason", string(f.Kind)).Msg("message refused: its header cannot be read")
-		return nil, replyFor(f)
+		return nil, "", replyFor(f)
 	}
 	for _, field := range []string{"From", "Sender"} {
 		for i, addrs := range head.FieldAddresses(field) {
 			if len(addrs) == 0 {
 				s.log.Warn().Str("field", field).Msg("sender refused: header field has no address")
-				return nil, replySenderNotAllowed(head.Fields[field][i], field+":")
+				return nil, "", replySenderNotAllowed(head.Fields[field][i], field+":")
 			}
 			for _, a := range addrs {
 				if !s.account.Senders.Allows(a) {
 					s.log.Warn().Str("from", conntrack.Clip(s.from)).Str("field", field).Str("address", a).Msg("sender refused: header address is not in the account's allowed_senders")
-					return nil, replySenderNotAllowed(a, field+":")
+					return nil, "", replySenderNotAllowed(a, field+":")
 				}
 			}
 		}
 	}
+	now := time.Now()
+	clientID := strings.TrimSpace(head.Fields.Get("Message-Id"))
 	m := &deliver.Message{
 		Account: s.account, From: s.from, Recipients: s.rcpts, GraphUser: s.account.Config.Mailbox,
-		Session: s.id, Remote: s.remote, MessageID: head.Fields.Get("Message-Id"),
+		Session: s.id, Remote: s.remote, MessageID: clientID, FirstAttempt: now,
 	}
 	if s.account.Config.UseAddressFromUser {
 		m.GraphUser, m.FallbackUser = s.from, s.account.Config.Mailbox
 	}
-	content, headerOnly := mime.WithBcc(sp, sp.Size(), head, s.rcpts)
+	prior, seen := s.srv.recent.recall(s.account.Config.Name, clientID, sp.Size(), sp, now)
+	switch {
+	case seen && prior.unknown && prior.size == sp.Size():
+		// The client sends again a message answered 451 when Graph's
+		// answer was lost: it is looked up before it goes.
+		m.MessageID, m.FirstAttempt, m.OutcomeUnknown = prior.messageID, prior.firstAttempt, true
+		s.log.Info().Str("message_id", m.MessageID).Msg("the client sends again a message whose outcome was unknown: looking in Sent Items first")
+	case seen:
+		m.IDReused = true
+		s.log.Warn().Str("message_id", clientID).
+			Str("hint", "the sending program gives the same Message-ID to different messages: if Graph's answer to one is lost, it cannot be told apart in Sent Items and is sent again").
+			Msg("Message-ID used by another message the bridge took in the last day")
+	}
+	added := ""
+	if clientID == "" {
+		if !m.OutcomeUnknown {
+			_, domain, _ := strings.Cut(s.account.Config.Mailbox, "@")
+			m.MessageID = newMessageID(domain, now)
+		}
+		added = m.MessageID
+	}
+	content, headerOnly := mime.WithBcc(sp, sp.Size(), head, s.rcpts, added)
 	if len(headerOnly) > 0 {
 		s.log.Warn().Strs("addresses", headerOnly).Msg("recipients in To/Cc/Bcc but not in RCPT TO: Graph sends to the header recipients too")
 	}
 	m.Content = content
-	return m, nil
+	return m, clientID, nil
 }

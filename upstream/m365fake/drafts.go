@@ -319,7 +319,9 @@ func (s *Server) serveSendDraft(g *graphRequest) {
 	delete(s.drafts, d.id) // sent: it moves to Sent Items
 	s.mu.Unlock()
 	s.record(sent)
-	g.w.WriteHeader(http.StatusAccepted)
+	if !g.acceptedFault() {
+		g.w.WriteHeader(http.StatusAccepted)
+	}
 }
 
 func (s *Server) serveDeleteDraft(g *graphRequest) {

@@ -53,6 +53,10 @@ type Server struct {
 
 	pop pop3State
 
+	sentItems map[string][]sentItem // by primary address
+	sentLag   time.Duration
+	lookups   int
+
 	drafts    map[string]*draft         // by id
 	uploads   map[string]*uploadSession // by the secret in the upload URL
 	uploadDir string
@@ -86,6 +90,9 @@ type Fault struct {
 	RetryAfter string        // Retry-After header, if any
 	Delay      time.Duration // wait before answering
 	Drop       bool          // close the connection without an answer
+	// AfterAccept applies the fault after Graph took the message
+	// (sendMail and a draft's send): the answer is lost, not the message.
+	AfterAccept bool
 }
 
 // Throttled is Graph's 429 answer with the given Retry-After.
@@ -134,6 +141,7 @@ func Start() (*Server, error) {
 	mux.HandleFunc("POST /v1.0/users/{user}/messages/{id}/attachments/createUploadSession", s.graph(EndpointCreateUploadSession, "Mail.ReadWrite", s.serveCreateUploadSession))
 	mux.HandleFunc("POST /v1.0/users/{user}/messages/{id}/send", s.graph(EndpointSendDraft, "Mail.Send", s.serveSendDraft))
 	mux.HandleFunc("DELETE /v1.0/users/{user}/messages/{id}", s.graph(EndpointDelete, "Mail.ReadWrite", s.serveDeleteDraft))
+	mux.HandleFunc("GET /v1.0/users/{user}/mailFolders/{folder}/messages", s.graph(EndpointListMessages, "", s.serveListMessages))
 	mux.HandleFunc("PUT /upload/{session}", s.serveUpload)
 	mux.HandleFunc("DELETE /upload/{session}", s.serveCancelUpload)
 	s.httpSrv = &http.Server{
@@ -245,6 +253,7 @@ const (
 	EndpointUpload              = "upload"
 	EndpointSendDraft           = "send"
 	EndpointDelete              = "delete"
+	EndpointListMessages        = "listMessages"
 )
 
 // FailGraph makes the next n sendMail requests answer with f.

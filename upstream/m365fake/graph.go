@@ -40,6 +40,7 @@ type graphRequest struct {
 	claims    claims
 	mailbox   *mailbox
 	server    *Server
+	after     *Fault // a fault for after the message is taken
 }
 
 func (g *graphRequest) fail(status int, code, message string) {
@@ -78,7 +79,9 @@ func (s *Server) graph(endpoint, role string, serve func(g *graphRequest)) http.
 			g.fail(http.StatusTooManyRequests, "ApplicationThrottled", "Application is over its MailboxConcurrency limit.")
 			return
 		}
-		if f, ok := s.takeEndpointFault(endpoint); ok {
+		if f, ok := s.takeEndpointFault(endpoint); ok && f.AfterAccept {
+			g.after = &f
+		} else if ok {
 			if applyFault(w, r, f, func(f Fault) { g.fail(f.Status, f.Code, f.Message) }) {
 				return
 			}
@@ -94,7 +97,11 @@ func (s *Server) graph(endpoint, role string, serve func(g *graphRequest)) http.
 			return
 		}
 		g.claims = c
-		if !slices.Contains(c.Roles, role) {
+		allowed := slices.Contains(c.Roles, role)
+		if role == "" { // a read: any of the roles that list messages
+			allowed = slices.ContainsFunc(ReadRoles, func(r string) bool { return slices.Contains(c.Roles, r) })
+		}
+		if !allowed {
 			g.fail(http.StatusForbidden, "ErrorAccessDenied", "Access is denied. Check credentials and try again.")
 			return
 		}
@@ -183,9 +190,12 @@ func (g *graphRequest) sentMessage(raw []byte, msg *mail.Message) (SentMessage, 
 	return sent, true
 }
 
-// record stores a sent message and delivers it to the fake mailboxes among
-// its recipients.
+// record stores a sent message, files it in Sent Items and delivers it to
+// the fake mailboxes among its recipients.
 func (s *Server) record(sent SentMessage) {
+	if msg, err := mail.ReadMessage(bytes.NewReader(sent.MIME)); err == nil {
+		s.fileSent(sent, msg)
+	}
 	s.mu.Lock()
 	s.sent = append(s.sent, sent)
 	onSend := s.onSend
@@ -206,7 +216,9 @@ func (s *Server) serveSendMail(g *graphRequest) {
 		return
 	}
 	s.record(sent)
-	g.w.WriteHeader(http.StatusAccepted)
+	if !g.acceptedFault() {
+		g.w.WriteHeader(http.StatusAccepted)
+	}
 }
 
 func stripLineBreaks(b []byte) []byte {

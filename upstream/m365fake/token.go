@@ -19,7 +19,7 @@ import (
 // rolesByAudience lists which application permissions belong to which
 // resource: a token carries only the roles of its own audience.
 var rolesByAudience = map[string][]string{
-	GraphAudience:   {"Mail.Send", "Mail.ReadWrite", "Mail.Read", "User.Read.All"},
+	GraphAudience:   {"Mail.Send", "Mail.ReadWrite", "Mail.Read", "Mail.ReadBasic", "Mail.ReadBasic.All", "User.Read.All"},
 	OutlookAudience: {"POP.AccessAsApp", "IMAP.AccessAsApp", "SMTP.SendAsApp"},
 }
 
