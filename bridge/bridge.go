@@ -254,6 +254,7 @@ func (b *Bridge) Start() error {
 		}
 	}
 	b.checkCredentials(b.Accounts(), 5*time.Second)
+	b.serve(func() { b.probeSentItems(b.Accounts()) })
 	b.serving.Store(true)
 	b.serve(b.watchCredentials)
 	// The plain SMTP listener's line comes last, when all is up.
@@ -536,6 +537,27 @@ func (b *Bridge) checkCredentials(accounts []*account.Account, limit time.Durati
 	}
 	wg.Wait()
 }
+
+// probeSentItems looks once in each sending account's Sent Items, as a
+// send with an unknown outcome would, and says once when the app may not:
+// its messages are then sent again, not looked up, after a lost answer.
+func (b *Bridge) probeSentItems(accounts []*account.Account) {
+	ctx, cancel := context.WithTimeout(b.baseCtx, 30*time.Second)
+	defer cancel()
+	for _, a := range accounts {
+		if !a.Config.Uses("smtp") || a.GraphTokens.LastError() != nil {
+			continue // a refused sign-in has its own line
+		}
+		_, _, err := a.Graph.FindSent(ctx, a.Config.Mailbox, probeMessageID, time.Time{})
+		if failure.IsAccessDenied(err) {
+			b.log.Warn().Str("account", a.Config.Name).Str("mailbox", a.Config.Mailbox).Str("hint", deliver.ReadPermissionHint).
+				Msg("delivery is not exactly once for this account: the app may not read Sent Items, so a message whose Graph answer is lost is sent again (flagged possible_duplicate) instead of being looked up")
+		}
+	}
+}
+
+// probeMessageID is a Message-ID no message has, for looking in Sent Items.
+const probeMessageID = "<mailbridge-probe@mailbridge.invalid>"
 
 // health reports whether the bridge is serving and every account's last
 // token request succeeded (or none was made yet), with the reasons if not.

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"mailbridge/bridge/account"
+	"mailbridge/bridge/deliver"
 	"mailbridge/bridge/failure"
 	"mailbridge/upstream"
 )
@@ -83,6 +84,7 @@ func (b *Bridge) checkSMTP(ctx context.Context, a *account.Account, sendTestTo s
 		return []CheckResult{*fail}
 	}
 	results := []CheckResult{{Account: name, Check: "smtp-token", OK: true, Detail: "token with Mail.Send issued for " + a.Config.SendScope}}
+	results = append(results, checkSentItems(ctx, a))
 	if a.Config.LargeMessages {
 		results = append(results, b.checkDrafts(ctx, a))
 	}
@@ -101,6 +103,25 @@ func (b *Bridge) checkSMTP(ctx context.Context, a *account.Account, sendTestTo s
 	}
 	return append(results, CheckResult{Account: name, Check: "send-test", OK: true,
 		Detail: fmt.Sprintf("Graph accepted the test message to %s (HTTP %d, request-id %s)", sendTestTo, d.Result.Status, d.Result.RequestID)})
+}
+
+// checkSentItems looks in the mailbox's Sent Items as a send whose answer
+// was lost would: without a permission that lists messages, delivery is
+// at least once, not exactly once.
+func checkSentItems(ctx context.Context, a *account.Account) CheckResult {
+	res := CheckResult{Account: a.Config.Name, Check: "sent-items"}
+	_, _, err := a.Graph.FindSent(ctx, a.Config.Mailbox, probeMessageID, time.Time{})
+	switch {
+	case err == nil:
+		res.OK, res.Detail = true, "Sent Items can be read: a message whose Graph answer is lost is looked up there, not sent twice (exactly once)"
+	case failure.IsAccessDenied(err):
+		res.OK, res.Warn = true, true
+		res.Detail = "the app may not read Sent Items: a message whose Graph answer is lost is sent again and may arrive twice"
+		res.Hint = deliver.ReadPermissionHint
+	default:
+		res.Detail, res.Hint = err.Error(), failure.Classify(err).Hint
+	}
+	return res
 }
 
 // checkDrafts creates and deletes a draft: what sending a message over

@@ -51,6 +51,8 @@ func operation(req *http.Request) string {
 		return "addAttachment"
 	case strings.HasSuffix(p, "/send"):
 		return "sendDraft"
+	case req.Method == http.MethodGet && strings.HasSuffix(p, "/messages"):
+		return "findSent"
 	case strings.HasSuffix(p, "/messages"):
 		return "createDraft"
 	case req.Method == http.MethodDelete && strings.Contains(p, "/messages/"):

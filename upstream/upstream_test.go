@@ -419,3 +419,57 @@ func TestNoProxyRules(t *testing.T) {
 		}
 	}
 }
+
+// An answer lost after Graph took the request (504, a dropped connection)
+// is an unknown outcome; a refusal (429, 503), or a connection lost before
+// the request was written whole, is not. FindSent then finds the message
+// by its Message-ID, quotes and all, and only when sent since the time
+// given.
+func TestSendOutcomesAndFindSent(t *testing.T) {
+	fake := startFake(t)
+	fake.AddApp(tenant, client, secret, "Mail.Send", "Mail.ReadBasic.All")
+	g := upstream.NewGraphClient(fake.GraphURL(), upstream.NewHTTPClient(fake.CertPool(), nil), tokenSource(fake, upstream.GraphScope))
+	ctx := context.Background()
+	id := "<o'brien+1@example.com>"
+	msg := []byte("From: orders@example.com\r\nTo: a@example.org\r\nMessage-ID: " + id + "\r\n\r\nhello\r\n")
+	send := func() error {
+		_, err := g.SendMail(ctx, mailbox, bytes.NewReader(msg), int64(len(msg)))
+		return err
+	}
+	for name, f := range map[string]m365fake.Fault{"429": m365fake.Throttled("1"), "503": m365fake.Unavailable()} {
+		fake.FailGraph(1, f)
+		if err := send(); err == nil || upstream.IsOutcomeUnknown(err) {
+			t.Errorf("%s: %v, want a refusal with a known outcome", name, err)
+		}
+	}
+	if _, found, err := g.FindSent(ctx, mailbox, id, time.Time{}); err != nil || found {
+		t.Fatalf("before any send: found %v, %v", found, err)
+	}
+	before := time.Now().Add(-time.Second)
+	for name, f := range map[string]m365fake.Fault{"504": m365fake.GatewayTimeoutAfterAccept(), "drop": m365fake.DropAfterAccept()} {
+		fake.FailGraph(1, f)
+		if err := send(); !upstream.IsOutcomeUnknown(err) {
+			t.Errorf("%s after acceptance: %v, want an unknown outcome", name, err)
+		}
+	}
+	if n := len(fake.Sent()); n != 2 {
+		t.Fatalf("%d messages taken, want 2", n)
+	}
+	cp, found, err := g.FindSent(ctx, mailbox, id, before)
+	if err != nil || !found || cp.ID == "" {
+		t.Errorf("FindSent(%s) = %+v, %v, %v", id, cp, found, err)
+	}
+	if _, found, _ := g.FindSent(ctx, mailbox, id, time.Now().Add(time.Hour)); found {
+		t.Error("a copy sent before the time given was found")
+	}
+	if _, found, _ := g.FindSent(ctx, mailbox, "<o'brien@example.com>", time.Time{}); found {
+		t.Error("another Message-ID was found")
+	}
+	// Without a read permission, Graph says so.
+	fake.AddApp(tenant, client, secret, "Mail.Send")
+	g2 := upstream.NewGraphClient(fake.GraphURL(), upstream.NewHTTPClient(fake.CertPool(), nil), tokenSource(fake, upstream.GraphScope))
+	var apiErr *upstream.APIError
+	if _, _, err := g2.FindSent(ctx, mailbox, id, time.Time{}); !errors.As(err, &apiErr) || apiErr.Status != 403 || apiErr.Code != "ErrorAccessDenied" {
+		t.Errorf("without a read role: %v, want 403 ErrorAccessDenied", err)
+	}
+}

@@ -116,7 +116,7 @@ func (d *Deliverer) settle(ctx context.Context, m *Message, users []string, del 
 		return true, nil
 	case absent:
 		del.OutcomeUnknown = false
-		log.Warn().Str("message_id", m.MessageID).Int("lookups", del.Lookups).Dur("window", d.opts.LookupWindow).
+		log.Warn().Int("lookups", del.Lookups).Dur("window", d.opts.LookupWindow).
 			Msg("the message whose send had an unknown outcome is not in Sent Items after the look-up window: sending it again")
 		return false, nil
 	case cannotLook:

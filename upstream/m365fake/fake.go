@@ -55,7 +55,7 @@ type Server struct {
 
 	sentItems map[string][]sentItem // by primary address
 	sentLag   time.Duration
-	lookups   int
+	lookups   map[string]int // look-ups in Sent Items, by Message-ID
 
 	drafts    map[string]*draft         // by id
 	uploads   map[string]*uploadSession // by the secret in the upload URL

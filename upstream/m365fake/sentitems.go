@@ -50,11 +50,12 @@ func (s *Server) SentItems(mailbox string) []string {
 	return ids
 }
 
-// SentItemLookups counts the look-ups in Sent Items that reached the fake.
-func (s *Server) SentItemLookups() int {
+// SentItemLookups counts the look-ups in Sent Items for messageID that
+// reached the fake.
+func (s *Server) SentItemLookups(messageID string) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.lookups
+	return s.lookups[messageID]
 }
 
 // fileSent puts a message Graph took into its sender's Sent Items, with
@@ -85,7 +86,10 @@ func (s *Server) serveListMessages(g *graphRequest) {
 		return
 	}
 	s.mu.Lock()
-	s.lookups++
+	if s.lookups == nil {
+		s.lookups = map[string]int{}
+	}
+	s.lookups[value]++
 	now := time.Now()
 	type item struct {
 		ID                string `json:"id"`
@@ -136,3 +140,16 @@ func GatewayTimeoutAfterAccept() Fault {
 // DropAfterAccept takes the message and closes the connection without an
 // answer.
 func DropAfterAccept() Fault { return Fault{Drop: true, AfterAccept: true} }
+
+// RevealSentItems makes every message in Sent Items visible now, whatever
+// the lag: Exchange has filed them at last.
+func (s *Server) RevealSentItems() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := time.Now()
+	for _, items := range s.sentItems {
+		for i := range items {
+			items[i].visible = now
+		}
+	}
+}
