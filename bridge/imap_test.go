@@ -175,7 +175,7 @@ func TestIMAPLoginForms(t *testing.T) {
 		},
 	} {
 		c := dialIMAP(t, b.IMAPAddr())
-		if l := login(c); !strings.Contains(l, "OK [CAPABILITY IMAP4rev1") || strings.Contains(l, "AUTH=") {
+		if l := login(c); !strings.Contains(l, "OK [CAPABILITY IMAP4 IMAP4rev1 ") || !strings.Contains(l, " IDLE ") || strings.Contains(l, "AUTH=") {
 			t.Errorf("login answered %q, want OK with Outlook's capabilities less AUTH=", l)
 		}
 		if untagged, l := c.cmd("SELECT INBOX"); !strings.Contains(l, "OK") {

@@ -473,3 +473,49 @@ func TestSendOutcomesAndFindSent(t *testing.T) {
 		t.Errorf("without a read role: %v, want 403 ErrorAccessDenied", err)
 	}
 }
+
+// The fake Outlook IMAP service words its answers as Outlook does: the
+// greeting, the capabilities before and after login, the login's OK
+// without a CAPABILITY code, IDLE's continuation and LOGOUT's BYE.
+func TestFakeOutlookIMAPBehavesAsOutlook(t *testing.T) {
+	fake := startFake(t)
+	fake.AddApp(tenant, client, secret, "Mail.Send", "IMAP.AccessAsApp")
+	fake.GrantMailboxAccess(tenant, client, mailbox)
+	token, err := tokenSource(fake, upstream.OutlookScope).Token(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := tls.Dial("tcp", fake.IMAPAddr(), &tls.Config{RootCAs: fake.CertPool()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(time.Minute))
+	r := bufio.NewReader(c)
+	line := func() string {
+		l, _ := r.ReadString('\n')
+		return strings.TrimRight(l, "\r\n")
+	}
+	if l := line(); l != m365fake.IMAPGreeting() || !strings.HasPrefix(l, "* OK The Microsoft Exchange IMAP4 service is ready. [") {
+		t.Errorf("greeting %q", l)
+	}
+	exchange := func(cmd string, want ...string) {
+		t.Helper()
+		io.WriteString(c, cmd+"\r\n")
+		for _, w := range want {
+			if l := line(); l != w {
+				t.Errorf("%s: got %q, want %q", cmd, l, w)
+			}
+		}
+	}
+	exchange("C1 CAPABILITY", "* CAPABILITY IMAP4 IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2 SASL-IR UIDPLUS ID UNSELECT CHILDREN IDLE NAMESPACE LITERAL+", "C1 OK CAPABILITY completed.")
+	blob := base64.StdEncoding.EncodeToString([]byte("user=" + mailbox + "\x01auth=Bearer " + token + "\x01\x01"))
+	exchange("A1 AUTHENTICATE XOAUTH2 "+blob, "A1 OK AUTHENTICATE completed.")
+	exchange("C2 CAPABILITY", "* CAPABILITY IMAP4 IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2 SASL-IR UIDPLUS MOVE ID UNSELECT CLIENTACCESSRULES CLIENTNETWORKPRESENCELOCATION BACKENDAUTHENTICATE CHILDREN IDLE NAMESPACE LITERAL+", "C2 OK CAPABILITY completed.")
+	exchange("S1 SELECT INBOX")
+	for l := line(); !strings.HasPrefix(l, "S1 "); l = line() {
+	}
+	exchange("I1 IDLE", "+ IDLE accepted, awaiting DONE command.")
+	exchange("DONE", "I1 OK IDLE completed.")
+	exchange("L1 LOGOUT", "* BYE Microsoft Exchange Server IMAP4 server signing off.", "L1 OK LOGOUT completed.")
+}

@@ -20,6 +20,9 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"mailbridge/upstream/m365fake/outlookimap"
+	"mailbridge/upstream/m365fake/outlookpop"
 )
 
 // Audiences of the tokens the fake issues, by the resource of the scope.
@@ -43,7 +46,7 @@ type Server struct {
 	sent          []SentMessage
 	onSend        func(SentMessage)
 	refused       []string // recipient domains sendMail refuses
-	imap          imapState
+	imap          *outlookimap.Service
 	tokenFaults   []Fault
 	graphFaults   map[string][]Fault // by endpoint
 	tokenRequests map[string]int     // by scope
@@ -51,7 +54,9 @@ type Server struct {
 	maxInflight   map[string]int
 	tokenLifetime time.Duration
 
-	pop pop3State
+	pop    *outlookpop.Service
+	access map[string]bool // tenant/client/mailbox granted FullAccess
+	added  []addedMessage  // every message put into a mailbox
 
 	sentItems map[string][]sentItem // by primary address
 	sentLag   time.Duration
@@ -131,7 +136,6 @@ func Start() (*Server, error) {
 		inflight:      make(map[string]int),
 		maxInflight:   make(map[string]int),
 		tokenLifetime: 3599 * time.Second,
-		pop:           pop3State{boxes: map[string][]popMessage{}, access: map[string]bool{}, conns: map[net.Conn]bool{}},
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /{tenant}/oauth2/v2.0/token", s.serveToken)

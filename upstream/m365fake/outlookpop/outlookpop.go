@@ -1,10 +1,13 @@
-package m365fake
+// Package outlookpop is the fake Outlook POP3 service of m365fake: implicit
+// TLS on loopback, SASL XOAUTH2 logins checked by the caller's Authorizer,
+// Exchange Online's texts and 512-byte command limit, mailboxes of raw
+// messages, and injected faults.
+package outlookpop
 
 import (
 	"bufio"
 	"bytes"
 	"crypto/tls"
-	"encoding/base64"
 	"fmt"
 	"io"
 	"net"
@@ -13,7 +16,6 @@ import (
 	"strings"
 	"sync"
 	"time"
-	"unicode/utf16"
 )
 
 // Outlook's POP3 answers, as Exchange Online gives them.
@@ -31,8 +33,8 @@ type popMessage struct {
 	data []byte
 }
 
-// POP3Fault is an injected failure of the fake Outlook POP3 service.
-type POP3Fault struct {
+// Fault is an injected failure of the fake Outlook POP3 service.
+type Fault struct {
 	// DropRetrAfter closes the connection after this many bytes of the next
 	// RETR answer have been written (0: no drop).
 	DropRetrAfter int
@@ -45,13 +47,26 @@ type POP3Fault struct {
 	StallRetr bool
 }
 
-// pop3State is the fake's POP3 side: mailboxes and faults.
-type pop3State struct {
+// Authorizer checks a SASL XOAUTH2 response (base64) for an app holding
+// role and returns the mailbox (a primary address) it opens.
+type Authorizer func(xoauth2, role string) (mailbox string, ok bool)
+
+// Options configure the service.
+type Options struct {
+	Certificate tls.Certificate
+	Authorize   Authorizer
+	// NameTag is the bracket of the greeting: the server name in
+	// UTF-16LE, base64.
+	NameTag string
+}
+
+// Service is a running fake Outlook POP3 service.
+type Service struct {
+	opts      Options
 	ln        net.Listener
 	mu        sync.Mutex
 	boxes     map[string][]popMessage // by primary address
-	access    map[string]bool         // tenant/client/mailbox granted FullAccess
-	faults    []POP3Fault
+	faults    []Fault
 	nextUID   int
 	logins    int
 	accepted  int
@@ -60,156 +75,103 @@ type pop3State struct {
 	conns     map[net.Conn]bool
 }
 
-// StartPOP3 starts the fake Outlook POP3 service with implicit TLS on a free
-// port of 127.0.0.1 and returns its address.
-func (s *Server) StartPOP3() (string, error) {
-	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{s.pki.server}, MinVersion: tls.VersionTLS12})
+// Start starts the service with implicit TLS on a free port of 127.0.0.1.
+func Start(opts Options) (*Service, error) {
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{opts.Certificate}, MinVersion: tls.VersionTLS12})
 	if err != nil {
-		return "", fmt.Errorf("fake outlook pop3: %w", err)
+		return nil, fmt.Errorf("fake outlook pop3: %w", err)
 	}
-	s.mu.Lock()
-	s.pop.ln = ln
-	s.mu.Unlock()
-	s.pop.wg.Add(1)
+	s := &Service{opts: opts, ln: ln, boxes: map[string][]popMessage{}, conns: map[net.Conn]bool{}}
+	s.wg.Add(1)
 	go func() {
-		defer s.pop.wg.Done()
+		defer s.wg.Done()
 		for {
 			c, err := ln.Accept()
 			if err != nil {
 				return
 			}
-			s.pop.mu.Lock()
-			s.pop.conns[c] = true
-			s.pop.accepted++
-			s.pop.mu.Unlock()
-			s.pop.wg.Add(1)
+			s.mu.Lock()
+			s.conns[c] = true
+			s.accepted++
+			s.mu.Unlock()
+			s.wg.Add(1)
 			go func() {
-				defer s.pop.wg.Done()
-				s.servePOP3(c)
-				s.pop.mu.Lock()
-				delete(s.pop.conns, c)
-				s.pop.mu.Unlock()
+				defer s.wg.Done()
+				s.serve(c)
+				s.mu.Lock()
+				delete(s.conns, c)
+				s.mu.Unlock()
 				c.Close()
 			}()
 		}
 	}()
-	return ln.Addr().String(), nil
+	return s, nil
 }
 
-func (s *Server) closePOP3() {
-	s.pop.closeOnce.Do(func() {
+// Close stops the service and closes its connections.
+func (s *Service) Close() {
+	s.closeOnce.Do(func() {
+		s.ln.Close()
 		s.mu.Lock()
-		ln := s.pop.ln
-		s.mu.Unlock()
-		if ln == nil {
-			return
-		}
-		ln.Close()
-		s.pop.mu.Lock()
-		for c := range s.pop.conns {
+		for c := range s.conns {
 			c.Close()
 		}
-		s.pop.mu.Unlock()
-		s.pop.wg.Wait()
+		s.mu.Unlock()
+		s.wg.Wait()
 	})
 }
 
-// POP3Addr is the address of the POP3 service started by StartPOP3.
-func (s *Server) POP3Addr() string {
+// Addr is the service's address.
+func (s *Service) Addr() string { return s.ln.Addr().String() }
+
+// Add puts a raw message into mailbox and returns its UID.
+func (s *Service) Add(mailbox string, raw []byte) string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.pop.ln == nil {
-		return ""
-	}
-	return s.pop.ln.Addr().String()
-}
-
-// GrantMailboxAccess gives the app's service principal FullAccess on
-// mailbox (Add-MailboxPermission), which POP3 logins need.
-func (s *Server) GrantMailboxAccess(tenantID, clientID, mailbox string) {
-	s.pop.mu.Lock()
-	defer s.pop.mu.Unlock()
-	s.pop.access[tenantID+"/"+clientID+"/"+strings.ToLower(mailbox)] = true
-}
-
-// AddMessage puts a raw message into mailbox (a primary address), for POP3
-// and IMAP, and returns its POP3 UID.
-func (s *Server) AddMessage(mailbox string, raw []byte) string {
-	mb := strings.ToLower(mailbox)
-	s.pop.mu.Lock()
-	s.pop.nextUID++
-	uid := fmt.Sprintf("AAQkAD%08d", s.pop.nextUID)
-	s.pop.boxes[mb] = append(s.pop.boxes[mb], popMessage{uid: uid, data: raw})
-	s.pop.mu.Unlock()
-	s.addIMAPMessage(mb, raw) // the same mailbox, seen over IMAP
+	s.nextUID++
+	uid := fmt.Sprintf("AAQkAD%08d", s.nextUID)
+	s.boxes[mailbox] = append(s.boxes[mailbox], popMessage{uid: uid, data: raw})
 	return uid
 }
 
-// MailboxUIDs returns the UIDs of the messages in mailbox, oldest first.
-func (s *Server) MailboxUIDs(mailbox string) []string {
-	s.pop.mu.Lock()
-	defer s.pop.mu.Unlock()
+// UIDs returns the UIDs of the messages in mailbox, oldest first.
+func (s *Service) UIDs(mailbox string) []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	var uids []string
-	for _, m := range s.pop.boxes[strings.ToLower(mailbox)] {
+	for _, m := range s.boxes[mailbox] {
 		uids = append(uids, m.uid)
 	}
 	return uids
 }
 
-// FailPOP3 queues a fault for the next POP3 session.
-func (s *Server) FailPOP3(f POP3Fault) {
-	s.pop.mu.Lock()
-	defer s.pop.mu.Unlock()
-	s.pop.faults = append(s.pop.faults, f)
-}
-
-// POP3Connections counts the connections the POP3 service accepted.
-func (s *Server) POP3Connections() int {
-	s.pop.mu.Lock()
-	defer s.pop.mu.Unlock()
-	return s.pop.accepted
-}
-
-// POP3Logins counts successful XOAUTH2 logins.
-func (s *Server) POP3Logins() int {
-	s.pop.mu.Lock()
-	defer s.pop.mu.Unlock()
-	return s.pop.logins
-}
-
-// deliverLocal puts a message Graph sent into the fake mailboxes among its
-// recipients, so that the demo can show the whole loop.
-func (s *Server) deliverLocal(m SentMessage) {
+// Fail queues a fault for the next session.
+func (s *Service) Fail(f Fault) {
 	s.mu.Lock()
-	var boxes []string
-	for _, t := range s.tenants {
-		for _, r := range m.Recipients {
-			if mb := t.mailboxes[r]; mb != nil && !slices.Contains(boxes, mb.primary) {
-				boxes = append(boxes, mb.primary)
-			}
-		}
-	}
-	s.mu.Unlock()
-	for _, b := range boxes {
-		s.AddMessage(b, m.MIME)
-	}
+	defer s.mu.Unlock()
+	s.faults = append(s.faults, f)
 }
 
-func serverNameTag() string {
-	u := utf16.Encode([]rune("AM0PR03CA0097.eurprd03.prod.outlook.com"))
-	b := make([]byte, 0, 2*len(u))
-	for _, c := range u {
-		b = append(b, byte(c), byte(c>>8))
-	}
-	return base64.StdEncoding.EncodeToString(b)
+// Connections counts the connections the service accepted.
+func (s *Service) Connections() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.accepted
+}
+
+// Logins counts successful XOAUTH2 logins.
+func (s *Service) Logins() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.logins
 }
 
 type popSession struct {
-	s       *Server
+	s       *Service
 	conn    net.Conn
 	r       *bufio.Reader
 	w       *bufio.Writer
-	fault   POP3Fault
+	fault   Fault
 	mailbox string
 	msgs    []popMessage // snapshot at login
 	deleted map[int]bool
@@ -226,16 +188,16 @@ func (p *popSession) reply(lines ...string) error {
 	return p.w.Flush()
 }
 
-func (s *Server) servePOP3(conn net.Conn) {
+func (s *Service) serve(conn net.Conn) {
 	p := &popSession{s: s, conn: conn, r: bufio.NewReaderSize(conn, 1024), w: bufio.NewWriterSize(conn, 64<<10), deleted: map[int]bool{}}
-	s.pop.mu.Lock()
-	if len(s.pop.faults) > 0 {
-		p.fault = s.pop.faults[0]
-		s.pop.faults = s.pop.faults[1:]
+	s.mu.Lock()
+	if len(s.faults) > 0 {
+		p.fault = s.faults[0]
+		s.faults = s.faults[1:]
 	}
-	s.pop.mu.Unlock()
+	s.mu.Unlock()
 	conn.SetDeadline(time.Now().Add(10 * time.Minute))
-	if p.reply("+OK The Microsoft Exchange POP3 service is ready. ["+serverNameTag()+"]") != nil {
+	if p.reply("+OK The Microsoft Exchange POP3 service is ready. ["+s.opts.NameTag+"]") != nil {
 		return
 	}
 	for {
@@ -313,56 +275,20 @@ func (p *popSession) authorization(cmd, arg string) bool {
 				return false
 			}
 		}
-		mailbox, ok := p.s.checkXOAUTH2(resp, "POP.AccessAsApp")
+		mailbox, ok := p.s.opts.Authorize(resp, "POP.AccessAsApp")
 		if !ok || p.fault.RefuseAuth {
 			return p.reply(pop3AuthFailed) == nil
 		}
-		p.s.pop.mu.Lock()
+		p.s.mu.Lock()
 		p.mailbox = mailbox
-		p.msgs = slices.Clone(p.s.pop.boxes[mailbox])
-		p.s.pop.logins++
-		p.s.pop.mu.Unlock()
+		p.msgs = slices.Clone(p.s.boxes[mailbox])
+		p.s.logins++
+		p.s.mu.Unlock()
 		return p.reply(pop3AuthOK) == nil
 	case "NOOP", "STAT", "LIST", "UIDL", "RETR", "TOP", "DELE", "RSET":
 		return p.reply("-ERR Command is not valid in this state.") == nil
 	}
 	return p.reply("-ERR Protocol error. 14") == nil
-}
-
-// checkXOAUTH2 verifies a SASL XOAUTH2 response and returns the mailbox it
-// opens.
-func (s *Server) checkXOAUTH2(b64, role string) (string, bool) {
-	raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(b64))
-	if err != nil {
-		return "", false
-	}
-	parts := strings.Split(string(raw), "\x01")
-	if len(parts) != 4 || parts[2] != "" || parts[3] != "" {
-		return "", false
-	}
-	user, ok1 := strings.CutPrefix(parts[0], "user=")
-	token, ok2 := strings.CutPrefix(parts[1], "auth=Bearer ")
-	if !ok1 || !ok2 {
-		return "", false
-	}
-	c, err := s.verifyToken(token, OutlookAudience)
-	if err != nil || !slices.Contains(c.Roles, role) {
-		return "", false
-	}
-	s.mu.Lock()
-	t := s.tenants[c.Tid]
-	var mb *mailbox
-	if t != nil {
-		mb = t.mailboxes[strings.ToLower(user)]
-	}
-	s.mu.Unlock()
-	if mb == nil {
-		return "", false
-	}
-	s.pop.mu.Lock()
-	granted := s.pop.access[c.Tid+"/"+c.AppID+"/"+mb.primary]
-	s.pop.mu.Unlock()
-	return mb.primary, granted
 }
 
 // msg returns the message numbered by arg (1-based), if it exists and is
@@ -466,9 +392,9 @@ func (p *popSession) commit() {
 	for i := range p.deleted {
 		gone[p.msgs[i-1].uid] = true
 	}
-	p.s.pop.mu.Lock()
-	defer p.s.pop.mu.Unlock()
-	p.s.pop.boxes[p.mailbox] = slices.DeleteFunc(p.s.pop.boxes[p.mailbox], func(m popMessage) bool { return gone[m.uid] })
+	p.s.mu.Lock()
+	defer p.s.mu.Unlock()
+	p.s.boxes[p.mailbox] = slices.DeleteFunc(p.s.boxes[p.mailbox], func(m popMessage) bool { return gone[m.uid] })
 }
 
 // writeDotStuffed writes a message as a multi-line answer (RFC 1939 §3):
