@@ -122,7 +122,7 @@ func pageMessage(e outbox.QueueEntry) statuspage.Message {
 		from = e.From
 	}
 	m := statuspage.Message{ID: e.ID, State: e.State, Received: e.Received, From: from, Recipients: e.Recipients,
-		Subject: e.Subject, Size: e.Size, Attempts: e.Attempts, NextAttempt: e.NextAttempt, InFlight: e.InFlight, LastError: e.LastError}
+		Subject: e.Subject, MessageID: e.MessageID, Size: e.Size, Attempts: e.Attempts, NextAttempt: e.NextAttempt, InFlight: e.InFlight, LastError: e.LastError}
 	if f := e.Failure; f != nil {
 		m.FailedAt, m.Reason, m.Hint, m.GraphStatus, m.RequestID = f.At, f.Reason, f.Hint, f.GraphStatus, f.RequestID
 		switch {

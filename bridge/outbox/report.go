@@ -87,6 +87,9 @@ func buildReport(env *Envelope, rec *FailureRecord, origHeader []byte, subject, 
 	w("Your message could not be delivered through Microsoft 365, and mailbridge has given up on it.")
 	w("")
 	w("Subject:    %s", subject)
+	if env.MessageID != "" {
+		w("Message-ID: %s", env.MessageID)
+	}
 	w("To:         %s", strings.Join(env.Recipients, ", "))
 	w("Received:   %s", env.Received.UTC().Format(time.RFC1123))
 	w("Reason:     %s", oneLine(rec.Reason))

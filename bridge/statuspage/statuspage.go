@@ -98,6 +98,7 @@ type Message struct {
 	From        string
 	Recipients  []string
 	Subject     string
+	MessageID   string // the client's, or the one the bridge added
 	Size        int64
 	Attempts    int
 	NextAttempt time.Time
