@@ -187,8 +187,9 @@ func TestExactlyOnceSynchronous(t *testing.T) {
 		b, logs := startBridge(t, fake, testConfig(fake))
 		c := dialAuth(t, b.SMTPAddr(), userA, passwordA)
 		id := "<sync-1@example.com>"
-		if _, err := send(c, mailboxA, []string{"x@example.org"}, crlf("From: orders@example.com\nTo: x@example.org\nMessage-ID: "+id+"\n\nx\n")); err != nil {
-			t.Fatalf("the client was not told 250: %v", err)
+		reply, err := send(c, mailboxA, []string{"x@example.org"}, crlf("From: orders@example.com\nTo: x@example.org\nMessage-ID: "+id+"\n\nx\n"))
+		if err != nil || !strings.Contains(reply, "in Sent Items") {
+			t.Fatalf("the client was told %q, %v; want 250 saying it is in Sent Items", reply, err)
 		}
 		if n := copies(t, fake, id); n != 1 {
 			t.Errorf("%d copies at Graph, want 1", n)

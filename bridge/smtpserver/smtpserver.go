@@ -395,6 +395,10 @@ func (s *session) finish(m *deliver.Message, r deliver.Receipt, err error, start
 		Msg("message sent")
 	s.srv.opts.Metrics.Final(admin.FinalMessage{Account: name, Result: "sent", MessageID: m.MessageID, From: s.from,
 		Recipients: m.Recipients, GraphStatus: status, RequestID: requestID}, size)
+	if r.FoundInSentItems {
+		return &smtp.SMTPError{Code: 250, EnhancedCode: smtp.EnhancedCode{2, 0, 0},
+			Message: "OK: sent by Microsoft 365 (its answer was lost; the message is in Sent Items)"}
+	}
 	return &smtp.SMTPError{Code: 250, EnhancedCode: smtp.EnhancedCode{2, 0, 0},
 		Message: "OK: accepted by Microsoft 365, request-id " + r.Result.RequestID}
 }
