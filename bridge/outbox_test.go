@@ -394,7 +394,7 @@ func TestOutboxSoak(t *testing.T) {
 func TestWrongSecretRefusedAtMailUntilFixed(t *testing.T) {
 	fake := startFake(t)
 	cfg := outboxConfig(t, fake)
-	cfg.Accounts[0].ClientSecret = "c0ffee00-1111-2222-3333-444444444444" // the secret's ID
+	cfg.Accounts[0].ClientSecret = "Wrong8Q~an.old.secret.value" // a wrong Value (a Secret ID is caught offline)
 	b, logs := startOutboxBridge(t, fake, cfg)
 	c := dialAuth(t, b.SMTPAddr(), userA, passwordA)
 	err := c.Mail(mailboxA, nil)

@@ -433,12 +433,12 @@ func TestPOP3UpstreamDropClosesClientWithoutOK(t *testing.T) {
 func TestPOP3UpstreamRefusalMapsToSysTemp(t *testing.T) {
 	fake := startFake(t)
 	fake.AddTenant("cccccccc-0000-0000-0000-00000000000c")
-	fake.AddApp("cccccccc-0000-0000-0000-00000000000c", "nopop", "s", "Mail.Send")
+	fake.AddApp("cccccccc-0000-0000-0000-00000000000c", "c11e0000-0000-0000-0000-0000000000c1", "s", "Mail.Send")
 	fake.AddMailbox("cccccccc-0000-0000-0000-00000000000c", "x@c.example")
 	cfg := testConfig(fake)
 	ha, _ := passwordHashes()
 	cfg.Accounts = append(cfg.Accounts, config.AccountConfig{Name: "nopop", Username: "nopop", PasswordHash: ha, Mailbox: "x@c.example",
-		TenantID: "cccccccc-0000-0000-0000-00000000000c", ClientID: "nopop", ClientSecret: "s", TokenURL: fake.TokenURL(), GraphURL: fake.GraphURL()})
+		TenantID: "cccccccc-0000-0000-0000-00000000000c", ClientID: "c11e0000-0000-0000-0000-0000000000c1", ClientSecret: "s", TokenURL: fake.TokenURL(), GraphURL: fake.GraphURL()})
 	cfg.Accounts[1].POP3Mailbox = "other@fleet.example.net" // B has no access to it
 	b, logs := startBridge(t, fake, cfg)
 	for _, tc := range []struct{ user, pass, hint string }{

@@ -313,7 +313,7 @@ func TestGraphOutageGivesTemporaryFailure(t *testing.T) {
 func TestBadSecretGives451AndExplains(t *testing.T) {
 	fake := startFake(t)
 	cfg := testConfig(fake)
-	cfg.Accounts[0].ClientSecret = "c0ffee00-1111-2222-3333-444444444444" // the secret's ID, a classic mistake
+	cfg.Accounts[0].ClientSecret = "Wrong8Q~an.old.secret.value" // a wrong Value (a Secret ID is caught offline)
 	b, logs := startBridge(t, fake, cfg)
 	c := dialAuth(t, b.SMTPAddr(), userA, passwordA)
 	_, err := send(c, mailboxA, []string{"x@example.org"}, crlf("From: orders@example.com\nTo: x@example.org\n\nhi\n"))
@@ -347,13 +347,13 @@ func findLogLine(t testing.TB, logs, message string) string {
 func TestGraphRefusalsMapToReplies(t *testing.T) {
 	fake := startFake(t)
 	fake.AddTenant("cccccccc-0000-0000-0000-00000000000c")
-	fake.AddApp("cccccccc-0000-0000-0000-00000000000c", "noconsent", "s", "Mail.Read") // Mail.Send not consented
+	fake.AddApp("cccccccc-0000-0000-0000-00000000000c", "c11e0000-0000-0000-0000-0000000000c2", "s", "Mail.Read") // Mail.Send not consented
 	cfg := testConfig(fake)
 	cfg.Accounts[1].Mailbox = "gone@fleet.example.net" // no such mailbox
 	cfg.Accounts[1].AllowedSenders = []string{"*@fleet.example.net"}
 	ha, _ := passwordHashes()
 	cfg.Accounts = append(cfg.Accounts, config.AccountConfig{Name: "noconsent", Username: "noconsent", PasswordHash: ha,
-		Mailbox: "x@c.example", TenantID: "cccccccc-0000-0000-0000-00000000000c", ClientID: "noconsent", ClientSecret: "s",
+		Mailbox: "x@c.example", TenantID: "cccccccc-0000-0000-0000-00000000000c", ClientID: "c11e0000-0000-0000-0000-0000000000c2", ClientSecret: "s",
 		TokenURL: fake.TokenURL(), GraphURL: fake.GraphURL()})
 	b, logs := startBridge(t, fake, cfg)
 

@@ -557,9 +557,16 @@ func (c *Config) Complete(dir string) error {
 		}
 		if a.TenantID == "" {
 			bad(key("tenant_id"), "required: Directory (tenant) ID from the app registration's Overview page")
+		} else if why := CheckTenantID(a.TenantID); why != "" {
+			bad(key("tenant_id"), "%q: %s", a.TenantID, why)
 		}
 		if a.ClientID == "" {
 			bad(key("client_id"), "required: Application (client) ID from the app registration's Overview page")
+		} else if why := CheckClientID(a.ClientID); why != "" {
+			bad(key("client_id"), "%q: %s", a.ClientID, why)
+		}
+		if why := CheckSecret(a.ClientSecret); a.ClientSecret != "" && why != "" {
+			bad(key("client_secret"), "%s", why)
 		}
 		credentials := 0
 		for _, set := range []bool{a.ClientSecret != "", a.ClientSecretFile != "", a.ClientCertificateFile != ""} {

@@ -1,6 +1,7 @@
 package config_test
 
 import (
+	"fmt"
 	"mailbridge/bridge/config"
 	"os"
 	"path/filepath"
@@ -10,10 +11,39 @@ import (
 	"time"
 )
 
+// The example as installed is refused for its placeholders, each named
+// with the fix, and for nothing else; filled in, it loads with the
+// defaults.
 func TestExampleConfigLoads(t *testing.T) {
-	cfg, err := loadResolved("../../config.example.toml")
+	_, err := loadResolved("../../config.example.toml")
+	if err == nil {
+		t.Fatal("the example loaded with its placeholders")
+	}
+	lines := strings.Split(err.Error(), "\n")
+	for i, want := range []string{
+		"account[1] (tm-master).tenant_id: \"00000000-0000-0000-0000-000000000000\": still the example's placeholder: paste the Directory (tenant) ID",
+		"account[1] (tm-master).client_id: \"00000000-0000-0000-0000-000000000000\": still the example's placeholder: paste the Application (client) ID",
+		"account[1] (tm-master).client_secret: still the example's placeholder: paste the client secret's Value",
+	} {
+		if len(lines) != 3 || !strings.Contains(lines[i], want) {
+			t.Errorf("line %d: want %q in\n%s", i+1, want, err)
+		}
+	}
+	data, _ := os.ReadFile("../../config.example.toml")
+	if !config.IsUntouchedExample(data) {
+		t.Error("the example is not recognised as untouched")
+	}
+	filled := strings.Replace(string(data), config.PlaceholderGUID, "72f988bf-86f1-41af-91ab-2d7cd011db47", 1)
+	filled = strings.Replace(filled, config.PlaceholderGUID, "1b2c3d4e-0000-4abc-8def-123456789abc", 1)
+	filled = strings.Replace(filled, config.PlaceholderSecret, "Abc8Q~realLookingSecretValue.0123456789xy", 1)
+	if config.IsUntouchedExample([]byte(filled)) {
+		t.Error("a filled-in example is taken for untouched")
+	}
+	p := filepath.Join(t.TempDir(), "mailbridge.toml")
+	os.WriteFile(p, []byte(filled), 0o600)
+	cfg, err := loadResolved(p)
 	if err != nil {
-		t.Fatalf("config.example.toml does not load: %v", err)
+		t.Fatalf("the filled-in example does not load: %v", err)
 	}
 	a := cfg.Accounts[0]
 	if a.TokenURL != "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token" || a.GraphURL != "https://graph.microsoft.com/v1.0" || a.SendScope != "https://graph.microsoft.com/.default" {
@@ -21,6 +51,40 @@ func TestExampleConfigLoads(t *testing.T) {
 	}
 	if cfg.SMTP.SendTimeout.Duration != 60*time.Second || cfg.SMTP.Listen != "127.0.0.1:2525" {
 		t.Errorf("smtp: %+v", cfg.SMTP)
+	}
+}
+
+// IDs that are not an app registration's, and a Secret ID where the Value
+// goes, are caught offline with the fix; a tenant's domain name is a
+// tenant ID.
+func TestMistakesCaughtOffline(t *testing.T) {
+	for _, tc := range []struct{ tenant, client, secret, want string }{
+		{"contoso-shipping", "1b2c3d4e-0000-4abc-8def-123456789abc", "Abc8Q~value", "tenant_id: \"contoso-shipping\": not a tenant ID: the Directory (tenant) ID is a GUID"},
+		{"contoso.onmicrosoft.com", "12345", "Abc8Q~value", "client_id: \"12345\": not an Application (client) ID"},
+		{"72f988bf-86f1-41af-91ab-2d7cd011db47", "1b2c3d4e-0000-4abc-8def-123456789abc", "9a8b7c6d-1234-4abc-8def-0123456789ab", "client_secret_file: " + "SECRET" + ": this is a Secret ID (a GUID), not the secret's Value"},
+		{"contoso.onmicrosoft.com", "1b2c3d4e-0000-4abc-8def-123456789abc", "Abc8Q~value", ""},
+	} {
+		dir := t.TempDir()
+		secret := filepath.Join(dir, "secret.txt")
+		os.WriteFile(secret, []byte(tc.secret+"\n"), 0o600)
+		p := filepath.Join(dir, "m.toml")
+		os.WriteFile(p, []byte(fmt.Sprintf(`[[account]]
+name = "x"
+username = "u"
+password_hash = "$2a$04$1o5Qf3Pq9oW3WpDdRZBwHePaS3E0GKGRhFNbcXRnWy3ExHGKzD0p."
+mailbox = "orders@example.com"
+tenant_id = %q
+client_id = %q
+client_secret_file = "secret.txt"
+`, tc.tenant, tc.client)), 0o600)
+		_, err := loadResolved(p)
+		want := strings.ReplaceAll(tc.want, "SECRET", secret)
+		switch {
+		case want == "" && err != nil:
+			t.Errorf("%s: %v", tc.tenant, err)
+		case want != "" && (err == nil || !strings.Contains(err.Error(), want) || strings.Count(err.Error(), "\n") != 0):
+			t.Errorf("got %v, want one line with %q", err, want)
+		}
 	}
 }
 
@@ -58,6 +122,9 @@ func TestConfigErrorsNameFileAndKey(t *testing.T) {
 		"bad.toml: account[2] (a).username: \"DUP\" is used by another account",
 		"bad.toml: account[2] (a).client_secret_file: cannot read it",
 		"bad.toml: account[2] (a).send_scope: must end in /.default",
+		"bad.toml: account[1] (a).tenant_id: \"t\": not a tenant ID",
+		"bad.toml: account[2] (a).tenant_id: \"t\": not a tenant ID",
+		"bad.toml: account[2] (a).client_id: \"c\": not an Application (client) ID",
 	} {
 		found := false
 		for _, l := range lines {
@@ -69,8 +136,8 @@ func TestConfigErrorsNameFileAndKey(t *testing.T) {
 			t.Errorf("no line with %q in:\n%v", want, err)
 		}
 	}
-	if len(lines) != 14 {
-		t.Errorf("%d problems reported, want 14:\n%v", len(lines), err)
+	if len(lines) != 17 {
+		t.Errorf("%d problems reported, want 17:\n%v", len(lines), err)
 	}
 }
 
@@ -84,8 +151,8 @@ name = "x"
 username = "x"
 password_hash = "$2a$10$X.FmiwimM0FjfQl2Q48UhuOd9hztzcuSRK04xk4T0bEruuwmhLH66"
 mailbox = "x@example.com"
-tenant_id = "t"
-client_id = "c"
+tenant_id = "aaaaaaaa-0000-4000-8000-00000000000a"
+client_id = "c11e0000-0000-4000-8000-00000000000a"
 client_secret_file = "secret.txt"
 token_url = "http://127.0.0.1:8080/{tenant}/token"
 `), 0o600)
@@ -124,8 +191,8 @@ name = "gov"
 username = "gov"
 password_hash = "$2a$10$X.FmiwimM0FjfQl2Q48UhuOd9hztzcuSRK04xk4T0bEruuwmhLH66"
 mailbox = "x@agency.example"
-tenant_id = "t"
-client_id = "c"
+tenant_id = "aaaaaaaa-0000-4000-8000-00000000000a"
+client_id = "c11e0000-0000-4000-8000-00000000000a"
 client_secret = "s"
 cloud = "usgov"
 
@@ -134,8 +201,8 @@ name = "cn"
 username = "cn"
 password_hash = "$2a$10$X.FmiwimM0FjfQl2Q48UhuOd9hztzcuSRK04xk4T0bEruuwmhLH66"
 mailbox = "x@example.cn"
-tenant_id = "t"
-client_id = "c"
+tenant_id = "aaaaaaaa-0000-4000-8000-00000000000a"
+client_id = "c11e0000-0000-4000-8000-00000000000a"
 client_secret = "s"
 cloud = "china"
 graph_url = "https://graph-proxy.example.cn/v1.0"
@@ -185,8 +252,8 @@ name = "x"
 username = "x"
 password_hash = "$2a$10$X.FmiwimM0FjfQl2Q48UhuOd9hztzcuSRK04xk4T0bEruuwmhLH66"
 mailbox = "x@example.com"
-tenant_id = "t"
-client_id = "c"
+tenant_id = "aaaaaaaa-0000-4000-8000-00000000000a"
+client_id = "c11e0000-0000-4000-8000-00000000000a"
 client_secret = "plain-secret"
 `), 0o644)
 	cfg, err := loadResolved(p)

@@ -68,6 +68,8 @@ func (c *Config) Resolve() (*Resolved, error) {
 				bad(key("client_secret_file"), "cannot read it: %v", err)
 			} else if cred.ClientSecret = strings.TrimSpace(string(b)); cred.ClientSecret == "" {
 				bad(key("client_secret_file"), "%s is empty", p)
+			} else if why := CheckSecret(cred.ClientSecret); why != "" {
+				bad(key("client_secret_file"), "%s: %s", p, why)
 			}
 		case a.ClientCertificateFile != "" && a.ClientSecret == "":
 			cc, err := upstream.LoadClientCertificate(absPath(c.dir, a.ClientCertificateFile))

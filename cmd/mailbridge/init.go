@@ -50,7 +50,7 @@ upstream = {{q .A.POP3Upstream}}
 
 [outbox]
 # Messages wait here, on disk, until Microsoft 365 took them.
-dir = "outbox"
+dir = {{q .OutboxDir}}
 
 [admin]
 # The status page, http://127.0.0.1:9925/ in a browser: accounts, queued and
@@ -107,8 +107,21 @@ func initConfig(ctx context.Context, args []string, stdin io.Reader, stdout, std
 		return 2
 	}
 	a.POP3 = *pop3 && !*noPOP3
-	if _, err := os.Stat(*path); err == nil && !*force {
-		fmt.Fprintf(stderr, "mailbridge: %s exists: init does not overwrite it without -force\n", *path)
+	inst := installationFor(*path)
+	if ok, err := mayReplace(*path); err != nil {
+		fmt.Fprintln(stderr, "mailbridge:", err)
+		return 1
+	} else if !ok && !*force {
+		fmt.Fprintf(stderr, "mailbridge: %s exists and is not the untouched example: init does not overwrite it without -force\n", *path)
+		return 1
+	}
+	if inst.NeedsRoot && runtime.GOOS != "windows" && os.Geteuid() != 0 {
+		fmt.Fprintf(stderr, "mailbridge: %s belongs to root: run sudo mailbridge init\n", *path)
+		return 1
+	}
+	gid, err := groupID(inst.Group)
+	if err != nil {
+		fmt.Fprintln(stderr, "mailbridge:", err)
 		return 1
 	}
 	in := bufio.NewReader(stdin)
@@ -145,8 +158,16 @@ func initConfig(ctx context.Context, args []string, stdin io.Reader, stdout, std
 	if interactive {
 		fmt.Fprintf(stdout, "mailbridge init writes %s. The first values come from the app registration\nin the Microsoft Entra admin center (Applications > App registrations > your app).\n", *path)
 	}
-	ok := ask(&a.TenantID, "tenant-id", "Directory (tenant) ID?", "Overview page of the app registration", anyValue) &&
-		ask(&a.ClientID, "client-id", "Application (client) ID?", "the same Overview page", anyValue)
+	offline := func(check func(string) string) func(string) error {
+		return func(s string) error {
+			if why := check(s); why != "" {
+				return errors.New(why)
+			}
+			return nil
+		}
+	}
+	ok := ask(&a.TenantID, "tenant-id", "Directory (tenant) ID?", "Overview page of the app registration", offline(config.CheckTenantID)) &&
+		ask(&a.ClientID, "client-id", "Application (client) ID?", "the same Overview page", offline(config.CheckClientID))
 	if !ok {
 		return 2
 	}
@@ -157,8 +178,15 @@ func initConfig(ctx context.Context, args []string, stdin io.Reader, stdout, std
 			return 1
 		}
 		a.Secret = strings.TrimSpace(string(b))
+		if why := config.CheckSecret(a.Secret); why != "" {
+			fmt.Fprintf(stderr, "mailbridge: -client-secret-file %s: %s\n", *secretFile, why)
+			return 2
+		}
 	} else if interactive {
-		for a.Secret == "" {
+		for a.Secret == "" || config.CheckSecret(a.Secret) != "" {
+			if a.Secret != "" {
+				fmt.Fprintf(stderr, "  %s\n", config.CheckSecret(a.Secret))
+			}
 			fmt.Fprint(stdout, "\nClient secret Value?\n  (Certificates & secrets > Client secrets: the Value column, shown once, not the Secret ID; not echoed)\n> ")
 			s, err := readSecret(stdin, in)
 			if err != nil {
@@ -215,20 +243,24 @@ func initConfig(ctx context.Context, args []string, stdin io.Reader, stdout, std
 		return 1
 	}
 	a.SecretFile = filepath.Base(secretPath)
-	if err := writePrivate(secretPath, []byte(a.Secret+"\n")); err != nil {
+	if err := writePrivate(secretPath, []byte(a.Secret+"\n"), gid); err != nil {
 		fmt.Fprintln(stderr, "mailbridge:", err)
 		return 1
 	}
 	var out strings.Builder
-	if err := configTemplate.Execute(&out, map[string]any{"A": a, "Path": *path, "Date": time.Now().Format(time.DateOnly)}); err != nil {
+	if err := configTemplate.Execute(&out, map[string]any{"A": a, "Path": *path, "Date": time.Now().Format(time.DateOnly), "OutboxDir": inst.OutboxDir}); err != nil {
 		fmt.Fprintln(stderr, "mailbridge:", err)
 		return 1
 	}
-	if err := writePrivate(*path, []byte(out.String())); err != nil {
+	if err := writePrivate(*path, []byte(out.String()), gid); err != nil {
 		fmt.Fprintln(stderr, "mailbridge:", err)
 		return 1
 	}
-	fmt.Fprintf(stdout, "\nWrote %s and %s (the secret, readable by its owner only).\n", *path, secretPath)
+	who := "its owner only"
+	if inst.Group != "" {
+		who = "root and the " + inst.Group + " service only"
+	}
+	fmt.Fprintf(stdout, "\nWrote %s and %s (the secret), readable by %s.\n", *path, secretPath, who)
 	cfg, err := loadResolved(*path)
 	if err != nil {
 		for _, line := range strings.Split(err.Error(), "\n") {
@@ -242,24 +274,17 @@ func initConfig(ctx context.Context, args []string, stdin io.Reader, stdout, std
 		status = runCheck(ctx, cfg, "", stdout, stderr)
 	}
 	host, port, _ := net.SplitHostPort(cfg.SMTP.Listen)
-	fmt.Fprintf(stdout, "\nIn the legacy program:\n  SMTP server %s, port %s, SSL off, authentication on, user %q, the password you typed,\n  sender %s.\n", host, port, a.Username, a.Mailbox)
+	typed := "the password you typed"
+	if *passwordFile != "" {
+		typed = "the password in " + *passwordFile
+	}
+	fmt.Fprintf(stdout, "\nIn the legacy program:\n  SMTP server %s, port %s, SSL off, authentication on, user %q, %s,\n  sender %s.\n", host, port, a.Username, typed, a.Mailbox)
 	if a.POP3 {
 		phost, pport, _ := net.SplitHostPort(cfg.POP3.Listen)
 		fmt.Fprintf(stdout, "  POP3 server %s, port %s, SSL off, the same user and password.\n", phost, pport)
 	}
-	fmt.Fprintf(stdout, "Then run it: mailbridge serve -config %s (or mailbridge service install -config %s).\n", *path, *path)
+	fmt.Fprintf(stdout, "Then run it: %s.\n", inst.Start)
 	return status
-}
-
-// defaultConfigPath is where init writes by default: the MSI's place on
-// Windows, the working directory elsewhere.
-func defaultConfigPath() string {
-	if runtime.GOOS == "windows" {
-		if pd := os.Getenv("ProgramData"); pd != "" {
-			return filepath.Join(pd, "mailbridge", "mailbridge.toml")
-		}
-	}
-	return "mailbridge.toml"
 }
 
 // readSecret reads one line without echo from a terminal.
@@ -279,8 +304,9 @@ func isTerminal(r any) bool {
 }
 
 // writePrivate writes a file only its owner can read (on Windows: only
-// Administrators and SYSTEM, without inherited access).
-func writePrivate(path string, data []byte) error {
+// Administrators and SYSTEM, without inherited access); with gid >= 0,
+// that group may read it too (0640).
+func writePrivate(path string, data []byte, gid int) error {
 	// Private from its first byte, then renamed into place: a symbolic
 	// link at path is replaced, never followed.
 	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
@@ -292,6 +318,16 @@ func writePrivate(path string, data []byte) error {
 	if err := restrictACL(tmp); err != nil {
 		f.Close()
 		return err
+	}
+	if gid >= 0 {
+		if err := f.Chown(-1, gid); err != nil {
+			f.Close()
+			return err
+		}
+		if err := f.Chmod(0o640); err != nil {
+			f.Close()
+			return err
+		}
 	}
 	if _, err := f.Write(data); err != nil {
 		f.Close()
@@ -377,7 +413,7 @@ func installConfig(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "mailbridge:", err)
 		return 1
 	}
-	if err := writePrivate(*path, example); err != nil {
+	if err := writePrivate(*path, example, -1); err != nil {
 		fmt.Fprintln(stderr, "mailbridge:", err)
 		return 1
 	}

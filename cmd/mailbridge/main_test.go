@@ -1029,3 +1029,58 @@ func setSMTP(t *testing.T, path, settings string) {
 		t.Fatal(err)
 	}
 }
+
+// init refuses the commonest mistakes before Microsoft sees them, each in
+// one line naming the fix; it replaces the example the MSI or the package
+// installed without -force, and nothing else.
+func TestInitCatchesMistakesAndReplacesTheExample(t *testing.T) {
+	_, _, env := fakeAndConfig(t, "127.0.0.1:0", "")
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "secret.in"), []byte(secret+"\n"), 0o600)
+	os.WriteFile(filepath.Join(dir, "secret-id.in"), []byte("9a8b7c6d-1234-4abc-8def-0123456789ab\n"), 0o600)
+	os.WriteFile(filepath.Join(dir, "password.in"), []byte("legacy pw\n"), 0o600)
+	path := filepath.Join(dir, "mailbridge.toml")
+	args := func(tenantID, clientID, secretFile string) []string {
+		return []string{"init", "-config", path, "-tenant-id", tenantID, "-client-id", clientID, "-client-secret-file", filepath.Join(dir, secretFile),
+			"-mailbox", mailbox, "-username", "erp", "-password-file", filepath.Join(dir, "password.in"), "-no-check"}
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{args("contoso-shipping", client, "secret.in"), `-tenant-id: not a tenant ID: the Directory (tenant) ID is a GUID`},
+		{args(tenant, "12345", "secret.in"), `-client-id: not an Application (client) ID`},
+		{args(tenant, config.PlaceholderGUID, "secret.in"), `-client-id: still the example's placeholder`},
+		{args(tenant, client, "secret-id.in"), `this is a Secret ID (a GUID), not the secret's Value`},
+	} {
+		code, _, stderr := runBinary(t, env, "", tc.args...)
+		if code != 2 || !strings.Contains(stderr, tc.want) || strings.Count(strings.TrimSpace(stderr), "\n") != 0 {
+			t.Errorf("init %v: %d %q, want one line with %q", tc.args[3:7], code, stderr, tc.want)
+		}
+		if _, err := os.Stat(path); err == nil {
+			t.Fatal("init wrote a configuration with a mistake in it")
+		}
+	}
+	// The example as installed is replaced without -force.
+	example, _ := os.ReadFile("../../config.example.toml")
+	os.WriteFile(path, example, 0o600)
+	if code, out, stderr := runBinary(t, env, "", args("contoso.onmicrosoft.com", client, "secret.in")...); code != 0 {
+		t.Fatalf("init over the untouched example: %d\n%s\n%s", code, out, stderr)
+	}
+	if data := mustReadFile(t, path); !strings.Contains(data, `tenant_id = "contoso.onmicrosoft.com"`) || strings.Contains(data, config.ExampleMarker) {
+		t.Errorf("the example was not replaced:\n%s", data)
+	}
+	// What init wrote is not an example: -force is needed.
+	if code, _, stderr := runBinary(t, env, "", args(tenant, client, "secret.in")...); code != 1 || !strings.Contains(stderr, "is not the untouched example: init does not overwrite it without -force") {
+		t.Errorf("init over its own configuration: %d %q", code, stderr)
+	}
+	// check and serve name the same mistakes in a file edited by hand.
+	bad := strings.Replace(mustReadFile(t, path), `tenant_id = "contoso.onmicrosoft.com"`, `tenant_id = "contoso shipping"`, 1)
+	os.WriteFile(path, []byte(bad), 0o600)
+	for _, cmd := range []string{"check", "serve"} {
+		code, _, stderr := runBinary(t, env, "", cmd, "-config", path)
+		if code == 0 || !strings.Contains(stderr, `tenant_id: "contoso shipping": not a tenant ID`) {
+			t.Errorf("%s with a bad tenant ID: %d %q", cmd, code, stderr)
+		}
+	}
+}
