@@ -132,6 +132,7 @@ func New(cfg *config.Config, opts Options) (*Bridge, error) {
 		b.outbox = outbox.New(store, outbox.Options{
 			Deliver:       b.deliverer.Attempt,
 			Account:       b.accounts.ByName,
+			Hint:          b.hintFor,
 			Metrics:       b.metrics,
 			Log:           b.log.With().Str("proto", "outbox").Logger(),
 			MaxAge:        cfg.Outbox.MaxAge.Duration,
@@ -529,9 +530,21 @@ func (b *Bridge) checkCredentials(accounts []*account.Account, limit time.Durati
 		go func() {
 			defer wg.Done()
 			_, err := a.GraphTokens.Token(ctx)
-			if f := failure.Classify(err); f.Kind == failure.Credentials {
+			switch f := failure.Classify(err); {
+			case err == nil:
+				b.log.Info().Str("account", a.Config.Name).Str("tenant_id", a.Config.TenantID).Msg("signed in to Microsoft 365")
+			case f.Kind == failure.Credentials:
 				b.log.Error().Err(err).Str("account", a.Config.Name).Str("reason", string(f.Kind)).Str("hint", f.Hint).
 					Msg("Microsoft 365 refuses this account's sign-in: its messages are refused (451) until it is fixed")
+			case unreachable(err):
+				b.log.Warn().Err(err).Str("account", a.Config.Name).Str("reason", string(f.Kind)).Str("hint", b.reachHint(a)).
+					Msg("Microsoft 365 cannot be reached: messages are queued (or answered 451 with the outbox off) until it can")
+			default:
+				ev := b.log.Warn().Err(err).Str("account", a.Config.Name).Str("reason", string(f.Kind))
+				if f.Hint != "" {
+					ev = ev.Str("hint", f.Hint)
+				}
+				ev.Msg("the sign-in to Microsoft 365 failed: it is tried again for each message")
 			}
 		}()
 	}

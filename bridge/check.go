@@ -65,10 +65,10 @@ func (b *Bridge) check(ctx context.Context, sendTestTo string) []CheckResult {
 }
 
 // checkToken fetches a token and checks that it carries role.
-func checkToken(ctx context.Context, a *account.Account, ts *upstream.TokenSource, check, role, api string) (string, *CheckResult) {
+func (b *Bridge) checkToken(ctx context.Context, a *account.Account, ts *upstream.TokenSource, check, role, api string) (string, *CheckResult) {
 	tok, err := ts.Token(ctx)
 	if err != nil {
-		return "", &CheckResult{Account: a.Config.Name, Check: check, Detail: err.Error(), Hint: failure.Classify(err).Hint}
+		return "", &CheckResult{Account: a.Config.Name, Check: check, Detail: err.Error(), Hint: b.hintFor(a, err, failure.Classify(err).Hint)}
 	}
 	if roles, ok := upstream.TokenRoles(tok); ok && !slices.Contains(roles, role) {
 		return "", &CheckResult{Account: a.Config.Name, Check: check,
@@ -80,11 +80,11 @@ func checkToken(ctx context.Context, a *account.Account, ts *upstream.TokenSourc
 
 func (b *Bridge) checkSMTP(ctx context.Context, a *account.Account, sendTestTo string) []CheckResult {
 	name := a.Config.Name
-	if _, fail := checkToken(ctx, a, a.GraphTokens, "smtp-token", "Mail.Send", "Microsoft Graph"); fail != nil {
+	if _, fail := b.checkToken(ctx, a, a.GraphTokens, "smtp-token", "Mail.Send", "Microsoft Graph"); fail != nil {
 		return []CheckResult{*fail}
 	}
 	results := []CheckResult{{Account: name, Check: "smtp-token", OK: true, Detail: "token with Mail.Send issued for " + a.Config.SendScope}}
-	results = append(results, checkSentItems(ctx, a))
+	results = append(results, b.checkSentItems(ctx, a))
 	if a.Config.LargeMessages {
 		results = append(results, b.checkDrafts(ctx, a))
 	}
@@ -105,10 +105,19 @@ func (b *Bridge) checkSMTP(ctx context.Context, a *account.Account, sendTestTo s
 		Detail: fmt.Sprintf("Graph accepted the test message to %s (HTTP %d, request-id %s)", sendTestTo, d.Result.Status, d.Result.RequestID)})
 }
 
+// hintFor is the hint for err: what to open when Microsoft could not be
+// reached at all, else hint.
+func (b *Bridge) hintFor(a *account.Account, err error, hint string) string {
+	if unreachable(err) {
+		return b.reachHint(a)
+	}
+	return hint
+}
+
 // checkSentItems looks in the mailbox's Sent Items as a send whose answer
 // was lost would: without a permission that lists messages, delivery is
 // at least once, not exactly once.
-func checkSentItems(ctx context.Context, a *account.Account) CheckResult {
+func (b *Bridge) checkSentItems(ctx context.Context, a *account.Account) CheckResult {
 	res := CheckResult{Account: a.Config.Name, Check: "sent-items"}
 	_, _, err := a.Graph.FindSent(ctx, a.Config.Mailbox, probeMessageID, time.Time{})
 	switch {
@@ -119,7 +128,7 @@ func checkSentItems(ctx context.Context, a *account.Account) CheckResult {
 		res.Detail = "the app may not read Sent Items: a message whose Graph answer is lost is sent again and may arrive twice"
 		res.Hint = deliver.ReadPermissionHint
 	default:
-		res.Detail, res.Hint = err.Error(), failure.Classify(err).Hint
+		res.Detail, res.Hint = err.Error(), b.hintFor(a, err, failure.Classify(err).Hint)
 	}
 	return res
 }
@@ -151,7 +160,7 @@ func (b *Bridge) checkDrafts(ctx context.Context, a *account.Account) CheckResul
 
 func (b *Bridge) checkPOP3(ctx context.Context, a *account.Account) CheckResult {
 	name := a.Config.Name
-	tok, fail := checkToken(ctx, a, a.OutlookTokens, "pop3", "POP.AccessAsApp", "Office 365 Exchange Online")
+	tok, fail := b.checkToken(ctx, a, a.OutlookTokens, "pop3", "POP.AccessAsApp", "Office 365 Exchange Online")
 	if fail != nil {
 		return *fail
 	}
@@ -159,7 +168,7 @@ func (b *Bridge) checkPOP3(ctx context.Context, a *account.Account) CheckResult 
 	defer cancel()
 	up, err := a.POP3Dialer.Dial(pctx, a.Config.POP3Mailbox, tok)
 	if err != nil {
-		return CheckResult{Account: name, Check: "pop3", Detail: err.Error(), Hint: failure.MailboxLoginHint("pop3", err, tok)}
+		return CheckResult{Account: name, Check: "pop3", Detail: err.Error(), Hint: b.hintFor(a, err, failure.MailboxLoginHint("pop3", err, tok))}
 	}
 	count, size, err := up.Stat()
 	up.Quit()
@@ -178,7 +187,7 @@ func testMessage(from, to string) []byte {
 // checkIMAP logs in to Outlook's IMAP service and examines INBOX.
 func (b *Bridge) checkIMAP(ctx context.Context, a *account.Account) CheckResult {
 	name := a.Config.Name
-	tok, fail := checkToken(ctx, a, a.OutlookTokens, "imap", "IMAP.AccessAsApp", "Office 365 Exchange Online")
+	tok, fail := b.checkToken(ctx, a, a.OutlookTokens, "imap", "IMAP.AccessAsApp", "Office 365 Exchange Online")
 	if fail != nil {
 		return *fail
 	}
@@ -186,7 +195,7 @@ func (b *Bridge) checkIMAP(ctx context.Context, a *account.Account) CheckResult 
 	defer cancel()
 	up, err := a.IMAPDialer.Dial(ictx, a.Config.IMAPMailbox, tok)
 	if err != nil {
-		return CheckResult{Account: name, Check: "imap", Detail: err.Error(), Hint: failure.MailboxLoginHint("imap", err, tok)}
+		return CheckResult{Account: name, Check: "imap", Detail: err.Error(), Hint: b.hintFor(a, err, failure.MailboxLoginHint("imap", err, tok))}
 	}
 	defer up.Conn.Close()
 	count, err := up.Examine("INBOX")

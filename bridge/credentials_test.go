@@ -1,12 +1,14 @@
 package bridge_test
 
 import (
+	"context"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"math/big"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -100,5 +102,43 @@ func TestSecretExpiryWarning(t *testing.T) {
 	line := findLogLine(t, logs.String(), "the client secret expires in 5 days (client_secret_expires): create a new one under Certificates & secrets before then, or switch to client_certificate_file")
 	if !strings.Contains(line, `"level":"warn"`) || !strings.Contains(line, `"account":"scanner"`) {
 		t.Errorf("warning line %s", line)
+	}
+}
+
+// Microsoft out of reach is said at start, once per account, with the
+// hosts and ports to open and the proxy key; check's rows say the same.
+func TestUnreachableMicrosoftNamesWhatToOpen(t *testing.T) {
+	fake := startFake(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := ln.Addr().String()
+	ln.Close() // nothing listens there now: the connection is refused
+	cfg := testConfig(fake)
+	cfg.Accounts = cfg.Accounts[:1]
+	cfg.Accounts[0].TokenURL = "https://" + closed + "/{tenant}/oauth2/v2.0/token"
+	cfg.Accounts[0].GraphURL = "https://" + closed + "/v1.0"
+	b, logs := startBridge(t, fake, cfg)
+	lines := linesWith(logs.String(), "Microsoft 365 cannot be reached: messages are queued (or answered 451 with the outbox off) until it can")
+	if len(lines) != 1 {
+		t.Fatalf("%d start-up lines about Microsoft out of reach, want 1:\n%s", len(lines), logs)
+	}
+	for _, want := range []string{`"account":"tm-master"`, "allow outbound TCP to " + closed + ", " + fake.POP3Addr() + ", " + fake.IMAPAddr(), `[network] proxy`} {
+		if !strings.Contains(lines[0], want) {
+			t.Errorf("the line lacks %q: %s", want, lines[0])
+		}
+	}
+	found := false
+	for _, r := range b.Check(context.Background(), "") {
+		if r.Check == "smtp-token" {
+			found = true
+			if r.OK || !strings.Contains(r.Hint, "allow outbound TCP to "+closed) {
+				t.Errorf("check's token row: %+v", r)
+			}
+		}
+	}
+	if !found {
+		t.Error("check has no smtp-token row")
 	}
 }

@@ -122,7 +122,8 @@ func pageMessage(e outbox.QueueEntry) statuspage.Message {
 		from = e.From
 	}
 	m := statuspage.Message{ID: e.ID, State: e.State, Received: e.Received, From: from, Recipients: e.Recipients,
-		Subject: e.Subject, MessageID: e.MessageID, Size: e.Size, Attempts: e.Attempts, NextAttempt: e.NextAttempt, InFlight: e.InFlight, LastError: e.LastError}
+		Subject: e.Subject, MessageID: e.MessageID, Size: e.Size, Attempts: e.Attempts, NextAttempt: e.NextAttempt, InFlight: e.InFlight, LastError: e.LastError,
+		LastReason: e.LastReason, LastHint: e.LastHint}
 	if f := e.Failure; f != nil {
 		m.FailedAt, m.Reason, m.Hint, m.GraphStatus, m.RequestID = f.At, f.Reason, f.Hint, f.GraphStatus, f.RequestID
 		switch {

@@ -374,6 +374,11 @@ func TestStatusPageActionsOnTheOutbox(t *testing.T) {
 	if body := c.page(); !strings.Contains(body, "1 queued") || !strings.Contains(body, "waiting") || !strings.Contains(body, "<title>mailbridge: 1 queued, 1 sign-in refused</title>") {
 		t.Error("the page does not list the queued message")
 	}
+	// Why it waits, in a few words, and the fix, as for an account.
+	if body := c.page(); !strings.Contains(body, "Graph answered HTTP 503 ServiceUnavailable<br><span class=\"hint\"><b>Fix:</b> Microsoft Graph is failing: nothing to do, it is tried again</span>") ||
+		!strings.Contains(body, "<small class=\"msgid\">&lt;waiting@test&gt;</small>") {
+		t.Error("the queued message's row lacks its cause and fix, or its Message-ID")
+	}
 	c.action("/retry", waiting)
 	waitFor(t, "the queued message delivered", func() bool { return sentTimes(fake, "waiting") == 1 && !entryExists(b, "queue", waiting) })
 

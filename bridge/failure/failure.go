@@ -15,6 +15,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"slices"
 	"strings"
@@ -188,10 +189,10 @@ func classifyGraph(f *Failure, e *upstream.APIError) {
 	switch {
 	case e.Status == http.StatusTooManyRequests:
 		f.Kind = Throttled
-		f.Hint = "Microsoft Graph is throttling this mailbox; the client will retry"
+		f.Hint = "Microsoft Graph is throttling this mailbox: nothing to do, it is tried again"
 	case e.Temporary():
 		f.Kind = Unavailable
-		f.Hint = "Microsoft Graph is failing; the client will retry"
+		f.Hint = "Microsoft Graph is failing: nothing to do, it is tried again"
 	case e.Status == http.StatusRequestEntityTooLarge || e.Code == "ErrorMessageSizeExceeded":
 		f.Kind, f.Temporary = TooLarge, false
 	case e.Code == "ErrorSendAsDenied":
@@ -274,3 +275,46 @@ const CertificateHint = "the certificate of Microsoft's server was not trusted: 
 
 // ReadWriteHint tells how to allow messages over sendMail's limit.
 const ReadWriteHint = "grant Mail.ReadWrite as an Application permission (Microsoft Graph) and click 'Grant admin consent', or set large_messages = false (messages over 3 MB are then refused)"
+
+// Summary is the cause of err in a few words, for a list where the whole
+// error does not fit: Graph's status and code, the sign-in's AADSTS
+// number, or the innermost network error ("lookup login.microsoftonline.com:
+// no such host"); the whole error text otherwise.
+func Summary(err error) string {
+	if err == nil {
+		return ""
+	}
+	var apiErr *upstream.APIError
+	var tokErr *upstream.TokenError
+	var own *Error
+	switch {
+	case errors.As(err, &own):
+		return own.Reason
+	case errors.As(err, &apiErr):
+		s := fmt.Sprintf("Graph answered HTTP %d", apiErr.Status)
+		if apiErr.Code != "" {
+			s += " " + apiErr.Code
+		}
+		if upstream.IsOutcomeUnknown(err) {
+			s += " after taking the request (outcome unknown)"
+		}
+		return s
+	case errors.As(err, &tokErr) && tokErr.AADSTS != 0:
+		return fmt.Sprintf("sign-in refused: %s, AADSTS%d", tokErr.Code, tokErr.AADSTS)
+	case errors.As(err, &tokErr) && tokErr.Status != 0:
+		return fmt.Sprintf("sign-in failed: HTTP %d %s", tokErr.Status, tokErr.Code)
+	case errors.Is(err, context.DeadlineExceeded):
+		return "no answer in time"
+	}
+	// The innermost error that still says something: net's errors name
+	// the operation and the host.
+	var opErr *net.OpError
+	var dnsErr *net.DNSError
+	switch {
+	case errors.As(err, &dnsErr):
+		return "lookup " + dnsErr.Name + ": " + dnsErr.Err
+	case errors.As(err, &opErr):
+		return opErr.Error()
+	}
+	return err.Error()
+}

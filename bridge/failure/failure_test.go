@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/url"
 	"strings"
 	"testing"
 
@@ -85,6 +86,22 @@ func TestPossibleDuplicate(t *testing.T) {
 	} {
 		if got := failure.Classify(err).PossibleDuplicate; got != want {
 			t.Errorf("PossibleDuplicate(%v) = %v, want %v", err, got, want)
+		}
+	}
+}
+
+// Summary gives the cause in a few words, however deep it is wrapped.
+func TestSummary(t *testing.T) {
+	dns := &net.OpError{Op: "dial", Net: "tcp", Err: &net.DNSError{Err: "no such host", Name: "login.microsoftonline.com"}}
+	for err, want := range map[error]string{
+		fmt.Errorf("graph sendMail: %w", &url.Error{Op: "Post", URL: "https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47/oauth2/v2.0/token", Err: dns}): "lookup login.microsoftonline.com: no such host",
+		&upstream.APIError{Status: 503, Code: "ServiceUnavailable"}:                                               "Graph answered HTTP 503 ServiceUnavailable",
+		&upstream.OutcomeUnknownError{Err: &upstream.APIError{Status: 504}}:                                       "Graph answered HTTP 504 after taking the request (outcome unknown)",
+		&upstream.TokenError{Status: 401, Code: "invalid_client", AADSTS: 7000215}:                                "sign-in refused: invalid_client, AADSTS7000215",
+		fmt.Errorf("x: %w", &net.OpError{Op: "dial", Net: "tcp", Err: errors.New("connect: connection refused")}): "dial tcp: connect: connection refused",
+	} {
+		if got := failure.Summary(err); got != want {
+			t.Errorf("Summary(%v) = %q, want %q", err, got, want)
 		}
 	}
 }

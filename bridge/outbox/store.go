@@ -53,6 +53,10 @@ type Envelope struct {
 	Attempts     int       `json:"attempts"`
 	NextAttempt  time.Time `json:"next_attempt"`
 	LastError    string    `json:"last_error,omitempty"`
+	// LastReason is LastError's cause in a few words, LastHint its fix:
+	// what `queue list` and the status page show.
+	LastReason string `json:"last_reason,omitempty"`
+	LastHint   string `json:"last_hint,omitempty"`
 	// Session, Remote and MessageID name where the message came from, for
 	// the log lines of its delivery, after a restart too.
 	Session   string `json:"session,omitempty"`

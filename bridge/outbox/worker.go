@@ -64,6 +64,10 @@ type Options struct {
 	// good; Notify get a copy of each.
 	Bounce bool
 	Notify []string
+	// Hint, if set, gives the fix for a failure of account a's delivery
+	// (the hosts to open when Microsoft is out of reach); hint is the
+	// failure's own.
+	Hint func(a *account.Account, err error, hint string) string
 }
 
 // Outbox is the store and its delivery worker. Queued messages known in
@@ -503,7 +507,10 @@ func (w *Outbox) deliver(ctx context.Context, env *Envelope) bool {
 	}
 	wait := w.opts.Retry.Wait(env.Attempts, err)
 	env.NextAttempt = time.Now().Add(wait)
-	env.LastError = err.Error()
+	env.LastError, env.LastReason, env.LastHint = err.Error(), failure.Summary(err), fl.Hint
+	if w.opts.Hint != nil {
+		env.LastHint = w.opts.Hint(a, err, fl.Hint)
+	}
 	e := ev.Warn().Err(err).Str("reason", string(fl.Kind)).Time("next_attempt", env.NextAttempt)
 	if fl.Hint != "" {
 		e = e.Str("hint", fl.Hint)

@@ -104,6 +104,8 @@ type Message struct {
 	NextAttempt time.Time
 	InFlight    bool
 	LastError   string
+	LastReason  string // LastError's cause in a few words
+	LastHint    string // its fix
 	// For a failed message:
 	FailedAt    time.Time
 	Reason      string

@@ -250,9 +250,10 @@ func check(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 }
 
 func queue(args []string, stdout, stderr io.Writer) int {
-	const queueUsage = "usage: mailbridge queue list|retry ID|retry-failed|delete ID -config FILE\n"
+	const queueUsage = "usage: mailbridge queue list [-v]|retry ID|retry-failed|delete ID -config FILE\n"
 	fs := flag.NewFlagSet("queue", flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	verbose := fs.Bool("v", false, "list: the whole error of each message, not only its cause")
 	cfg, rest, status := loadConfig(fs, args, stderr)
 	if cfg == nil {
 		return status
@@ -292,16 +293,36 @@ func queue(args []string, stdout, stderr io.Writer) int {
 			return 1
 		}
 		tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
-		fmt.Fprintln(tw, "ID\tSTATE\tAGE\tATTEMPTS\tNEXT ATTEMPT\tFROM\tRECIPIENTS\tSUBJECT\tBYTES\tLAST ERROR")
+		fmt.Fprintln(tw, "ID\tSTATE\tAGE\tATTEMPTS\tNEXT ATTEMPT\tFROM\tRECIPIENTS\tSUBJECT\tBYTES\tWHY")
+		type why struct{ id, reason, hint, whole string }
+		var whys []why
 		for _, e := range entries {
-			next, last := e.NextAttempt.Local().Format(time.DateTime), e.LastError
-			if e.State == "failed" {
-				next, last = "-", e.Failure.Reason
+			next, w := e.NextAttempt.Local().Format(time.DateTime), why{e.ID, e.LastReason, e.LastHint, e.LastError}
+			if w.reason == "" {
+				w.reason = e.LastError
+			}
+			if e.State == "failed" && e.Failure != nil {
+				next, w = "-", why{e.ID, e.Failure.Reason, e.Failure.Hint, e.Failure.Reason}
+			}
+			if w.reason != "" {
+				whys = append(whys, w)
 			}
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%d\t%s\n", e.ID, e.State, time.Since(e.Received).Round(time.Second), e.Attempts, next,
-				e.From, strings.Join(e.Recipients, ","), oneLine(e.Subject, 60), e.Size, oneLine(last, 120))
+				e.From, strings.Join(e.Recipients, ","), oneLine(e.Subject, 60), e.Size, oneLine(w.reason, 60))
 		}
 		tw.Flush()
+		if len(whys) > 0 {
+			fmt.Fprintln(stdout, "\nWhy, and the fix:")
+		}
+		for _, w := range whys {
+			fmt.Fprintf(stdout, "  %s: %s\n", w.id, oneLine(w.reason, 200))
+			if w.hint != "" {
+				fmt.Fprintf(stdout, "      fix: %s\n", w.hint)
+			}
+			if *verbose && w.whole != w.reason {
+				fmt.Fprintf(stdout, "      error: %s\n", oneLine(w.whole, 2000))
+			}
+		}
 		fmt.Fprintf(stdout, "%d message(s)\n", len(entries))
 	case "retry":
 		if err := store.Retry(id); err != nil {

@@ -761,7 +761,7 @@ func TestCLIHabits(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("queue -config F list: %d", code)
 	}
-	for _, want := range []string{"ID", "AGE", "ATTEMPTS", "NEXT ATTEMPT", "FROM", "RECIPIENTS", "SUBJECT", "BYTES", "LAST ERROR", "orders@example.com", "a@example.org,b@example.org", "Grüße from the queue", "1 message(s)"} {
+	for _, want := range []string{"ID", "AGE", "ATTEMPTS", "NEXT ATTEMPT", "FROM", "RECIPIENTS", "SUBJECT", "BYTES", "WHY", "orders@example.com", "a@example.org,b@example.org", "Grüße from the queue", "1 message(s)"} {
 		if !strings.Contains(list, want) {
 			t.Errorf("queue list lacks %q:\n%s", want, list)
 		}
@@ -1082,5 +1082,60 @@ func TestInitCatchesMistakesAndReplacesTheExample(t *testing.T) {
 		if code == 0 || !strings.Contains(stderr, `tenant_id: "contoso shipping": not a tenant ID`) {
 			t.Errorf("%s with a bad tenant ID: %d %q", cmd, code, stderr)
 		}
+	}
+}
+
+// A message stuck because Microsoft is out of reach: queue list gives the
+// cause in a few words and the fix naming what to open; -v the whole
+// error.
+func TestQueueListSaysWhyAndTheFix(t *testing.T) {
+	_, path, env := fakeAndConfig(t, "127.0.0.1:0", "")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := ln.Addr().String()
+	ln.Close()
+	data := mustReadFile(t, path)
+	data = regexp.MustCompile(`(?m)^graph_url = .*$`).ReplaceAllString(data, `graph_url = "https://`+closed+`/v1.0"`)
+	os.WriteFile(path, []byte(data), 0o600)
+	cmd, addr, _ := startServe(t, path, env)
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Auth(sasl.NewPlainClient("", "tm", "pw")); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SendMail(mailbox, []string{"a@example.org"}, strings.NewReader("From: orders@example.com\r\nTo: a@example.org\r\nSubject: stuck\r\n\r\nx\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	queue := filepath.Join(filepath.Dir(path), "outbox", "queue")
+	for deadline := time.Now().Add(patience); ; time.Sleep(20 * time.Millisecond) {
+		entries, _ := filepath.Glob(filepath.Join(queue, "*.json"))
+		if len(entries) == 1 && strings.Contains(mustReadFile(t, entries[0]), `"last_reason"`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the message never failed an attempt")
+		}
+	}
+	cmd.Process.Kill()
+	cmd.Wait()
+	code, list, _ := runBinary(t, env, "", "queue", "list", "-config", path)
+	if code != 0 {
+		t.Fatalf("queue list: %d", code)
+	}
+	for _, want := range []string{"Why, and the fix:", "dial tcp " + closed + ": connect: connection refused",
+		"fix: this machine cannot reach Microsoft 365: allow outbound TCP to ", ", " + closed + ", ", "[network] proxy"} {
+		if !strings.Contains(list, want) {
+			t.Errorf("queue list lacks %q:\n%s", want, list)
+		}
+	}
+	if strings.Contains(list, "error: ") {
+		t.Errorf("queue list without -v prints the whole error:\n%s", list)
+	}
+	if _, list, _ := runBinary(t, env, "", "queue", "list", "-v", "-config", path); !strings.Contains(list, `error: graph sendMail: Post "https://`+closed) {
+		t.Errorf("queue list -v lacks the whole error:\n%s", list)
 	}
 }
