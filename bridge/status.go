@@ -66,6 +66,10 @@ func (s statusBackend) Status() statuspage.Status {
 			}
 			ps := tokenState(ts)
 			ps.Proto = proto
+			if proto != "smtp" {
+				day := activity.MailboxToday(a.Config.Name, proto)
+				ps.Mailbox = &day
+			}
 			as.Protocols = append(as.Protocols, ps)
 		}
 		st.Accounts = append(st.Accounts, as)

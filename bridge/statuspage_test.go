@@ -360,8 +360,12 @@ func TestStatusPageActionsOnTheOutbox(t *testing.T) {
 	if !strings.Contains(body, "Message "+deleted+" deleted") || entryExists(b, "failed", deleted) || entryExists(b, "queue", deleted) {
 		t.Error("Delete did not remove the failed message, or the page does not say so")
 	}
-	if body := c.page(); !strings.Contains(body, "No failed messages") || strings.Contains(body, "delete me") {
+	if body := c.page(); !strings.Contains(body, "No failed messages") || strings.Contains(section(body, "outbox"), "delete me") {
 		t.Error("the page still lists a failed message")
+	}
+	// The recent messages carry their Subject.
+	if recent := section(c.page(), "recent"); !strings.Contains(recent, `<td data-label="Subject">delete me</td>`) || !strings.Contains(recent, `<td data-label="Subject">retry me</td>`) {
+		t.Errorf("the recent messages lack their Subject:\n%s", recent)
 	}
 
 	// queued → Retry now: a message waiting an hour after a 503 goes at once.
@@ -467,5 +471,45 @@ func TestStatusPageRunsTheCheck(t *testing.T) {
 	}
 	if n := strings.Count(rows, "<tr class="); n < 3 {
 		t.Errorf("%d check rows", n)
+	}
+}
+
+// section returns the part of a status page in its <section id=id>.
+func section(body, id string) string {
+	start := strings.Index(body, `<section id="`+id+`">`)
+	if start < 0 {
+		return ""
+	}
+	end := strings.Index(body[start:], "</section>")
+	return body[start : start+end]
+}
+
+// Each account's POP3 use is on its card, as TM Exchange's replication
+// lives on it: logins and downloads today, the last of each; the final
+// log line of a message carries its Subject, clipped to one line.
+func TestStatusPageShowsMailboxUseAndSubjects(t *testing.T) {
+	fake := startFake(t)
+	b, logs := startBridge(t, fake, statusConfig(t, fake))
+	c := newPageClient(t, b)
+	if card := section(c.page(), "accounts"); !strings.Contains(card, "Today: <b>0</b> logins, <b>0</b> messages downloaded.") {
+		t.Errorf("the POP3 use before any login:\n%s", card)
+	}
+	fake.AddMessage(mailboxA, crlf("Subject: from shore\n\nx\n"))
+	fake.AddMessage(mailboxA, crlf("Subject: from shore 2\n\ny\n"))
+	p := dialPOP3(t, b.POP3Addr())
+	p.login(userA, passwordA)
+	p.retr(1)
+	p.retr(2)
+	p.cmd("QUIT")
+	card := section(c.page(), "accounts")
+	card = card[strings.Index(card, `data-account="tm-master"`):]
+	card = card[:strings.Index(card, "</article>")]
+	if !strings.Contains(card, "Today: <b>1</b> logins, <b>2</b> messages downloaded.") || strings.Contains(card, "last download: none") {
+		t.Errorf("the POP3 use after a login and two downloads:\n%s", card)
+	}
+	sendVia(t, b, "x@example.org", "From: orders@example.com\nTo: x@example.org\nSubject: =?utf-8?q?Bestellung_Gr=C3=BC=C3=9Fe?=\x1b[2J\nMessage-ID: <subj@test>\n\nx\n")
+	waitFor(t, "the message sent", func() bool { return len(linesWith(logs.String(), "message sent")) == 1 })
+	if l := linesWith(logs.String(), "message sent")[0]; !strings.Contains(l, `"subject":"Bestellung Grüße [2J"`) {
+		t.Errorf("the final line's subject: %s", l)
 	}
 }

@@ -16,6 +16,7 @@ type FinalMessage struct {
 	Result      string // "sent", "failed", "not sent"
 	QueueID     string // "" without the outbox
 	MessageID   string
+	Subject     string // decoded, one line, clipped
 	From        string
 	Recipients  []string
 	GraphStatus int
@@ -33,15 +34,23 @@ type AccountDay struct {
 	LastRequestID string
 }
 
+// MailboxDay is what one account did today over POP3 or IMAP: the legacy
+// program's downloads, which replication such as TM Exchange lives on.
+type MailboxDay struct {
+	Logins, Downloads       int
+	LastLogin, LastDownload time.Time // zero if none since the start
+}
+
 // Activity keeps the last final message lines and each account's counts
 // for today, in memory, for the status page.
 type Activity struct {
-	mu       sync.Mutex
-	now      func() time.Time
-	recent   []FinalMessage // a ring of keepRecent, next at head
-	head     int
-	day      time.Time // midnight of the day counted
-	accounts map[string]*AccountDay
+	mu        sync.Mutex
+	now       func() time.Time
+	recent    []FinalMessage // a ring of keepRecent, next at head
+	head      int
+	day       time.Time // midnight of the day counted
+	accounts  map[string]*AccountDay
+	mailboxes map[string]*MailboxDay // by account and protocol
 }
 
 // keepRecent is how many final lines Activity keeps.
@@ -99,6 +108,47 @@ func (a *Activity) rollDay() {
 	for _, d := range a.accounts {
 		d.Sent, d.Failed = 0, 0
 	}
+	for _, d := range a.mailboxes {
+		d.Logins, d.Downloads = 0, 0
+	}
+}
+
+// Mailbox records a POP3 or IMAP event of account: "login" or
+// "download". A nil Activity records nothing.
+func (a *Activity) Mailbox(account, proto, event string) {
+	if a == nil {
+		return
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.rollDay()
+	if a.mailboxes == nil {
+		a.mailboxes = map[string]*MailboxDay{}
+	}
+	d := a.mailboxes[account+"/"+proto]
+	if d == nil {
+		d = &MailboxDay{}
+		a.mailboxes[account+"/"+proto] = d
+	}
+	switch event {
+	case "login":
+		d.Logins++
+		d.LastLogin = a.now()
+	case "download":
+		d.Downloads++
+		d.LastDownload = a.now()
+	}
+}
+
+// MailboxToday returns account's POP3 or IMAP counts for today.
+func (a *Activity) MailboxToday(account, proto string) MailboxDay {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.rollDay()
+	if d := a.mailboxes[account+"/"+proto]; d != nil {
+		return *d
+	}
+	return MailboxDay{}
 }
 
 // Recent returns the final lines kept, newest first.

@@ -99,6 +99,14 @@ func (m *Metrics) Final(f FinalMessage, bytes int64) {
 // Activity is the record of final outcomes that Final keeps.
 func (m *Metrics) Activity() *Activity { return m.activity }
 
+// MailboxEvent records a POP3 or IMAP "login" or "download" (a message
+// retrieved) of account, for the status page.
+func (m *Metrics) MailboxEvent(account, proto, event string) {
+	if m != nil {
+		m.activity.Mailbox(account, proto, event)
+	}
+}
+
 // Health reports whether the bridge is healthy and, if not, why.
 type Health func() (ok bool, reasons []string)
 

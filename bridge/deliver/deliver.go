@@ -58,6 +58,8 @@ type Message struct {
 	// for the log. MessageID is its Message-ID (the client's, or the one
 	// the bridge added at DATA), by which it is looked up in Sent Items.
 	Session, Remote, MessageID string
+	// Subject is the message's Subject for the log, decoded and clipped.
+	Subject string
 	// IDReused: another message the bridge took recently had the same
 	// Message-ID, so Sent Items cannot tell this one apart.
 	IDReused bool

@@ -475,6 +475,7 @@ func (s *session) login(tag, username, password string) *upstream.IMAPConn {
 		s.ended = "client gone"
 		return nil
 	}
+	s.srv.opts.Metrics.MailboxEvent(a.Config.Name, "imap", "login")
 	return up
 }
 

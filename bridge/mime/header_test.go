@@ -165,3 +165,18 @@ func TestSenderPolicy_Allows(t *testing.T) {
 		}
 	}
 }
+
+// A Subject for a log line: decoded, one line, no control characters,
+// clipped.
+func TestDisplayText(t *testing.T) {
+	for in, want := range map[string]string{
+		"=?utf-8?q?Gr=C3=BC=C3=9Fe?= from the ship": "Grüße from the ship",
+		"PO 4711\r\n\tfolded\x1b[31m red":           "PO 4711 folded [31m red",
+		"  ":                                        "",
+		strings.Repeat("x", 130):                    strings.Repeat("x", 120) + "…",
+	} {
+		if got := DisplayText(in); got != want {
+			t.Errorf("DisplayText(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

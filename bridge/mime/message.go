@@ -4,7 +4,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	gomime "mime"
 	"net/mail"
+	"strings"
+	"unicode"
+	"unicode/utf8"
 )
 
 // maxHeaderBytes bounds the header section the bridge reads.
@@ -103,4 +107,40 @@ func WithBcc(msg io.ReaderAt, size int64, h *Head, rcpts []string, messageID str
 	}
 	rest := Piece{r: msg, off: int64(headerLen), n: size - int64(headerLen)}
 	return View{BytesPiece(head), BytesPiece(added), rest}, headerOnly
+}
+
+// maxSubjectRunes bounds a Subject in a log line or on the status page.
+const maxSubjectRunes = 120
+
+// Subject returns the message's Subject for a log line or a page: decoded
+// (RFC 2047), on one line without control characters, and clipped.
+func (h *Head) Subject() string { return DisplayText(h.Fields.Get("Subject")) }
+
+// DisplayText returns a header value decoded (RFC 2047), with control
+// characters turned into spaces and runs of space folded, clipped to
+// maxSubjectRunes.
+func DisplayText(v string) string {
+	if d, err := new(gomime.WordDecoder).DecodeHeader(v); err == nil {
+		v = d
+	}
+	var b strings.Builder
+	space, n := false, 0
+	for _, r := range strings.TrimSpace(v) {
+		if unicode.IsControl(r) || unicode.IsSpace(r) || r == utf8.RuneError {
+			space = true
+			continue
+		}
+		if n == maxSubjectRunes {
+			b.WriteString("…")
+			break
+		}
+		if space && b.Len() > 0 {
+			b.WriteByte(' ')
+			n++
+		}
+		space = false
+		b.WriteRune(r)
+		n++
+	}
+	return b.String()
 }

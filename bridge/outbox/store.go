@@ -62,6 +62,8 @@ type Envelope struct {
 	Session   string `json:"session,omitempty"`
 	Remote    string `json:"remote,omitempty"`
 	MessageID string `json:"message_id,omitempty"`
+	// Subject is the message's Subject for the log, decoded and clipped.
+	Subject string `json:"subject,omitempty"`
 	// InFlight is set, durably, before each attempt at Graph and cleared
 	// after it: found set at start-up, it means a crash during an attempt
 	// whose outcome is unknown.

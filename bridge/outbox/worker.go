@@ -151,7 +151,7 @@ func (w *Outbox) Submit(ctx context.Context, m *deliver.Message, log zerolog.Log
 	env := &Envelope{
 		Account: m.Account.Config.Name, From: m.From, Recipients: slices.Clone(m.Recipients),
 		GraphUser: m.GraphUser, FallbackUser: m.FallbackUser, Size: m.Size(), Received: time.Now(), NextAttempt: time.Now(),
-		Session: m.Session, Remote: m.Remote, MessageID: m.MessageID, IDReused: m.IDReused,
+		Session: m.Session, Remote: m.Remote, MessageID: m.MessageID, IDReused: m.IDReused, Subject: m.Subject,
 	}
 	if err := w.store.Add(env, m.Content, w.opts.MaxBytes); err != nil {
 		return deliver.Receipt{}, err
@@ -424,7 +424,7 @@ func (w *Outbox) dispatch(ctx context.Context) {
 // reports whether the message left the queue.
 func (w *Outbox) deliver(ctx context.Context, env *Envelope) bool {
 	log := w.log.With().Str("queue_id", env.ID).Str("account", env.Account).Str("session", env.Session).Str("remote", env.Remote).
-		Str("message_id", env.MessageID).Str("from", env.From).Strs("rcpt", env.Recipients).Int("rcpt_count", len(env.Recipients)).
+		Str("message_id", env.MessageID).Str("subject", env.Subject).Str("from", env.From).Strs("rcpt", env.Recipients).Int("rcpt_count", len(env.Recipients)).
 		Int64("bytes", env.Size).Logger()
 	if age := time.Since(env.Received); age > w.opts.MaxAge {
 		w.giveUp(ctx, log, w.opts.Account(env.Account), env, &FailureRecord{Kind: string(failure.Timeout), Reason: "not delivered within outbox.max_age (" + w.opts.MaxAge.String() + "); last error: " + env.LastError})
@@ -445,7 +445,7 @@ func (w *Outbox) deliver(ctx context.Context, env *Envelope) bool {
 	defer f.Close()
 	m := &deliver.Message{Account: a, From: env.From, Recipients: env.Recipients, GraphUser: env.GraphUser, FallbackUser: env.FallbackUser,
 		Content: mime.View{mime.NewPiece(f, 0, env.Size)}, Session: env.Session, Remote: env.Remote, MessageID: env.MessageID,
-		StaleDraft: env.DraftID, IDReused: env.IDReused, FirstAttempt: env.Received,
+		StaleDraft: env.DraftID, IDReused: env.IDReused, FirstAttempt: env.Received, Subject: env.Subject,
 		// An attempt that was under way when the bridge died may have
 		// reached Graph: Sent Items is looked at before it goes again.
 		OutcomeUnknown: env.InFlight || env.OutcomeUnknown}
@@ -487,7 +487,7 @@ func (w *Outbox) deliver(ctx context.Context, env *Envelope) bool {
 			done = done.Bool("possible_duplicate", true)
 		}
 		done.Msg("message sent")
-		w.opts.Metrics.Final(admin.FinalMessage{Account: env.Account, Result: "sent", QueueID: env.ID, MessageID: env.MessageID,
+		w.opts.Metrics.Final(admin.FinalMessage{Account: env.Account, Result: "sent", QueueID: env.ID, MessageID: env.MessageID, Subject: env.Subject,
 			From: env.From, Recipients: env.Recipients, GraphStatus: status, RequestID: d.Result.RequestID}, env.Size)
 		return true
 	}
@@ -559,7 +559,7 @@ func (w *Outbox) giveUp(ctx context.Context, log zerolog.Logger, a *account.Acco
 		ev = ev.Str("ndr_request_id", rec.NDRRequestID)
 	}
 	ev.Str("moved_to", "outbox/failed").Msg("message failed")
-	w.opts.Metrics.Final(admin.FinalMessage{At: rec.At, Account: env.Account, Result: "failed", QueueID: env.ID, MessageID: env.MessageID,
+	w.opts.Metrics.Final(admin.FinalMessage{At: rec.At, Account: env.Account, Result: "failed", QueueID: env.ID, MessageID: env.MessageID, Subject: env.Subject,
 		From: env.From, Recipients: env.Recipients, GraphStatus: rec.GraphStatus, RequestID: rec.RequestID,
 		Reason: rec.Kind, Error: rec.Reason, Hint: rec.Hint}, env.Size)
 	if err := w.store.fail(env, rec); err != nil {

@@ -391,6 +391,7 @@ func (s *session) login(username, password string) {
 		return
 	}
 	s.up = up
+	s.srv.opts.Metrics.MailboxEvent(a.Config.Name, "pop3", "login")
 	s.reply(up.AuthReply)
 }
 
@@ -444,6 +445,9 @@ func (s *session) transaction(line string) {
 			s.retrCount++
 			s.retrBytes += n
 			s.srv.opts.Metrics.RetrBytes(s.account.Config.Name, n)
+			if err == nil {
+				s.srv.opts.Metrics.MailboxEvent(s.account.Config.Name, "pop3", "download")
+			}
 		}
 		if err != nil {
 			if errors.Is(err, errClientWrite) {

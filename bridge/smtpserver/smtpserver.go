@@ -362,7 +362,7 @@ func (s *session) finish(m *deliver.Message, r deliver.Receipt, err error, start
 	if requestID == "" {
 		requestID = f.RequestID
 	}
-	ev = ev.Str("message_id", m.MessageID).Str("from", conntrack.Clip(s.from)).Strs("rcpt", m.Recipients).Int("rcpt_count", len(m.Recipients)).Int64("bytes", size).
+	ev = ev.Str("message_id", m.MessageID).Str("subject", m.Subject).Str("from", conntrack.Clip(s.from)).Strs("rcpt", m.Recipients).Int("rcpt_count", len(m.Recipients)).Int64("bytes", size).
 		Str("graph_user", r.User).Int64("duration_ms", time.Since(start).Milliseconds())
 	if r.FoundInSentItems {
 		ev = ev.Bool("found_in_sent_items", true)
@@ -383,7 +383,7 @@ func (s *session) finish(m *deliver.Message, r deliver.Receipt, err error, start
 		}
 		ev.Int("graph_status", status).Str("request_id", requestID).Int("attempts", r.Attempts).Str("path", r.Path).
 			Int("reply", reply.Code).Msg(msg)
-		s.srv.opts.Metrics.Final(admin.FinalMessage{Account: name, Result: "not sent", MessageID: m.MessageID, From: s.from,
+		s.srv.opts.Metrics.Final(admin.FinalMessage{Account: name, Result: "not sent", MessageID: m.MessageID, Subject: m.Subject, From: s.from,
 			Recipients: m.Recipients, GraphStatus: status, RequestID: requestID, Reason: string(f.Kind), Error: f.Reason, Hint: f.Hint}, size)
 		return reply
 	case r.QueueID != "":
@@ -393,7 +393,7 @@ func (s *session) finish(m *deliver.Message, r deliver.Receipt, err error, start
 	}
 	ev.Int("graph_status", status).Str("request_id", requestID).Int("attempts", r.Attempts).Bool("fell_back", r.FellBack).Str("path", r.Path).
 		Msg("message sent")
-	s.srv.opts.Metrics.Final(admin.FinalMessage{Account: name, Result: "sent", MessageID: m.MessageID, From: s.from,
+	s.srv.opts.Metrics.Final(admin.FinalMessage{Account: name, Result: "sent", MessageID: m.MessageID, Subject: m.Subject, From: s.from,
 		Recipients: m.Recipients, GraphStatus: status, RequestID: requestID}, size)
 	if r.FoundInSentItems {
 		return &smtp.SMTPError{Code: 250, EnhancedCode: smtp.EnhancedCode{2, 0, 0},
@@ -432,7 +432,7 @@ func (s *session) prepare(sp *mime.Spool) (*deliver.Message, string, error) {
 	clientID := strings.TrimSpace(head.Fields.Get("Message-Id"))
 	m := &deliver.Message{
 		Account: s.account, From: s.from, Recipients: s.rcpts, GraphUser: s.account.Config.Mailbox,
-		Session: s.id, Remote: s.remote, MessageID: clientID, FirstAttempt: now,
+		Session: s.id, Remote: s.remote, MessageID: clientID, FirstAttempt: now, Subject: head.Subject(),
 	}
 	if s.account.Config.UseAddressFromUser {
 		m.GraphUser, m.FallbackUser = s.from, s.account.Config.Mailbox

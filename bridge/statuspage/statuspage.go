@@ -69,6 +69,8 @@ type AccountState struct {
 // ProtocolState is the token state of one account and protocol.
 type ProtocolState struct {
 	Proto string // "smtp", "pop3", "imap"
+	// Mailbox is today's POP3 or IMAP use; nil for SMTP.
+	Mailbox *admin.MailboxDay
 	// State is "ok", "refused" (Microsoft refuses the sign-in: an
 	// administrator must act), "retrying" (no answer, or Microsoft is
 	// busy) or "unused" (no token asked for yet).
