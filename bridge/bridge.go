@@ -18,8 +18,10 @@ import (
 	"net/http"
 	"reflect"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -281,6 +283,13 @@ func (b *Bridge) serve(fn func()) {
 	}()
 }
 
+// addrInUse reports whether a listen failed because the address is taken
+// (EADDRINUSE; WSAEADDRINUSE on Windows).
+func addrInUse(err error) bool {
+	return errors.Is(err, syscall.EADDRINUSE) || strings.Contains(err.Error(), "address already in use") ||
+		strings.Contains(err.Error(), "Only one usage of each socket address")
+}
+
 // listen opens a listener for proto and logs it; tlsConfig marks an
 // implicit-TLS one (the caller wraps it). A failure closes what Start
 // opened before.
@@ -289,6 +298,13 @@ func (b *Bridge) listen(proto, addr string, tlsConfig *tls.Config) (net.Listener
 	if err != nil {
 		for _, l := range b.listeners {
 			l.Close()
+		}
+		if addrInUse(err) {
+			key := "[" + proto + "] listen"
+			if tlsConfig != nil {
+				key = "[" + proto + "] tls_listen"
+			}
+			return nil, fmt.Errorf("%s listener: %w: another program holds %s (another mailbridge, its demo, or a mail server): stop it, or change %s", proto, err, addr, key)
 		}
 		return nil, fmt.Errorf("%s listener: %w", proto, err)
 	}

@@ -501,15 +501,46 @@ func TestStatusPageShowsMailboxUseAndSubjects(t *testing.T) {
 	p.retr(1)
 	p.retr(2)
 	p.cmd("QUIT")
-	card := section(c.page(), "accounts")
-	card = card[strings.Index(card, `data-account="tm-master"`):]
-	card = card[:strings.Index(card, "</article>")]
+	card := protoState(c.page(), "tm-master", "pop3")
 	if !strings.Contains(card, "Today: <b>1</b> logins, <b>2</b> messages downloaded.") || strings.Contains(card, "last download: none") {
 		t.Errorf("the POP3 use after a login and two downloads:\n%s", card)
+	}
+	// IMAP: a whole-message FETCH is a download; LOGOUT ends the session
+	// as the client asked, not as "upstream closed".
+	ic := dialIMAP(t, b.IMAPAddr())
+	ic.login(userA, passwordA)
+	ic.cmd("SELECT INBOX")
+	ic.fetchRaw(1)
+	ic.cmd("FETCH 2 (FLAGS)")
+	ic.cmd("LOGOUT")
+	waitFor(t, "the IMAP session's last line", func() bool {
+		for _, l := range linesWith(logs.String(), "session ended") {
+			if strings.Contains(l, `"proto":"imap"`) {
+				return true
+			}
+		}
+		return false
+	})
+	for _, l := range linesWith(logs.String(), "session ended") {
+		if strings.Contains(l, `"proto":"imap"`) && !strings.Contains(l, `"ended":"logout"`) {
+			t.Errorf("an IMAP LOGOUT ended otherwise: %s", l)
+		}
+	}
+	if imapCard := protoState(c.page(), "tm-master", "imap"); !strings.Contains(imapCard, "Today: <b>1</b> logins, <b>1</b> messages downloaded.") {
+		t.Errorf("the IMAP use after a login and one download:\n%s", imapCard)
 	}
 	sendVia(t, b, "x@example.org", "From: orders@example.com\nTo: x@example.org\nSubject: =?utf-8?q?Bestellung_Gr=C3=BC=C3=9Fe?=\x1b[2J\nMessage-ID: <subj@test>\n\nx\n")
 	waitFor(t, "the message sent", func() bool { return len(linesWith(logs.String(), "message sent")) == 1 })
 	if l := linesWith(logs.String(), "message sent")[0]; !strings.Contains(l, `"subject":"Bestellung Grüße [2J"`) {
 		t.Errorf("the final line's subject: %s", l)
 	}
+}
+
+// protoState returns the part of a status page's account card about one
+// protocol.
+func protoState(body, account, proto string) string {
+	card := section(body, "accounts")
+	card = card[strings.Index(card, `data-account="`+account+`"`):]
+	card = card[strings.Index(card, `data-proto="`+proto+`"`):]
+	return card[:strings.Index(card, "</li>")]
 }

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -26,7 +27,8 @@ import (
 func (s *session) relay(up *upstream.IMAPConn) {
 	s.state.SetBusy(false)
 	timeout := s.srv.opts.Config.UpstreamTimeout.Duration
-	t := &tracker{}
+	account := s.account.Config.Name
+	t := &tracker{onDownload: func() { s.srv.opts.Metrics.MailboxEvent(account, "imap", "download") }}
 	var wg sync.WaitGroup
 	var once sync.Once
 	closeBoth := func(why string) {
@@ -120,6 +122,8 @@ func (s *session) relay(up *upstream.IMAPConn) {
 				case errors.As(err, &ne) && ne.Timeout():
 					s.log.Error().Dur("upstream_timeout", timeout).Msg("upstream silent while a command was outstanding: closing the session")
 					closeBoth("upstream timeout")
+				case (errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed)) && t.loggedOut.Load():
+					closeBoth("logout") // Outlook's BYE after the client's LOGOUT
 				case errors.Is(err, io.EOF), errors.Is(err, net.ErrClosed):
 					closeBoth("upstream closed")
 				default:
@@ -150,6 +154,11 @@ type tracker struct {
 	idling  atomic.Bool
 	idleTag string // the tag of the IDLE command in progress
 	c, u    scanner
+	// loggedOut: the client sent LOGOUT, so Outlook's closing is the end
+	// the client asked for.
+	loggedOut atomic.Bool
+	// onDownload, if set, is called for each FETCH of a whole message.
+	onDownload func()
 }
 
 func (t *tracker) outstanding() bool {
@@ -175,9 +184,14 @@ func (t *tracker) client(p []byte) {
 			return
 		}
 		t.pending++
-		if upper(cmd) == "IDLE" {
+		switch c := upper(cmd); {
+		case c == "IDLE":
 			t.idling.Store(true)
 			t.idleTag = string(tag)
+		case c == "LOGOUT":
+			t.loggedOut.Store(true)
+		case t.onDownload != nil && wholeMessageFetch(c, upper(rest)):
+			t.onDownload()
 		}
 	})
 }
@@ -211,6 +225,23 @@ func (t *tracker) upstream(p []byte) {
 			}
 		}
 	})
+}
+
+// wholeMessageFetch reports whether a command (cmd, and the line from it
+// on, upper case) fetches whole messages: FETCH or UID FETCH of BODY[],
+// BODY.PEEK[] or RFC822.
+func wholeMessageFetch(cmd, line string) bool {
+	if cmd == "UID" {
+		_, rest := word([]byte(line))
+		c, _ := word(rest)
+		if upper(c) != "FETCH" {
+			return false
+		}
+	} else if cmd != "FETCH" {
+		return false
+	}
+	return strings.Contains(line, "BODY[]") || strings.Contains(line, "BODY.PEEK[]") ||
+		strings.Contains(line, "RFC822 ") || strings.Contains(line, "RFC822)") || strings.HasSuffix(strings.TrimSpace(line), "RFC822")
 }
 
 // scanner splits a stream into lines, skipping the bytes of literals, and

@@ -40,8 +40,9 @@ func demo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	adminListen := fs.String("admin", "127.0.0.1:9925", "status page, /metrics and /healthz listen address (\"\" = off)")
 	format := fs.String("log-format", "console", "log format: json or console")
 	outboxDir := fs.String("outbox", filepath.Join(os.TempDir(), "mailbridge-demo-outbox"), "outbox directory, kept between runs")
+	describe(fs)
 	if err := fs.Parse(args); err != nil {
-		return 2
+		return usageStatus(err)
 	}
 	logCfg := config.LogConfig{Level: "info", Format: *format}
 	log := bridge.NewLogger(stderr, logCfg)

@@ -20,7 +20,7 @@ func genCert(args []string, stdout, stderr io.Writer) int {
 	host := flags.String("host", "", "the name (or IP address) clients connect to, such as the machine's name")
 	out := flags.String("out", ".", "directory for mailbridge.crt and mailbridge.key")
 	if _, err := parseAnywhere(flags, args); err != nil {
-		return 2
+		return usageStatus(err)
 	}
 	if *host == "" {
 		fmt.Fprintln(stderr, "mailbridge: gen-cert needs -host NAME: the name the mail clients use for this machine")

@@ -104,7 +104,7 @@ func initConfig(ctx context.Context, args []string, stdin io.Reader, stdout, std
 	flags.StringVar(&a.GraphURL, "graph-url", "", "advanced: the Graph endpoint, for a national cloud")
 	flags.StringVar(&a.POP3Upstream, "pop3-upstream", "", "advanced: Outlook's POP3 service, host:port")
 	if _, err := parseAnywhere(flags, args); err != nil {
-		return 2
+		return usageStatus(err)
 	}
 	a.POP3 = *pop3 && !*noPOP3
 	inst := installationFor(*path)
@@ -399,7 +399,7 @@ func installConfig(args []string, stdout, stderr io.Writer) int {
 	flags.SetOutput(stderr)
 	path := flags.String("config", defaultConfigPath(), "the configuration file")
 	if _, err := parseAnywhere(flags, args); err != nil {
-		return 2
+		return usageStatus(err)
 	}
 	if _, err := os.Stat(*path); err == nil {
 		fmt.Fprintf(stdout, "%s exists: kept as it is\n", *path)

@@ -86,9 +86,20 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	case "install-config":
 		return installConfig(args, stdout, stderr)
 	case "version":
+		if len(args) > 0 {
+			fmt.Fprintf(stderr, "mailbridge: version takes no arguments, not %q\n", strings.Join(args, " "))
+			return 2
+		}
 		fmt.Fprintln(stdout, "mailbridge", versionString())
 		return 0
 	case "help", "-h", "-help", "--help":
+		if len(args) == 1 && commandUsage[args[0]] != "" && args[0] != "version" {
+			return run([]string{args[0], "-h"}, stdin, stdout, stdout)
+		}
+		if len(args) == 1 && args[0] == "version" {
+			fmt.Fprintf(stdout, "usage: mailbridge %s\n", commandUsage["version"])
+			return 0
+		}
 		fmt.Fprint(stdout, usage)
 		return 0
 	}
@@ -98,7 +109,8 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 
 // versionString is the release version, or "devel" for a build from a
 // checkout, with the commit and the Go version: "0.3.0 (commit 1a2b3c4d5e6f,
-// go1.26.8)".
+// go1.26.8)", or "devel (built from source, go1.26.8)" when the build
+// carries no commit.
 func versionString() string {
 	v, c := version, commit
 	bi, ok := debug.ReadBuildInfo()
@@ -125,15 +137,59 @@ func versionString() string {
 		}
 	}
 	if c == "" {
-		c = "unknown"
+		// Built from source without version control stamping (go run,
+		// -buildvcs=false): nothing more is known, and "unknown" would
+		// only worry.
+		return fmt.Sprintf("%s (built from source, %s)", v, runtime.Version())
 	}
 	return fmt.Sprintf("%s (commit %s, %s)", v, c, runtime.Version())
 }
 
+// commandUsage is each command's synopsis and what it does, for
+// `mailbridge help COMMAND` and COMMAND -h.
+var commandUsage = map[string]string{
+	"serve":          "serve -config FILE\n\nRun the bridge in the foreground (a service manager starts it the same way).",
+	"demo":           "demo [flags]\n\nRun the bridge on an embedded fake Microsoft 365, to try it with a mail client on a machine without a tenant.",
+	"check":          "check -config FILE [-send-test ADDRESS]\n\nTest every account's settings against Microsoft 365 and print one row per check, with the fix.",
+	"service":        "service install|uninstall|start|stop|restart|reload|status -config FILE\n\nRun as a Windows service or a systemd unit (SysV init where there is no systemd).",
+	"queue":          "queue list [-v]|retry ID|retry-failed|delete ID -config FILE\n\nShow and manage the outbox, also while the bridge runs.",
+	"init":           "init [-config FILE] [flags]\n\nWrite a first configuration and its secret file, asking for each value (or taking them from flags), then check it.",
+	"install-config": "install-config -config FILE\n\nCopy config.example.toml beside FILE to FILE unless it exists (run by the MSI).",
+	"gen-cert":       "gen-cert -host NAME [-out DIR]\n\nWrite a self-signed certificate for the local TLS listeners.",
+	"hash-password":  "hash-password [-bare]\n\nRead a password and print its password_hash line.",
+	"version":        "version\n\nPrint the version, the commit and the Go version.",
+}
+
+
+// usageStatus is the exit status of a command whose flags did not parse:
+// 0 for -h (the help was asked for and printed), 2 otherwise.
+func usageStatus(err error) int {
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	return 2
+}
+
+// describe makes fs print the command's synopsis, what it does and its
+// flags for -h.
+func describe(fs *flag.FlagSet) {
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "usage: mailbridge %s\n", commandUsage[fs.Name()])
+		n := 0
+		fs.VisitAll(func(*flag.Flag) { n++ })
+		if n > 0 {
+			fmt.Fprintln(fs.Output(), "\nflags:")
+			fs.PrintDefaults()
+		}
+	}
+}
+
 // parseAnywhere parses the flags of fs wherever they stand among args and
 // returns the other arguments in order: `queue retry ID -config F` and
-// `queue -config F retry ID` mean the same.
+// `queue -config F retry ID` mean the same. -h prints the command's help
+// (flag.ErrHelp: exit 0, see usageStatus).
 func parseAnywhere(fs *flag.FlagSet, args []string) ([]string, error) {
+	describe(fs)
 	var positional []string
 	for {
 		if err := fs.Parse(args); err != nil {
@@ -158,7 +214,7 @@ func loadConfig(fs *flag.FlagSet, args []string, stderr io.Writer) (*config.Conf
 	path := fs.String("config", "mailbridge.toml", "configuration file")
 	rest, err := parseAnywhere(fs, args)
 	if err != nil {
-		return nil, nil, 2
+		return nil, nil, usageStatus(err)
 	}
 	cfg, err := loadResolved(*path)
 	if err != nil {
@@ -361,7 +417,7 @@ func hashPassword(args []string, stdin io.Reader, stdout, stderr io.Writer) int 
 	fs.SetOutput(stderr)
 	bare := fs.Bool("bare", false, "print the hash alone, not a password_hash line")
 	if _, err := parseAnywhere(fs, args); err != nil {
-		return 2
+		return usageStatus(err)
 	}
 	password, status := readPassword(stdin, stderr)
 	if password == nil {

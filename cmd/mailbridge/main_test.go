@@ -900,6 +900,9 @@ sys.exit(os.waitstatus_to_exitcode(status))
 	if !strings.Contains(string(data), "address already in use") {
 		t.Errorf("the log file lacks the error:\n%s", data)
 	}
+	if !strings.Contains(string(data), "another program holds") || !strings.Contains(string(data), "or change [smtp] listen") {
+		t.Errorf("the error does not say what to do:\n%s", data)
+	}
 	if bytes.Contains(data, []byte("\x1b[")) {
 		t.Errorf("colour codes in the log file:\n%q", data)
 	}

@@ -96,7 +96,10 @@ func serviceCommand(args []string, stdout, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	path := fs.String("config", "mailbridge.toml", "configuration file")
 	rest, err := parseAnywhere(fs, args)
-	if err != nil || len(rest) != 1 {
+	if err != nil {
+		return usageStatus(err)
+	}
+	if len(rest) != 1 {
 		fmt.Fprint(stderr, "usage: mailbridge service install|uninstall|start|stop|restart|reload|status -config FILE\n")
 		return 2
 	}
@@ -140,6 +143,7 @@ func serviceCommand(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stdout, "reloaded")
 		return 0
 	case "install", "uninstall", "start", "stop", "restart":
+		before := serviceFiles()
 		if err := service.Control(s, action); err != nil {
 			fmt.Fprintf(stderr, "mailbridge: service %s: %v\n", action, err)
 			if action == "install" {
@@ -154,14 +158,19 @@ func serviceCommand(args []string, stdout, stderr io.Writer) int {
 				fmt.Fprintf(stdout, "wrote %s\n", f)
 			}
 		case "uninstall":
-			for _, f := range serviceFiles() { // what the service manager left
-				if os.Remove(f) == nil {
+			for _, f := range before {
+				os.Remove(f) // what the service manager left, if anything
+				if _, err := os.Stat(f); err != nil {
 					fmt.Fprintf(stdout, "removed %s\n", f)
 				}
 			}
 		}
 		if action == "install" {
-			fmt.Fprintf(stdout, "It runs %q with the arguments %q, starts with the machine and restarts after a failure.\nStart it now with `mailbridge service start -config %s`.\n", executable(), sc.Arguments, cfg.Path)
+			restarts := " and restarts after a failure"
+			if s.Platform() == "unix-systemv" {
+				restarts = "; a SysV init script does not restart it after a failure (systemd would)"
+			}
+			fmt.Fprintf(stdout, "It runs %q with the arguments %q, starts with the machine%s.\nStart it now with `mailbridge service start -config %s`.\n", executable(), sc.Arguments, restarts, cfg.Path)
 			if cfg.Log.File == "" && runtime.GOOS == "windows" {
 				fmt.Fprintf(stdout, "Its log goes to %s (set [log] file to change it).\n", defaultServiceLog(cfg.Path))
 			}

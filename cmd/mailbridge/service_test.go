@@ -74,6 +74,9 @@ func TestServiceInstallNamesAndRemovesItsFiles(t *testing.T) {
 	if !strings.Contains(out.String(), "wrote /etc/init.d/"+serviceName) || !strings.Contains(out.String(), "wrote /etc/rc") {
 		t.Errorf("install did not name its files:\n%s", out.String())
 	}
+	if strings.Contains(out.String(), "restarts after a failure") || !strings.Contains(out.String(), "a SysV init script does not restart it after a failure") {
+		t.Errorf("install claims what a SysV script does not do:\n%s", out.String())
+	}
 	os.WriteFile(valid, []byte("broken ["), 0o600) // uninstall works whatever the file says
 	out.Reset()
 	if code := serviceCommand([]string{"uninstall", "-config", valid}, &out, &errOut); code != 0 {
@@ -81,6 +84,9 @@ func TestServiceInstallNamesAndRemovesItsFiles(t *testing.T) {
 	}
 	if left := serviceFiles(); len(left) != 0 {
 		t.Errorf("uninstall left %v", left)
+	}
+	if !strings.Contains(out.String(), "removed /etc/init.d/"+serviceName) {
+		t.Errorf("uninstall did not name what it removed:\n%s", out.String())
 	}
 }
 
