@@ -160,7 +160,6 @@ var commandUsage = map[string]string{
 	"version":        "version\n\nPrint the version, the commit and the Go version.",
 }
 
-
 // usageStatus is the exit status of a command whose flags did not parse:
 // 0 for -h (the help was asked for and printed), 2 otherwise.
 func usageStatus(err error) int {
