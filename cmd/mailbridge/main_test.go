@@ -801,7 +801,7 @@ func TestInitWritesAWorkingConfiguration(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("init: %d\n%s\n%s", code, out, stderr)
 	}
-	for _, want := range []string{"ok    main", "smtp-token", "SMTP server 127.0.0.1, port 2525, SSL off", `user "erp"`, "POP3 server 127.0.0.1, port 1110"} {
+	for _, want := range []string{"ok    main", "smtp-token", "SMTP server 127.0.0.1, port 2525, SSL off", `user "erp"`, "the password in " + filepath.Join(dir, "password.in"), "POP3 server 127.0.0.1, port 1110"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("init's output lacks %q:\n%s", want, out)
 		}
@@ -1140,5 +1140,26 @@ func TestQueueListSaysWhyAndTheFix(t *testing.T) {
 	}
 	if _, list, _ := runBinary(t, env, "", "queue", "list", "-v", "-config", path); !strings.Contains(list, `error: graph sendMail: Post "https://`+closed) {
 		t.Errorf("queue list -v lacks the whole error:\n%s", list)
+	}
+}
+
+// Each command explains itself: COMMAND -h and help COMMAND print its
+// synopsis and flags and exit 0; version takes no arguments.
+func TestHelpForEachCommand(t *testing.T) {
+	for _, cmd := range []string{"serve", "check", "init", "queue", "service", "demo", "gen-cert", "hash-password"} {
+		code, out, stderr := runBinary(t, nil, "", cmd, "-h")
+		if code != 0 || !strings.Contains(out+stderr, "usage: mailbridge "+cmd) || strings.Contains(out+stderr, "Usage of") {
+			t.Errorf("%s -h: %d %q %q", cmd, code, out, stderr)
+		}
+		code, out, _ = runBinary(t, nil, "", "help", cmd)
+		if code != 0 || !strings.Contains(out, "usage: mailbridge "+cmd) || !strings.Contains(out, "\n\n") {
+			t.Errorf("help %s: %d %q", cmd, code, out)
+		}
+	}
+	if code, _, stderr := runBinary(t, nil, "", "version", "extra"); code != 2 || !strings.Contains(stderr, "version takes no arguments") {
+		t.Errorf("version extra: %d %q", code, stderr)
+	}
+	if code, out, _ := runBinary(t, nil, "", "version"); code != 0 || strings.Contains(out, "unknown") {
+		t.Errorf("version: %d %q", code, out)
 	}
 }
