@@ -448,3 +448,39 @@ func TestIMAPFetchLongerThanIdleTimeoutCompletes(t *testing.T) {
 		t.Fatalf("FETCH ended %q", l)
 	}
 }
+
+// Outlook lets the app in but cannot open the mailbox (no FullAccess, or
+// IMAP off for it): "authenticated but not connected". The bridge tells
+// it apart at login, answers the client with a temporary NO, and names
+// the two commands that fix it, in the log and in check.
+func TestIMAPAuthenticatedButNotConnected(t *testing.T) {
+	for name, breakIt := range map[string]func(*m365fake.Server){
+		"imap off":      func(f *m365fake.Server) { f.DisableProtocol(mailboxA, "imap") },
+		"no FullAccess": func(f *m365fake.Server) { f.AddMailbox(tenantA, "captain@example.com") },
+	} {
+		t.Run(name, func(t *testing.T) {
+			fake := startFake(t)
+			breakIt(fake)
+			cfg := testConfig(fake)
+			if name == "no FullAccess" {
+				cfg.Accounts[0].IMAPMailbox = "captain@example.com"
+			}
+			b, logs := startBridge(t, fake, cfg)
+			c := dialIMAP(t, b.IMAPAddr())
+			_, l := c.cmd("LOGIN %s %q", userA, passwordA)
+			if !strings.Contains(l, "NO [UNAVAILABLE] Outlook let the bridge in but cannot open this mailbox") {
+				t.Errorf("login answered %q", l)
+			}
+			lines := linesWith(logs.String(), "upstream login failed")
+			if len(lines) != 1 || !strings.Contains(lines[0], "authenticated but not connected") ||
+				!strings.Contains(lines[0], "Add-MailboxPermission") || !strings.Contains(lines[0], "Set-CASMailbox") {
+				t.Errorf("the log does not explain it in one line: %v", lines)
+			}
+			for _, r := range b.Check(context.Background(), "") {
+				if r.Check == "imap" && (r.OK || !strings.Contains(r.Hint, "Add-MailboxPermission") || !strings.Contains(r.Hint, "Set-CASMailbox")) {
+					t.Errorf("check's imap row: %+v", r)
+				}
+			}
+		})
+	}
+}

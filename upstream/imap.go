@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"encoding/base64"
 	"fmt"
+	"io"
 	"net"
 	"strings"
 	"time"
@@ -51,6 +52,24 @@ func (e *IMAPAuthError) Error() string { return "outlook refused the IMAP XOAUTH
 // Hint says what the administrator should check.
 func (e *IMAPAuthError) Hint() string {
 	return "the app needs IMAP.AccessAsApp (Office 365 Exchange Online, Application, admin consent), its service principal registered in Exchange (New-ServicePrincipal with the Enterprise application's object ID), FullAccess on the mailbox (Add-MailboxPermission), and IMAP enabled on it (Set-CASMailbox -ImapEnabled $true); check imap_mailbox too"
+}
+
+// IMAPNotConnectedError is Outlook accepting the XOAUTH2 login and then
+// refusing to open the mailbox: "BAD User is authenticated but not
+// connected." and "* BYE Connection closed. 14". It is what a missing
+// FullAccess on the mailbox, or IMAP disabled for it, looks like; a
+// service principal unknown to Exchange fails the login instead.
+type IMAPNotConnectedError struct {
+	Reply string
+}
+
+func (e *IMAPNotConnectedError) Error() string {
+	return "outlook accepted the IMAP login but cannot open the mailbox: " + e.Reply
+}
+
+// Hint says what the administrator should do.
+func (e *IMAPNotConnectedError) Hint() string {
+	return "the app's service principal lacks FullAccess on the mailbox, or IMAP is off for it: in Exchange Online PowerShell run Add-MailboxPermission -Identity <mailbox> -User <service principal ID> -AccessRights FullAccess, and Set-CASMailbox -Identity <mailbox> -ImapEnabled $true"
 }
 
 // maxIMAPLoginLine bounds an answer line during the login.
@@ -126,19 +145,24 @@ func (c *IMAPConn) login(mailbox, token string) error {
 			if caps := bracketCapabilities(line); caps != nil {
 				c.Capabilities = caps
 			}
-			if c.Capabilities == nil {
-				return c.capability()
-			}
-			return nil
+			return c.capabilityAndProbe()
 		case strings.HasPrefix(line, "MB1 "):
 			return &IMAPAuthError{Reply: line}
 		}
 	}
 }
 
-// capability asks for the capabilities after the login.
-func (c *IMAPConn) capability() error {
-	if _, err := c.Conn.Write([]byte("MB2 CAPABILITY\r\n")); err != nil {
+// capabilityAndProbe asks, in one round trip, for the capabilities after
+// the login (Outlook's OK carries none) and for the hierarchy delimiter
+// (LIST "" ""), a mailbox command: a session that logged in but cannot
+// open its mailbox fails it, and that is told apart here rather than in
+// the client's first command.
+func (c *IMAPConn) capabilityAndProbe() error {
+	cmds := "MB3 LIST \"\" \"\"\r\n"
+	if c.Capabilities == nil {
+		cmds = "MB2 CAPABILITY\r\n" + cmds
+	}
+	if _, err := io.WriteString(c.Conn, cmds); err != nil {
 		return fmt.Errorf("imap upstream: %w", err)
 	}
 	for {
@@ -149,7 +173,10 @@ func (c *IMAPConn) capability() error {
 		if caps, ok := strings.CutPrefix(line, "* CAPABILITY "); ok {
 			c.Capabilities = strings.Fields(caps)
 		}
-		if strings.HasPrefix(line, "MB2 ") {
+		if strings.Contains(line, "authenticated but not connected") {
+			return &IMAPNotConnectedError{Reply: line}
+		}
+		if strings.HasPrefix(line, "MB3 ") {
 			return nil
 		}
 	}

@@ -130,6 +130,7 @@ func Classify(err error) Failure {
 	var tokErr *upstream.TokenError
 	var popErr *upstream.POP3AuthError
 	var imapErr *upstream.IMAPAuthError
+	var notConnected *upstream.IMAPNotConnectedError
 	var verifyErr *tls.CertificateVerificationError
 	var unknownCA x509.UnknownAuthorityError
 	var hostErr x509.HostnameError
@@ -160,6 +161,8 @@ func Classify(err error) Failure {
 		f.Upstream, f.Kind, f.Temporary, f.Hint = "pop3", Permission, true, popErr.Hint()
 	case errors.As(err, &imapErr):
 		f.Upstream, f.Kind, f.Temporary, f.Hint = "imap", Permission, true, imapErr.Hint()
+	case errors.As(err, &notConnected):
+		f.Upstream, f.Kind, f.Temporary, f.Hint = "imap", Permission, true, notConnected.Hint()
 	case errors.Is(err, mime.ErrSpool):
 		f.Kind, f.Temporary = Local, true
 		f.Hint = "the bridge cannot write to smtp.spool_dir (the temporary directory by default): check free space and permissions"

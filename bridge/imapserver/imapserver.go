@@ -492,7 +492,10 @@ func relayable(caps []string) []string {
 // replyFor is the one place where an upstream login failure becomes the
 // client's tagged answer.
 func replyFor(f failure.Failure) string {
+	var notConnected *upstream.IMAPNotConnectedError
 	switch {
+	case errors.As(f.Err, &notConnected):
+		return "NO [UNAVAILABLE] Outlook let the bridge in but cannot open this mailbox; the administrator must give the app FullAccess on it or turn IMAP on, see the bridge's log"
 	case f.Upstream == "imap":
 		return "NO [UNAVAILABLE] Outlook refused the bridge's login to this mailbox; the administrator must fix it, see the bridge's log"
 	case f.Upstream == "token" && f.Kind == failure.Credentials:

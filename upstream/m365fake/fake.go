@@ -57,6 +57,8 @@ type Server struct {
 	pop    *outlookpop.Service
 	access map[string]bool // tenant/client/mailbox granted FullAccess
 	added  []addedMessage  // every message put into a mailbox
+	// disabled: mailbox/proto turned off (Set-CASMailbox).
+	disabled map[string]bool
 
 	sentItems map[string][]sentItem // by primary address
 	sentLag   time.Duration
@@ -79,6 +81,11 @@ type app struct {
 	cert          *x509.Certificate
 	secretExpired bool
 	roles         []string
+	// rbac is what RBAC for Applications grants the app in Exchange: by
+	// role ("Mail.Send", "Mail.ReadWrite", ...), the mailboxes (primary
+	// addresses) of its management scope. Such grants never show in the
+	// token's roles.
+	rbac map[string][]string
 }
 
 type mailbox struct {
@@ -200,6 +207,24 @@ func (s *Server) AddApp(tenantID, clientID, secret string, roles ...string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.mustTenant(tenantID).apps[clientID] = &app{clientID: clientID, secret: secret, roles: roles}
+}
+
+// ScopeApp grants the app role (such as "Mail.Send", "Mail.ReadBasic",
+// "Mail.ReadWrite") on the given mailboxes only, as New-ManagementScope
+// and New-ManagementRoleAssignment -Role "Application Mail.Send" do in
+// Exchange Online: the app's tokens do not list the role, and Graph lets
+// it act on those mailboxes and refuses the others with
+// ErrorAccessDenied.
+func (s *Server) ScopeApp(tenantID, clientID, role string, mailboxes ...string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	a := s.mustTenant(tenantID).apps[clientID]
+	if a.rbac == nil {
+		a.rbac = map[string][]string{}
+	}
+	for _, m := range mailboxes {
+		a.rbac[role] = append(a.rbac[role], strings.ToLower(m))
+	}
 }
 
 // AddAppCertificate registers an application whose credential is a

@@ -97,19 +97,26 @@ func (s *Server) graph(endpoint, role string, serve func(g *graphRequest)) http.
 			return
 		}
 		g.claims = c
-		allowed := slices.Contains(c.Roles, role)
+		s.mu.Lock()
+		var rbac map[string][]string
+		if t := s.tenants[c.Tid]; t != nil {
+			g.mailbox = t.mailboxes[g.user]
+			if a := t.apps[c.AppID]; a != nil {
+				rbac = a.rbac
+			}
+		}
+		s.mu.Unlock()
+		// Entra's consent (the token's roles) covers every mailbox; an RBAC
+		// assignment only its scope's.
+		has := func(r string) bool { return slices.Contains(c.Roles, r) || slices.Contains(rbac[r], g.user) }
+		allowed := has(role)
 		if role == "" { // a read: any of the roles that list messages
-			allowed = slices.ContainsFunc(ReadRoles, func(r string) bool { return slices.Contains(c.Roles, r) })
+			allowed = slices.ContainsFunc(ReadRoles, has)
 		}
 		if !allowed {
 			g.fail(http.StatusForbidden, "ErrorAccessDenied", "Access is denied. Check credentials and try again.")
 			return
 		}
-		s.mu.Lock()
-		if t := s.tenants[c.Tid]; t != nil {
-			g.mailbox = t.mailboxes[g.user]
-		}
-		s.mu.Unlock()
 		if g.mailbox == nil || g.mailbox.primary != g.user {
 			g.fail(http.StatusNotFound, "ErrorInvalidUser", fmt.Sprintf("The requested user '%s' is invalid.", r.PathValue("user")))
 			return

@@ -17,7 +17,7 @@ func IMAPGreeting() string { return outlookimap.Greeting(serverNameTag()) }
 // StartIMAP starts the fake Outlook IMAP service with implicit TLS on a free
 // port of 127.0.0.1 and returns its address.
 func (s *Server) StartIMAP() (string, error) {
-	svc, err := outlookimap.Start(outlookimap.Options{Certificate: s.pki.server, Authorize: s.checkXOAUTH2, NameTag: serverNameTag()})
+	svc, err := outlookimap.Start(outlookimap.Options{Certificate: s.pki.server, Authorize: s.authorizeIMAP, NameTag: serverNameTag()})
 	if err != nil {
 		return "", err
 	}

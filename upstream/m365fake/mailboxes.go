@@ -110,22 +110,49 @@ func (s *Server) POP3Logins() int { return s.pop3().Logins() }
 // checkXOAUTH2 verifies a SASL XOAUTH2 response and returns the mailbox it
 // opens.
 func (s *Server) checkXOAUTH2(b64, role string) (string, bool) {
+	mailbox, valid, connected := s.verifyXOAUTH2(b64, role, "pop3")
+	return mailbox, valid && connected // Outlook refuses the POP3 login itself
+}
+
+// authorizeIMAP checks an IMAP XOAUTH2 login as Outlook does: a valid
+// token for a mailbox opens the session, but without FullAccess on the
+// mailbox, or with IMAP disabled for it, the session is "authenticated but
+// not connected".
+func (s *Server) authorizeIMAP(b64, role string) (mailbox string, ok, connected bool) {
+	return s.verifyXOAUTH2(b64, role, "imap")
+}
+
+// DisableProtocol turns POP3 or IMAP ("pop3", "imap") off for mailbox, as
+// Set-CASMailbox -PopEnabled/-ImapEnabled $false does.
+func (s *Server) DisableProtocol(mailbox, proto string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.disabled == nil {
+		s.disabled = map[string]bool{}
+	}
+	s.disabled[strings.ToLower(mailbox)+"/"+proto] = true
+}
+
+// verifyXOAUTH2 verifies a SASL XOAUTH2 response for role and returns the
+// mailbox it names, whether the login is valid (token, role, mailbox), and
+// whether the mailbox can be opened (FullAccess, proto not disabled).
+func (s *Server) verifyXOAUTH2(b64, role, proto string) (string, bool, bool) {
 	raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(b64))
 	if err != nil {
-		return "", false
+		return "", false, false
 	}
 	parts := strings.Split(string(raw), "\x01")
 	if len(parts) != 4 || parts[2] != "" || parts[3] != "" {
-		return "", false
+		return "", false, false
 	}
 	user, ok1 := strings.CutPrefix(parts[0], "user=")
 	token, ok2 := strings.CutPrefix(parts[1], "auth=Bearer ")
 	if !ok1 || !ok2 {
-		return "", false
+		return "", false, false
 	}
 	c, err := s.verifyToken(token, OutlookAudience)
 	if err != nil || !slices.Contains(c.Roles, role) {
-		return "", false
+		return "", false, false
 	}
 	s.mu.Lock()
 	t := s.tenants[c.Tid]
@@ -135,12 +162,12 @@ func (s *Server) checkXOAUTH2(b64, role string) (string, bool) {
 	}
 	s.mu.Unlock()
 	if mb == nil {
-		return "", false
+		return "", false, false
 	}
 	s.mu.Lock()
-	granted := s.access[c.Tid+"/"+c.AppID+"/"+mb.primary]
+	granted := s.access[c.Tid+"/"+c.AppID+"/"+mb.primary] && !s.disabled[mb.primary+"/"+proto]
 	s.mu.Unlock()
-	return mb.primary, granted
+	return mb.primary, true, granted
 }
 
 // deliverLocal puts a message Graph sent into the fake mailboxes among its

@@ -32,8 +32,12 @@ const (
 )
 
 // Authorizer checks a SASL XOAUTH2 response (base64) for an app holding
-// role and returns the mailbox (a primary address) it opens.
-type Authorizer func(xoauth2, role string) (mailbox string, ok bool)
+// role and returns the mailbox (a primary address) it names, whether the
+// login succeeds, and whether the mailbox can then be opened: without
+// FullAccess, or with IMAP disabled for the mailbox, Outlook completes the
+// login and answers the first mailbox command "BAD User is authenticated
+// but not connected.", then closes the connection.
+type Authorizer func(xoauth2, role string) (mailbox string, ok, connected bool)
 
 // Options configure the service.
 type Options struct {
@@ -146,8 +150,38 @@ func (l literal) Size() int64 { return l.Reader.Size() }
 // to a mailbox, then go-imap's in-memory user session.
 type session struct {
 	*imapmemserver.UserSession
-	svc  *Service
-	conn *outlookConn
+	svc          *Service
+	conn         *outlookConn
+	notConnected bool // logged in, but the mailbox cannot be opened
+}
+
+// errNotConnected is Outlook's answer to a mailbox command of a session
+// that logged in but cannot open its mailbox; the connection then closes
+// (outlookConn adds the BYE).
+var errNotConnected = &imap.Error{Type: imap.StatusResponseTypeBad, Text: notConnectedText}
+
+const notConnectedText = "User is authenticated but not connected."
+
+// The mailbox commands, refused when the session is not connected.
+func (sess *session) List(w *imapserver.ListWriter, ref string, patterns []string, o *imap.ListOptions) error {
+	if sess.notConnected {
+		return errNotConnected
+	}
+	return sess.UserSession.List(w, ref, patterns, o)
+}
+
+func (sess *session) Status(name string, o *imap.StatusOptions) (*imap.StatusData, error) {
+	if sess.notConnected {
+		return nil, errNotConnected
+	}
+	return sess.UserSession.Status(name, o)
+}
+
+func (sess *session) Append(name string, r imap.LiteralReader, o *imap.AppendOptions) (*imap.AppendData, error) {
+	if sess.notConnected {
+		return nil, errNotConnected
+	}
+	return sess.UserSession.Append(name, r, o)
 }
 
 var _ imapserver.SessionSASL = (*session)(nil)
@@ -159,10 +193,11 @@ func (sess *session) Authenticate(mech string) (sasl.Server, error) {
 		return nil, authFailed
 	}
 	return &xoauth2Server{login: func(resp []byte) error {
-		mailbox, ok := sess.svc.opts.Authorize(base64.StdEncoding.EncodeToString(resp), "IMAP.AccessAsApp")
+		mailbox, ok, connected := sess.svc.opts.Authorize(base64.StdEncoding.EncodeToString(resp), "IMAP.AccessAsApp")
 		if !ok {
 			return authFailed
 		}
+		sess.notConnected = !connected
 		sess.UserSession = imapmemserver.NewUserSession(sess.svc.user(mailbox))
 		sess.svc.mu.Lock()
 		sess.svc.logins++
@@ -191,6 +226,9 @@ func (sess *session) Close() error {
 // The methods of a logged-in session, which go-imap calls only after
 // Authenticate succeeded.
 func (sess *session) Select(name string, o *imap.SelectOptions) (*imap.SelectData, error) {
+	if sess.notConnected {
+		return nil, errNotConnected
+	}
 	return sess.UserSession.Select(name, o)
 }
 
@@ -266,6 +304,9 @@ type outlookConn struct {
 	fault   Fault
 	armed   bool // logged in
 	written int
+	// closeAfter: the write just made ends the session (Outlook's BYE
+	// after "not connected").
+	closeAfter bool
 }
 
 func (c *outlookConn) arm(f Fault) {
@@ -306,6 +347,9 @@ func (c *outlookConn) outlookTexts(p []byte, greeted, loggedIn bool) []byte {
 			line = "* BYE Microsoft Exchange Server IMAP4 server signing off."
 		case tagged.MatchString(line) && strings.HasSuffix(line, " completed"):
 			line += "." // "A2 OK SELECT completed."
+		case strings.HasSuffix(line, " BAD "+notConnectedText):
+			line += "\r\n* BYE Connection closed. 14"
+			c.closeAfter = true
 		}
 		out = append(append(out, line...), "\r\n"...)
 		p = p[i+2:]
@@ -340,6 +384,9 @@ func (c *outlookConn) Write(p []byte) (int, error) {
 	}
 	if _, err := c.Conn.Write(p); err != nil {
 		return 0, err
+	}
+	if c.closeAfter {
+		c.Conn.Close()
 	}
 	return n, nil
 }
