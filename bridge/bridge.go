@@ -549,6 +549,7 @@ func (b *Bridge) checkCredentials(accounts []*account.Account, limit time.Durati
 			switch f := failure.Classify(err); {
 			case err == nil:
 				b.log.Info().Str("account", a.Config.Name).Str("tenant_id", a.Config.TenantID).Msg("signed in to Microsoft 365")
+				b.logPermissions(ctx, a)
 			case f.Kind == failure.Credentials:
 				b.log.Error().Err(err).Str("account", a.Config.Name).Str("reason", string(f.Kind)).Str("hint", f.Hint).
 					Msg("Microsoft 365 refuses this account's sign-in: its messages are refused (451) until it is fixed")
@@ -565,6 +566,28 @@ func (b *Bridge) checkCredentials(accounts []*account.Account, limit time.Durati
 		}()
 	}
 	wg.Wait()
+}
+
+// logPermissions says, from the Graph token's roles, what the app may do
+// beyond this configuration's mailboxes (a warning with the way to scope
+// it), or that sending relies on an RBAC assignment.
+func (b *Bridge) logPermissions(ctx context.Context, a *account.Account) {
+	if !a.Config.Uses("smtp") {
+		return
+	}
+	roles, ok := graphRoles(ctx, a)
+	if !ok {
+		return
+	}
+	if wide := wideRoles(roles); len(wide) > 0 {
+		b.log.Warn().Str("account", a.Config.Name).Strs("tenant_wide", wide).
+			Str("hint", removeConsentHint(wide, sendingAs(a))+"; mailbridge check prints the commands for this configuration").
+			Msg("the app's permissions reach every mailbox in the tenant, not only this configuration's")
+	}
+	if !slices.Contains(roles, "Mail.Send") {
+		b.log.Info().Str("account", a.Config.Name).
+			Msg("the Graph token lists no Mail.Send: sending relies on an RBAC for Applications assignment (mailbridge check -send-test ADDRESS proves it)")
+	}
 }
 
 // probeSentItems looks once in each sending account's Sent Items, as a

@@ -24,6 +24,8 @@ type CheckResult struct {
 	Detail  string // what happened: a request ID, or the error
 	Hint    string // what to fix, for failures
 	Path    string // "direct", or "via proxy URL"
+	// Commands, if any, carry out the fix: PowerShell lines to run.
+	Commands []string
 }
 
 // Check tests every account as the old clients' "Test" buttons would: for
@@ -70,7 +72,7 @@ func (b *Bridge) checkToken(ctx context.Context, a *account.Account, ts *upstrea
 	if err != nil {
 		return "", &CheckResult{Account: a.Config.Name, Check: check, Detail: err.Error(), Hint: b.hintFor(a, err, failure.Classify(err).Hint)}
 	}
-	if roles, ok := upstream.TokenRoles(tok); ok && !slices.Contains(roles, role) {
+	if roles, ok := upstream.TokenRoles(tok); ok && role != "" && !slices.Contains(roles, role) {
 		return "", &CheckResult{Account: a.Config.Name, Check: check,
 			Detail: fmt.Sprintf("token issued, but without the %s role (roles: %v)", role, roles),
 			Hint:   failure.RoleHint(role, api)}
@@ -80,10 +82,12 @@ func (b *Bridge) checkToken(ctx context.Context, a *account.Account, ts *upstrea
 
 func (b *Bridge) checkSMTP(ctx context.Context, a *account.Account, sendTestTo string) []CheckResult {
 	name := a.Config.Name
-	if _, fail := b.checkToken(ctx, a, a.GraphTokens, "smtp-token", "Mail.Send", "Microsoft Graph"); fail != nil {
+	if _, fail := b.checkToken(ctx, a, a.GraphTokens, "smtp-token", "", "Microsoft Graph"); fail != nil {
 		return []CheckResult{*fail}
 	}
-	results := []CheckResult{{Account: name, Check: "smtp-token", OK: true, Detail: "token with Mail.Send issued for " + a.Config.SendScope}}
+	results := []CheckResult{{Account: name, Check: "smtp-token", OK: true, Detail: "token issued for " + a.Config.SendScope}}
+	roles, _ := graphRoles(ctx, a)
+	results = append(results, b.checkPermissions(roles, a, sendTestTo)...)
 	results = append(results, b.checkSentItems(ctx, a))
 	if a.Config.LargeMessages {
 		results = append(results, b.checkDrafts(ctx, a))

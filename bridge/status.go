@@ -171,7 +171,7 @@ func (s statusBackend) Delete(id string) error {
 func (s statusBackend) Check(ctx context.Context) []statuspage.CheckRow {
 	var rows []statuspage.CheckRow
 	for _, r := range s.b.Check(ctx, "") {
-		row := statuspage.CheckRow{Account: r.Account, Check: r.Check, Result: "ok", Detail: r.Detail, Hint: r.Hint, Path: r.Path}
+		row := statuspage.CheckRow{Account: r.Account, Check: r.Check, Result: "ok", Detail: r.Detail, Hint: r.Hint, Path: r.Path, Commands: r.Commands}
 		switch {
 		case !r.OK:
 			row.Result = "fail"

@@ -212,7 +212,7 @@ func classifyGraph(f *Failure, e *upstream.APIError) {
 		f.Kind = Mailbox
 	case e.Status == http.StatusForbidden && e.Code == "ErrorAccessDenied":
 		f.Kind = Permission
-		f.Hint = "grant Mail.Send as an Application permission (not Delegated) and click 'Grant admin consent' under API permissions; or an application access policy excludes this mailbox"
+		f.Hint = "the app may not act on this mailbox: if it is scoped with RBAC for Applications, add the mailbox to its management scope (New-ManagementScope ... -RecipientRestrictionFilter) and check with Test-ServicePrincipalAuthorization; otherwise grant Mail.Send as an Application permission (not Delegated) and click 'Grant admin consent' (it then reaches every mailbox), or an application access policy excludes this mailbox"
 	case e.Status == http.StatusForbidden:
 		f.Kind = Permission
 		f.Hint = "Graph refused the app for this mailbox: check its API permissions, admin consent and any application access policy"

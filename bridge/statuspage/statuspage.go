@@ -123,6 +123,7 @@ type CheckRow struct {
 	Result         string // "ok", "warn", "fail"
 	Detail, Hint   string
 	Path           string
+	Commands       []string // PowerShell that carries out the fix
 }
 
 // Backend is what the page reads and acts on.

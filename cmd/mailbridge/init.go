@@ -268,6 +268,7 @@ func initConfig(ctx context.Context, args []string, stdin io.Reader, stdout, std
 		}
 		return 1
 	}
+	printScoping(cfg, stdout)
 	status := 0
 	if !*noCheck {
 		fmt.Fprintln(stdout, "\nChecking the settings against Microsoft 365:")
@@ -285,6 +286,25 @@ func initConfig(ctx context.Context, args []string, stdin io.Reader, stdout, std
 	}
 	fmt.Fprintf(stdout, "Then run it: %s.\n", inst.Start)
 	return status
+}
+
+// printScoping prints the least-privilege set-up of init's account: the
+// RBAC for Applications commands for its mailbox, and what not to consent
+// in Entra.
+func printScoping(cfg *config.Config, stdout io.Writer) {
+	quiet := *cfg
+	quiet.Log.Level = "error"
+	b, err := bridge.New(&quiet, bridge.Options{Logger: bridge.NewLogger(io.Discard, quiet.Log)})
+	if err != nil {
+		return
+	}
+	fmt.Fprint(stdout, "\nLeast privilege: in Entra give the app no Microsoft Graph application permission\n"+
+		"(no tenant-wide Mail.Send: it would let the app send as every mailbox). Instead, in\n"+
+		"Exchange Online PowerShell, scope it to this mailbox with RBAC for Applications:\n")
+	for _, c := range b.ScopingCommands("main") {
+		fmt.Fprintf(stdout, "  %s\n", c)
+	}
+	fmt.Fprint(stdout, "(POP3 and IMAP still need POP.AccessAsApp/IMAP.AccessAsApp consented under Office 365 Exchange Online.)\n")
 }
 
 // readSecret reads one line without echo from a terminal.
@@ -445,6 +465,9 @@ func runCheck(ctx context.Context, cfg *config.Config, sendTest string, stdout, 
 		fmt.Fprintf(stdout, "%s  %-20s %-10s %s (%s)\n", mark, r.Account, r.Check, r.Detail, r.Path)
 		if r.Hint != "" {
 			fmt.Fprintf(stdout, "      fix: %s\n", r.Hint)
+		}
+		for _, c := range r.Commands {
+			fmt.Fprintf(stdout, "        %s\n", c)
 		}
 	}
 	if failed > 0 {

@@ -801,7 +801,11 @@ func TestInitWritesAWorkingConfiguration(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("init: %d\n%s\n%s", code, out, stderr)
 	}
-	for _, want := range []string{"ok    main", "smtp-token", "SMTP server 127.0.0.1, port 2525, SSL off", `user "erp"`, "the password in " + filepath.Join(dir, "password.in"), "POP3 server 127.0.0.1, port 1110"} {
+	for _, want := range []string{"ok    main", "smtp-token", "SMTP server 127.0.0.1, port 2525, SSL off", `user "erp"`, "the password in " + filepath.Join(dir, "password.in"), "POP3 server 127.0.0.1, port 1110",
+		"no tenant-wide Mail.Send", `New-ManagementRoleAssignment -App ` + client + ` -Role "Application Mail.Send" -CustomResourceScope "mailbridge main"`,
+		"Add-MailboxPermission -Identity " + mailbox + " -User <service principal ID> -AccessRights FullAccess",
+		// check's permissions section: the app's Mail.Send and Mail.ReadWrite are tenant-wide.
+		"WARN  main                 permissions consented tenant-wide in Entra", "        New-ManagementScope -Name \"mailbridge main\""} {
 		if !strings.Contains(out, want) {
 			t.Errorf("init's output lacks %q:\n%s", want, out)
 		}
