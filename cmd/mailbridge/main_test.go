@@ -225,7 +225,7 @@ func TestCheck(t *testing.T) {
 		t.Fatalf("status %d\n%s%s", code, stdout, stderr)
 	}
 	for _, want := range []string{
-		"ok    tm-master            smtp-token token with Mail.Send issued",
+		"ok    tm-master            smtp-token token issued",
 		"ok    tm-master            large-msgs created and deleted a draft",
 		"ok    tm-master            send-test  Graph accepted the test message to it@example.org (HTTP 202, request-id ",
 		"ok    tm-master            pop3       logged in to orders@example.com at 127.0.0.1:",
@@ -247,10 +247,13 @@ func TestCheck(t *testing.T) {
 		t.Errorf("status %d, output:\n%s", code, stdout)
 	}
 
-	// Consent missing: the tokens lack their roles.
+	// Consent missing: the tokens lack their roles. Sending may still rest
+	// on an RBAC assignment, which only a send-test can tell; here it
+	// fails, and says what to grant.
 	fake.AddApp(tenant, client, secret)
-	code, stdout, _ = runBinary(t, env, "", "check", "-config", path)
-	for _, want := range []string{"without the Mail.Send role", "add Mail.Send as an Application permission (Microsoft Graph) and click 'Grant admin consent'",
+	code, stdout, _ = runBinary(t, env, "", "check", "-config", path, "-send-test", "it@example.org")
+	for _, want := range []string{"the token lists no Mail.Send: sending relies on an RBAC for Applications assignment; the send-test below proves it",
+		"FAIL  tm-master            send-test  graph sendMail: graph answered HTTP 403 ErrorAccessDenied", "add the mailbox to its management scope",
 		"without the POP.AccessAsApp role", "add POP.AccessAsApp as an Application permission (Office 365 Exchange Online)"} {
 		if code != 1 || !strings.Contains(stdout, want) {
 			t.Errorf("status %d, output lacks %q:\n%s", code, want, stdout)
