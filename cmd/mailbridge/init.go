@@ -292,9 +292,9 @@ func initConfig(ctx context.Context, args []string, stdin io.Reader, stdout, std
 // RBAC for Applications commands for its mailbox, and what not to consent
 // in Entra.
 func printScoping(cfg *config.Config, stdout io.Writer) {
-	quiet := *cfg
+	quiet := withoutOutbox(cfg)
 	quiet.Log.Level = "error"
-	b, err := bridge.New(&quiet, bridge.Options{Logger: bridge.NewLogger(io.Discard, quiet.Log)})
+	b, err := bridge.New(quiet, bridge.Options{Logger: bridge.NewLogger(io.Discard, quiet.Log)})
 	if err != nil {
 		return
 	}
@@ -441,11 +441,20 @@ func installConfig(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
+// withoutOutbox returns a copy of cfg whose bridge opens no outbox: check
+// and init need none, and run as root they would create the outbox's
+// directories as root's, which the service's user then cannot use.
+func withoutOutbox(cfg *config.Config) *config.Config {
+	c := *cfg
+	c.Outbox.Enabled = false
+	return &c
+}
+
 // runCheck prints `mailbridge check`'s rows for cfg and returns its exit
 // status.
 func runCheck(ctx context.Context, cfg *config.Config, sendTest string, stdout, stderr io.Writer) int {
 	cfg.Log.Level = "warn"
-	b, err := bridge.New(cfg, bridge.Options{Logger: bridge.NewLogger(stderr, cfg.Log)})
+	b, err := bridge.New(withoutOutbox(cfg), bridge.Options{Logger: bridge.NewLogger(stderr, cfg.Log)})
 	if err != nil {
 		fmt.Fprintln(stderr, "mailbridge:", err)
 		return 1
