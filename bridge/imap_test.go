@@ -484,3 +484,20 @@ func TestIMAPAuthenticatedButNotConnected(t *testing.T) {
 		})
 	}
 }
+
+// Outlook throttling a session answers its mailbox commands "NO Request is
+// throttled. Suggested Backoff Time: …": the bridge logs in and passes the
+// answer to the client as Outlook worded it.
+func TestIMAPThrottlingPassesThrough(t *testing.T) {
+	fake := startFake(t)
+	fake.FailIMAP(m365fake.IMAPFault{Throttle: true})
+	b, _ := startBridge(t, fake, testConfig(fake))
+	c := dialIMAP(t, b.IMAPAddr())
+	c.login(userA, passwordA)
+	if _, l := c.cmd("SELECT INBOX"); !strings.HasSuffix(l, " NO Request is throttled. Suggested Backoff Time: 299609 milliseconds") {
+		t.Errorf("SELECT while throttled: %q", l)
+	}
+	if _, l := c.cmd("NOOP"); !strings.Contains(l, " OK ") {
+		t.Errorf("the session does not go on after the throttled command: %q", l)
+	}
+}

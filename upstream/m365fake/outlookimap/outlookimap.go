@@ -56,6 +56,11 @@ type Fault struct {
 	// Stall keeps the next session's connection open but answers nothing
 	// after its login.
 	Stall bool
+	// Throttle answers the next session's mailbox commands (SELECT, LIST,
+	// STATUS, APPEND) as Outlook does when it throttles: "NO Request is
+	// throttled. Suggested Backoff Time: 299609 milliseconds"
+	// (imapsync#198).
+	Throttle bool
 }
 
 // Greeting is Outlook's IMAP greeting for the server name tag.
@@ -153,6 +158,22 @@ type session struct {
 	svc          *Service
 	conn         *outlookConn
 	notConnected bool // logged in, but the mailbox cannot be opened
+	throttled    bool // Fault.Throttle
+}
+
+// errThrottled is Outlook's answer to a command while it throttles.
+var errThrottled = &imap.Error{Type: imap.StatusResponseTypeNo, Text: "Request is throttled. Suggested Backoff Time: 299609 milliseconds"}
+
+// refusal is the answer a mailbox command gets instead of being carried
+// out, nil if none.
+func (sess *session) refusal() error {
+	switch {
+	case sess.notConnected:
+		return errNotConnected
+	case sess.throttled:
+		return errThrottled
+	}
+	return nil
 }
 
 // errNotConnected is Outlook's answer to a mailbox command of a session
@@ -164,22 +185,22 @@ const notConnectedText = "User is authenticated but not connected."
 
 // The mailbox commands, refused when the session is not connected.
 func (sess *session) List(w *imapserver.ListWriter, ref string, patterns []string, o *imap.ListOptions) error {
-	if sess.notConnected {
-		return errNotConnected
+	if err := sess.refusal(); err != nil {
+		return err
 	}
 	return sess.UserSession.List(w, ref, patterns, o)
 }
 
 func (sess *session) Status(name string, o *imap.StatusOptions) (*imap.StatusData, error) {
-	if sess.notConnected {
-		return nil, errNotConnected
+	if err := sess.refusal(); err != nil {
+		return nil, err
 	}
 	return sess.UserSession.Status(name, o)
 }
 
 func (sess *session) Append(name string, r imap.LiteralReader, o *imap.AppendOptions) (*imap.AppendData, error) {
-	if sess.notConnected {
-		return nil, errNotConnected
+	if err := sess.refusal(); err != nil {
+		return nil, err
 	}
 	return sess.UserSession.Append(name, r, o)
 }
@@ -206,6 +227,7 @@ func (sess *session) Authenticate(mech string) (sasl.Server, error) {
 			f, sess.svc.faults = sess.svc.faults[0], sess.svc.faults[1:]
 		}
 		sess.svc.mu.Unlock()
+		sess.throttled = f.Throttle
 		if sess.conn != nil {
 			sess.conn.arm(f)
 		}
@@ -226,8 +248,8 @@ func (sess *session) Close() error {
 // The methods of a logged-in session, which go-imap calls only after
 // Authenticate succeeded.
 func (sess *session) Select(name string, o *imap.SelectOptions) (*imap.SelectData, error) {
-	if sess.notConnected {
-		return nil, errNotConnected
+	if err := sess.refusal(); err != nil {
+		return nil, err
 	}
 	return sess.UserSession.Select(name, o)
 }
