@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strconv"
+	"strings"
 
 	"mailbridge/bridge/config"
 )
@@ -58,7 +59,7 @@ func installationFor(path string) installation {
 		return installation{Group: "mailbridge", OutboxDir: "/var/lib/mailbridge/outbox", NeedsRoot: true,
 			Start: "sudo systemctl enable --now mailbridge (or sudo systemctl restart mailbridge if it runs)"}
 	}
-	if runtime.GOOS == "windows" && filepath.Base(filepath.Dir(abs)) == "mailbridge" && filepath.Dir(filepath.Dir(abs)) == os.Getenv("ProgramData") {
+	if pd := os.Getenv("ProgramData"); runtime.GOOS == "windows" && pd != "" && strings.EqualFold(filepath.Dir(abs), filepath.Join(pd, "mailbridge")) {
 		return installation{OutboxDir: "outbox", NeedsRoot: true,
 			Start: "start the mailbridge service: Services (services.msc) > mailbridge > Start, or sc start mailbridge"}
 	}
