@@ -581,7 +581,7 @@ func (b *Bridge) logPermissions(ctx context.Context, a *account.Account) {
 	}
 	if wide := wideRoles(roles); len(wide) > 0 {
 		b.log.Warn().Str("account", a.Config.Name).Strs("tenant_wide", wide).
-			Str("hint", removeConsentHint(wide, sendingAs(a))+"; mailbridge check prints the commands for this configuration").
+			Str("hint", removeConsentHint(wide, sendingAs(&a.Config))+"; mailbridge check prints the commands for this configuration").
 			Msg("the app's permissions reach every mailbox in the tenant, not only this configuration's")
 	}
 	if !slices.Contains(roles, "Mail.Send") {

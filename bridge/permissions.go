@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"mailbridge/bridge/account"
+	"mailbridge/bridge/config"
 	"mailbridge/bridge/mime"
 	"mailbridge/upstream"
 )
@@ -31,10 +32,10 @@ var tenantWide = []struct{ role, does string }{
 // sendingAs returns the addresses account a sends as: its mailbox, and with
 // use_address_from_user the exact addresses of allowed_senders (a
 // *@domain pattern names no mailbox).
-func sendingAs(a *account.Account) []string {
-	out := []string{strings.ToLower(a.Config.Mailbox)}
-	if a.Config.UseAddressFromUser {
-		for _, s := range a.Config.AllowedSenders {
+func sendingAs(c *config.AccountConfig) []string {
+	out := []string{strings.ToLower(c.Mailbox)}
+	if c.UseAddressFromUser {
+		for _, s := range c.AllowedSenders {
 			if s = strings.ToLower(s); mime.IsAddress(s) && !slices.Contains(out, s) {
 				out = append(out, s)
 			}
@@ -46,21 +47,21 @@ func sendingAs(a *account.Account) []string {
 // leastGraphRoles are the RBAC roles a's configuration needs: sending, and
 // the look-up in Sent Items (the drafts of messages over 3 MB need
 // ReadWrite, which covers it).
-func leastGraphRoles(a *account.Account) []string {
-	if a.Config.LargeMessages {
+func leastGraphRoles(c *config.AccountConfig) []string {
+	if c.LargeMessages {
 		return []string{"Mail.Send", "Mail.ReadWrite"}
 	}
 	return []string{"Mail.Send", "Mail.ReadBasic"}
 }
 
-// scopingCommands is the Exchange Online PowerShell that gives a's app the
-// least Graph roles on exactly the mailboxes it sends as, and FullAccess on
-// the mailboxes it reads over POP3 or IMAP.
-func (b *Bridge) scopingCommands(a *account.Account) []string {
-	c := a.Config
+// ScopingCommands is the Exchange Online PowerShell that gives the app of
+// account c (of the configuration cfg) the least Graph roles on exactly
+// the mailboxes it sends as, and FullAccess on the mailboxes it reads over
+// POP3 or IMAP.
+func ScopingCommands(cfg *config.Config, c *config.AccountConfig) []string {
 	scope := "mailbridge " + c.Name
 	var filter []string
-	for _, m := range sendingAs(a) {
+	for _, m := range sendingAs(c) {
 		filter = append(filter, "PrimarySmtpAddress -eq '"+m+"'")
 	}
 	cmds := []string{
@@ -68,33 +69,21 @@ func (b *Bridge) scopingCommands(a *account.Account) []string {
 		fmt.Sprintf("New-ServicePrincipal -AppId %s -ObjectId <object ID under Entra > Enterprise applications> -DisplayName mailbridge   # once per app", c.ClientID),
 		fmt.Sprintf("New-ManagementScope -Name %q -RecipientRestrictionFilter \"%s\"", scope, strings.Join(filter, " -or ")),
 	}
-	for _, r := range leastGraphRoles(a) {
+	for _, r := range leastGraphRoles(c) {
 		cmds = append(cmds, fmt.Sprintf("New-ManagementRoleAssignment -App %s -Role \"Application %s\" -CustomResourceScope %q", c.ClientID, r, scope))
 	}
 	cmds = append(cmds, fmt.Sprintf("Test-ServicePrincipalAuthorization -Identity %s -Resource %s", c.ClientID, c.Mailbox))
 	var read []string
-	if c.Uses("pop3") && b.cfg.POP3.Listen != "" {
+	if c.Uses("pop3") && cfg.POP3.Listen != "" {
 		read = append(read, c.POP3Mailbox)
 	}
-	if c.Uses("imap") && b.cfg.IMAP.Listen != "" && !slices.Contains(read, c.IMAPMailbox) {
+	if c.Uses("imap") && cfg.IMAP.Listen != "" && !slices.Contains(read, c.IMAPMailbox) {
 		read = append(read, c.IMAPMailbox)
 	}
 	for _, m := range read { // POP3 and IMAP are not covered by RBAC for Applications
 		cmds = append(cmds, fmt.Sprintf("Add-MailboxPermission -Identity %s -User <service principal ID> -AccessRights FullAccess", m))
 	}
 	return cmds
-}
-
-// ScopingCommands returns, for the account named, the Exchange Online
-// PowerShell that gives its app the least it needs on exactly the
-// configuration's mailboxes (nil for an unknown account).
-func (b *Bridge) ScopingCommands(name string) []string {
-	for _, a := range b.Accounts() {
-		if a.Config.Name == name {
-			return b.scopingCommands(a)
-		}
-	}
-	return nil
 }
 
 // removeConsentHint tells how to take away what reaches the whole tenant.
@@ -135,7 +124,7 @@ func (b *Bridge) checkPermissions(roles []string, a *account.Account, sendTest s
 	}
 	rows := []CheckResult{{Account: name, Check: "permissions", OK: true,
 		Detail: fmt.Sprintf("Graph token roles: %s. This configuration needs, at least: %s on %s (RBAC for Applications)%s",
-			carried, strings.Join(leastGraphRoles(a), " and "), strings.Join(sendingAs(a), ", "), b.readNeeds(a))}}
+			carried, strings.Join(leastGraphRoles(&a.Config), " and "), strings.Join(sendingAs(&a.Config), ", "), b.readNeeds(a))}}
 	if wide := wideRoles(roles); len(wide) > 0 {
 		var does []string
 		for _, w := range tenantWide {
@@ -145,8 +134,8 @@ func (b *Bridge) checkPermissions(roles []string, a *account.Account, sendTest s
 		}
 		rows = append(rows, CheckResult{Account: name, Check: "permissions", OK: true, Warn: true,
 			Detail:   "consented tenant-wide in Entra: the app can " + strings.Join(does, ", ") + ", not only this configuration's",
-			Hint:     removeConsentHint(wide, sendingAs(a)),
-			Commands: b.scopingCommands(a)})
+			Hint:     removeConsentHint(wide, sendingAs(&a.Config)),
+			Commands: ScopingCommands(b.cfg, &a.Config)})
 	}
 	if !slices.Contains(roles, "Mail.Send") {
 		detail := "the token lists no Mail.Send: sending relies on an RBAC for Applications assignment"

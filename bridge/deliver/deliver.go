@@ -229,9 +229,8 @@ func (d *Deliverer) Submit(ctx context.Context, m *Message, log zerolog.Logger) 
 // looked up (within lookCtx) before sendChecked returns. Its error is the
 // send's.
 func (d *Deliverer) sendChecked(lookCtx, sendCtx context.Context, m *Message, del *Delivery, log zerolog.Logger) error {
-	ctx := lookCtx
 	if del.OutcomeUnknown {
-		done, err := d.settle(ctx, m, candidates(m, del), del, log)
+		done, err := d.settle(lookCtx, m, candidates(m, del), del, log)
 		if done || err != nil {
 			return err
 		}
@@ -243,9 +242,9 @@ func (d *Deliverer) sendChecked(lookCtx, sendCtx context.Context, m *Message, de
 	del.OutcomeUnknown = true
 	log.Warn().Err(err).Str("graph_user", del.User).Bool("possible_duplicate", true).
 		Msg("the send's outcome is unknown: looking in Sent Items before sending again")
-	if done, lerr := d.settle(ctx, m, []string{del.User}, del, log); done {
+	if done, lerr := d.settle(lookCtx, m, []string{del.User}, del, log); done {
 		return nil
-	} else if lerr != nil && !errors.Is(lerr, ctx.Err()) {
+	} else if lerr != nil && !errors.Is(lerr, lookCtx.Err()) {
 		log.Warn().Err(lerr).Msg("the look-up in Sent Items failed")
 	}
 	return err

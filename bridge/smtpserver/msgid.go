@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"io"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -55,13 +56,21 @@ type recentMessages struct {
 	mu    sync.Mutex
 	by    map[string]*recentMessage
 	order []string // keys, oldest first
+	// unknownSizes counts the entries without a client ID (only those
+	// answered 451) by account and size: a message without an ID is
+	// hashed only when one of its size waits.
+	unknownSizes map[string]int
 }
 
 func recentKey(account, clientID string, size int64, digest string) string {
 	if clientID != "" {
 		return account + "\x00id\x00" + clientID
 	}
-	return account + "\x00sum\x00" + strconv.FormatInt(size, 10) + "\x00" + digest
+	return sizeKey(account, size) + digest
+}
+
+func sizeKey(account string, size int64) string {
+	return account + "\x00sum\x00" + strconv.FormatInt(size, 10) + "\x00"
 }
 
 // digestOf is the content digest of a message without a Message-ID; it is
@@ -73,67 +82,86 @@ func digestOf(r io.ReaderAt, size int64) string {
 	return hex.EncodeToString(h.Sum(nil))
 }
 
+// keyOf returns the key of a message, "" for one without an ID when none
+// of its size waits (then it was never remembered, and is not hashed).
+func (rm *recentMessages) keyOf(account, clientID string, size int64, content io.ReaderAt) string {
+	if clientID != "" {
+		return recentKey(account, clientID, size, "")
+	}
+	rm.mu.Lock()
+	waiting := rm.unknownSizes[sizeKey(account, size)] > 0
+	rm.mu.Unlock()
+	if !waiting {
+		return ""
+	}
+	return recentKey(account, "", size, digestOf(content, size))
+}
+
 // recall returns what is remembered of a message (the client's ID, its
 // size, its content), if it was taken before.
 func (rm *recentMessages) recall(account, clientID string, size int64, content io.ReaderAt, now time.Time) (recentMessage, bool) {
-	rm.mu.Lock()
-	if rm.by == nil {
-		rm.mu.Unlock()
-		return recentMessage{}, false
-	}
-	if clientID != "" {
-		defer rm.mu.Unlock()
-		e := rm.by[recentKey(account, clientID, size, "")]
-		if e == nil || now.Sub(e.at) > recentFor {
-			return recentMessage{}, false
-		}
-		return *e, true
-	}
-	// Without an ID only an unknown outcome matters: is there one of
-	// this size? Only then is the content hashed.
-	prefix := recentKey(account, "", size, "")
-	any := false
-	for k, e := range rm.by {
-		if strings.HasPrefix(k, prefix) && e.unknown {
-			any = true
-			break
-		}
-	}
-	rm.mu.Unlock()
-	if !any {
-		return recentMessage{}, false
-	}
-	d := digestOf(content, size)
+	key := rm.keyOf(account, clientID, size, content)
 	rm.mu.Lock()
 	defer rm.mu.Unlock()
-	e := rm.by[recentKey(account, "", size, d)]
-	if e == nil || now.Sub(e.at) > recentFor {
+	e := rm.by[key]
+	if key == "" || e == nil || now.Sub(e.at) > recentFor {
 		return recentMessage{}, false
 	}
 	return *e, true
 }
 
 // remember records a message taken (unknown: answered 451 with its
-// outcome unknown), forgetting the oldest beyond recentLimit.
+// outcome unknown), forgetting the oldest beyond recentLimit. A message
+// without an ID is remembered only while its outcome is unknown: once it
+// went, an identical message later is a new one, never its resend.
 func (rm *recentMessages) remember(account, clientID string, content io.ReaderAt, e recentMessage) {
-	if clientID == "" && !e.unknown {
-		return // only a resend after 451 is recognised by content
-	}
-	if clientID == "" {
+	var key string
+	if clientID == "" && e.unknown {
 		e.digest = digestOf(content, e.size)
+		key = recentKey(account, "", e.size, e.digest)
+	} else {
+		key = rm.keyOf(account, clientID, e.size, content)
 	}
-	key := recentKey(account, clientID, e.size, e.digest)
+	if key == "" {
+		return
+	}
 	rm.mu.Lock()
 	defer rm.mu.Unlock()
+	if clientID == "" && !e.unknown {
+		rm.drop(key)
+		return
+	}
 	if rm.by == nil {
-		rm.by = map[string]*recentMessage{}
+		rm.by, rm.unknownSizes = map[string]*recentMessage{}, map[string]int{}
 	}
 	if _, ok := rm.by[key]; !ok {
 		rm.order = append(rm.order, key)
+		if clientID == "" {
+			rm.unknownSizes[sizeKey(account, e.size)]++
+		}
 	}
 	rm.by[key] = &e
 	for len(rm.order) > recentLimit {
-		delete(rm.by, rm.order[0])
-		rm.order = rm.order[1:]
+		rm.drop(rm.order[0])
+	}
+}
+
+// drop forgets the entry of key; rm.mu is held.
+func (rm *recentMessages) drop(key string) {
+	e := rm.by[key]
+	if e == nil {
+		return
+	}
+	delete(rm.by, key)
+	if len(rm.order) > 0 && rm.order[0] == key {
+		rm.order = rm.order[1:] // the oldest, as eviction drops it
+	} else {
+		rm.order = slices.DeleteFunc(rm.order, func(k string) bool { return k == key })
+	}
+	if e.digest != "" {
+		sk := strings.TrimSuffix(key, e.digest)
+		if rm.unknownSizes[sk]--; rm.unknownSizes[sk] <= 0 {
+			delete(rm.unknownSizes, sk)
+		}
 	}
 }

@@ -292,16 +292,10 @@ func initConfig(ctx context.Context, args []string, stdin io.Reader, stdout, std
 // RBAC for Applications commands for its mailbox, and what not to consent
 // in Entra.
 func printScoping(cfg *config.Config, stdout io.Writer) {
-	quiet := withoutOutbox(cfg)
-	quiet.Log.Level = "error"
-	b, err := bridge.New(quiet, bridge.Options{Logger: bridge.NewLogger(io.Discard, quiet.Log)})
-	if err != nil {
-		return
-	}
 	fmt.Fprint(stdout, "\nLeast privilege: in Entra give the app no Microsoft Graph application permission\n"+
 		"(no tenant-wide Mail.Send: it would let the app send as every mailbox). Instead, in\n"+
 		"Exchange Online PowerShell, scope it to this mailbox with RBAC for Applications:\n")
-	for _, c := range b.ScopingCommands("main") {
+	for _, c := range bridge.ScopingCommands(cfg, &cfg.Accounts[0]) {
 		fmt.Fprintf(stdout, "  %s\n", c)
 	}
 	fmt.Fprint(stdout, "(POP3 and IMAP still need POP.AccessAsApp/IMAP.AccessAsApp consented under Office 365 Exchange Online.)\n")
@@ -442,8 +436,9 @@ func installConfig(args []string, stdout, stderr io.Writer) int {
 }
 
 // withoutOutbox returns a copy of cfg whose bridge opens no outbox: check
-// and init need none, and run as root they would create the outbox's
-// directories as root's, which the service's user then cannot use.
+// needs none, and run as root (sudo mailbridge init runs it) it would
+// create the outbox's directories as root's, which the service's user then
+// cannot use.
 func withoutOutbox(cfg *config.Config) *config.Config {
 	c := *cfg
 	c.Outbox.Enabled = false
