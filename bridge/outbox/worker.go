@@ -461,6 +461,9 @@ func (w *Outbox) deliver(ctx context.Context, env *Envelope) bool {
 	}
 	start := time.Now()
 	d, err := w.opts.Deliver(ctx, m, log)
+	// Closed before the entry is removed or moved: Windows can do neither
+	// to an open file, which would stay behind in queue/.
+	f.Close()
 	env.Attempts++
 	env.InFlight, env.DraftID = false, "" // the draft was sent, or deleted
 	env.OutcomeUnknown = d.OutcomeUnknown

@@ -405,16 +405,26 @@ func restrictACL(path string) error {
 	return nil
 }
 
-// installConfig carries out `mailbridge install-config -config FILE`, run
-// by the MSI: it copies config.example.toml beside FILE to FILE unless
-// FILE exists, so that an upgrade never touches the administrator's file.
-func installConfig(args []string, stdout, stderr io.Writer) int {
-	flags := flag.NewFlagSet("install-config", flag.ContinueOnError)
+// msiInstall carries out `mailbridge msi-install -config FILE`, run by the
+// MSI once its files are in place: it registers the Windows service (or
+// updates its command line), then copies config.example.toml beside FILE
+// to FILE unless FILE exists, so that an upgrade never touches the
+// administrator's file.
+func msiInstall(args []string, stdout, stderr io.Writer) int {
+	flags := flag.NewFlagSet("msi-install", flag.ContinueOnError)
 	flags.SetOutput(stderr)
 	path := flags.String("config", defaultConfigPath(), "the configuration file")
 	if _, err := parseAnywhere(flags, args); err != nil {
 		return usageStatus(err)
 	}
+	command, err := registerService(*path)
+	if err != nil {
+		fmt.Fprintln(stderr, "mailbridge: service:", err)
+		if command == "" {
+			return 1
+		}
+	}
+	fmt.Fprintf(stdout, "service %s: %s\n", serviceName, command)
 	if _, err := os.Stat(*path); err == nil {
 		fmt.Fprintf(stdout, "%s exists: kept as it is\n", *path)
 		return 0

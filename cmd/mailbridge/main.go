@@ -83,8 +83,8 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		return hashPassword(args, stdin, stdout, stderr)
 	case "init":
 		return initConfig(ctx, args, stdin, stdout, stderr)
-	case "install-config":
-		return installConfig(args, stdout, stderr)
+	case "msi-install":
+		return msiInstall(args, stdout, stderr)
 	case "version":
 		if len(args) > 0 {
 			fmt.Fprintf(stderr, "mailbridge: version takes no arguments, not %q\n", strings.Join(args, " "))
@@ -148,16 +148,16 @@ func versionString() string {
 // commandUsage is each command's synopsis and what it does, for
 // `mailbridge help COMMAND` and COMMAND -h.
 var commandUsage = map[string]string{
-	"serve":          "serve -config FILE\n\nRun the bridge in the foreground (a service manager starts it the same way).",
-	"demo":           "demo [flags]\n\nRun the bridge on an embedded fake Microsoft 365, to try it with a mail client on a machine without a tenant.",
-	"check":          "check -config FILE [-send-test ADDRESS]\n\nTest every account's settings against Microsoft 365 and print one row per check, with the fix.",
-	"service":        "service install|uninstall|start|stop|restart|reload|status -config FILE\n\nRun as a Windows service or a systemd unit (SysV init where there is no systemd).",
-	"queue":          "queue list [-v]|retry ID|retry-failed|delete ID -config FILE\n\nShow and manage the outbox, also while the bridge runs.",
-	"init":           "init [-config FILE] [flags]\n\nWrite a first configuration and its secret file, asking for each value (or taking them from flags), then check it.",
-	"install-config": "install-config -config FILE\n\nCopy config.example.toml beside FILE to FILE unless it exists (run by the MSI).",
-	"gen-cert":       "gen-cert -host NAME [-out DIR]\n\nWrite a self-signed certificate for the local TLS listeners.",
-	"hash-password":  "hash-password [-bare]\n\nRead a password and print its password_hash line.",
-	"version":        "version\n\nPrint the version, the commit and the Go version.",
+	"serve":         "serve -config FILE [-service]\n\nRun the bridge in the foreground (a service manager starts it the same way; -service: under the Windows Service Control Manager).",
+	"demo":          "demo [flags]\n\nRun the bridge on an embedded fake Microsoft 365, to try it with a mail client on a machine without a tenant.",
+	"check":         "check -config FILE [-send-test ADDRESS]\n\nTest every account's settings against Microsoft 365 and print one row per check, with the fix.",
+	"service":       "service install|uninstall|start|stop|restart|reload|status -config FILE\n\nRun as a Windows service or a systemd unit (SysV init where there is no systemd).",
+	"queue":         "queue list [-v]|retry ID|retry-failed|delete ID -config FILE\n\nShow and manage the outbox, also while the bridge runs.",
+	"init":          "init [-config FILE] [flags]\n\nWrite a first configuration and its secret file, asking for each value (or taking them from flags), then check it.",
+	"msi-install":   "msi-install -config FILE\n\nRegister the Windows service, and copy config.example.toml beside FILE to FILE unless it exists (run by the MSI).",
+	"gen-cert":      "gen-cert -host NAME [-out DIR]\n\nWrite a self-signed certificate for the local TLS listeners.",
+	"hash-password": "hash-password [-bare]\n\nRead a password and print its password_hash line.",
+	"version":       "version\n\nPrint the version, the commit and the Go version.",
 }
 
 // usageStatus is the exit status of a command whose flags did not parse:
@@ -217,9 +217,7 @@ func loadConfig(fs *flag.FlagSet, args []string, stderr io.Writer) (*config.Conf
 	}
 	cfg, err := loadResolved(*path)
 	if err != nil {
-		for _, line := range strings.Split(err.Error(), "\n") {
-			fmt.Fprintln(stderr, "mailbridge: config:", line)
-		}
+		printConfigError(stderr, err)
 		return nil, nil, 2
 	}
 	return cfg, rest, 0
@@ -228,18 +226,58 @@ func loadConfig(fs *flag.FlagSet, args []string, stderr io.Writer) (*config.Conf
 func serve(ctx context.Context, args []string, stderr io.Writer) int {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	cfg, _, status := loadConfig(fs, args, stderr)
-	if cfg == nil {
-		return status
+	asService := fs.Bool("service", false, "run under the Windows Service Control Manager (the MSI and `service install` register serve with it)")
+	path := fs.String("config", "mailbridge.toml", "configuration file")
+	if _, err := parseAnywhere(fs, args); err != nil {
+		return usageStatus(err)
 	}
-	if !service.Interactive() {
-		// Started by the Windows Service Control Manager or systemd.
+	if !*asService && service.Interactive() {
+		cfg, err := loadResolved(*path)
+		if err != nil {
+			printConfigError(stderr, err)
+			return 2
+		}
+		return runBridge(ctx, cfg, stderr)
+	}
+	// Started by the Windows Service Control Manager or systemd. The
+	// configuration is read once the service manager is answered, so that
+	// on Windows a mistake in it is logged and the service stops with
+	// status 2, rather than the SCM giving up with error 1053.
+	return runAsService(ctx, *path, func(ctx context.Context) int {
+		cfg, err := loadResolved(*path)
+		if err != nil {
+			printConfigError(stderr, err)
+			if runtime.GOOS == "windows" {
+				logServiceConfigError(*path, err, stderr)
+			}
+			return 2
+		}
 		if cfg.Log.File == "" && runtime.GOOS == "windows" {
 			cfg.Log.File = defaultServiceLog(cfg.Path)
 		}
-		return runAsService(cfg.Path, func(ctx context.Context) int { return runBridge(ctx, cfg, stderr) })
+		return runBridge(ctx, cfg, stderr)
+	}, stderr)
+}
+
+// printConfigError prints each problem of a configuration, one per line.
+func printConfigError(stderr io.Writer, err error) {
+	for _, line := range strings.Split(err.Error(), "\n") {
+		fmt.Fprintln(stderr, "mailbridge: config:", line)
 	}
-	return runBridge(ctx, cfg, stderr)
+}
+
+// logServiceConfigError writes why a Windows service could not read its
+// configuration to the service's default log, where an administrator who
+// started it from services.msc looks (its standard error goes nowhere).
+func logServiceConfigError(path string, err error, stderr io.Writer) {
+	out, closer := bridge.LogOutput(config.LogConfig{File: defaultServiceLog(path)}, stderr)
+	defer closer.Close()
+	log := bridge.NewLogger(out, config.LogConfig{Level: "info", Format: "json"})
+	for _, line := range strings.Split(err.Error(), "\n") {
+		log.Error().Str("config", path).Str("problem", line).
+			Str("hint", "fix the configuration file, then start the service again; `mailbridge check -config \""+path+"\"` shows each problem").
+			Msg("cannot start: the configuration has a mistake")
+	}
 }
 
 // runBridge runs the bridge until ctx ends; SIGHUP reloads its accounts.

@@ -115,8 +115,14 @@ func runBinary(t *testing.T, env []string, stdin string, args ...string) (int, s
 }
 
 func TestServeSendsAndStopsOnSIGTERM(t *testing.T) {
+	t.Run("serve", func(t *testing.T) { testServeSendsAndStopsOnSIGTERM(t) })
+	// As `service install` registers it with systemd.
+	t.Run("serve -service", func(t *testing.T) { testServeSendsAndStopsOnSIGTERM(t, "-service") })
+}
+
+func testServeSendsAndStopsOnSIGTERM(t *testing.T, flags ...string) {
 	fake, path, env := fakeAndConfig(t, "127.0.0.1:0", "")
-	cmd := exec.Command(binary, "serve", "-config", path)
+	cmd := exec.Command(binary, append([]string{"serve", "-config", path}, flags...)...)
 	cmd.Env = env
 	stderr, _ := cmd.StderrPipe()
 	if err := cmd.Start(); err != nil {
@@ -204,6 +210,12 @@ func TestBadConfigExits2WithOneLinePerProblem(t *testing.T) {
 	}
 	if want := "mailbridge: config: ../../testdata/config-bad.toml: line 6: smtp.send_timeout: not a duration"; !strings.Contains(stderr, want) {
 		t.Errorf("stderr %q, want %q", stderr, want)
+	}
+	// So under systemd too (serve -service): it exits, not waits for a
+	// signal with nothing running.
+	code, _, stderr = runBinary(t, os.Environ(), "", "serve", "-service", "-config", "../../testdata/config-bad.toml")
+	if code != 2 || !strings.Contains(stderr, "smtp.send_timeout: not a duration") {
+		t.Errorf("serve -service: status %d, stderr %q", code, stderr)
 	}
 	code, _, stderr = runBinary(t, os.Environ(), "", "serve", "-config", filepath.Join(t.TempDir(), "missing.toml"))
 	if code != 2 || !strings.Contains(stderr, "missing.toml") {

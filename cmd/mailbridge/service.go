@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"flag"
 	"fmt"
 	"io"
@@ -26,10 +25,12 @@ func serviceConfig(cfgPath string) (*service.Config, error) {
 		return nil, err
 	}
 	return &service.Config{
-		Name:             serviceName,
-		DisplayName:      "mailbridge (SMTP and POP3 to Microsoft 365)",
-		Description:      "Lets legacy SMTP and POP3 clients use Microsoft 365 through Graph and OAuth2.",
-		Arguments:        []string{"serve", "-config", abs},
+		Name:        serviceName,
+		DisplayName: "mailbridge (SMTP and POP3 to Microsoft 365)",
+		Description: "Lets legacy SMTP and POP3 clients use Microsoft 365 through Graph and OAuth2.",
+		// -service: told, not guessed from the parent process (wine runs
+		// services.exe outside session 0, where x/sys/windows/svc looks).
+		Arguments:        []string{"serve", "-service", "-config", abs},
 		WorkingDirectory: filepath.Dir(abs),
 		Dependencies:     []string{"After=network-online.target", "Wants=network-online.target"},
 		Option: service.KeyValue{
@@ -45,46 +46,13 @@ func serviceConfig(cfgPath string) (*service.Config, error) {
 	}, nil
 }
 
-// program runs `serve` under a service manager: Stop cancels it as SIGTERM
-// would, so messages being received finish first.
-type program struct {
-	run    func(ctx context.Context) int
-	cancel context.CancelFunc
-	done   chan int
-}
+// controlOnly is the service.Interface that `mailbridge service` hands to
+// kardianos/service to install, start and stop the service; it never
+// serves (runAsService does, in the process the service manager starts).
+type controlOnly struct{}
 
-func (p *program) Start(service.Service) error {
-	ctx, cancel := context.WithCancel(context.Background())
-	p.cancel, p.done = cancel, make(chan int, 1)
-	go func() { p.done <- p.run(ctx) }()
-	return nil
-}
-
-func (p *program) Stop(service.Service) error {
-	p.cancel()
-	if code := <-p.done; code != 0 {
-		return fmt.Errorf("mailbridge stopped with status %d", code)
-	}
-	return nil
-}
-
-// runAsService runs serve under the service manager that started the
-// process.
-func runAsService(cfgPath string, run func(ctx context.Context) int) int {
-	sc, err := serviceConfig(cfgPath)
-	if err != nil {
-		return 1
-	}
-	prog := &program{run: run}
-	s, err := service.New(prog, sc)
-	if err != nil {
-		return 1
-	}
-	if err := s.Run(); err != nil {
-		return 1
-	}
-	return 0
-}
+func (controlOnly) Start(service.Service) error { return nil }
+func (controlOnly) Stop(service.Service) error  { return nil }
 
 // serviceCommand carries out `mailbridge service ACTION -config FILE`.
 func serviceCommand(args []string, stdout, stderr io.Writer) int {
@@ -117,7 +85,7 @@ func serviceCommand(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "mailbridge:", err)
 		return 1
 	}
-	s, err := service.New(&program{}, sc)
+	s, err := service.New(controlOnly{}, sc)
 	if err != nil {
 		fmt.Fprintln(stderr, "mailbridge:", err)
 		return 1
@@ -144,6 +112,11 @@ func serviceCommand(args []string, stdout, stderr io.Writer) int {
 		return 0
 	case "install", "uninstall", "start", "stop", "restart":
 		before := serviceFiles()
+		if action == "uninstall" {
+			// kardianos/service removes the event-log source after the
+			// service and fails when there is none, as with the MSI's.
+			ensureEventSource()
+		}
 		if err := service.Control(s, action); err != nil {
 			fmt.Fprintf(stderr, "mailbridge: service %s: %v\n", action, err)
 			if action == "install" {

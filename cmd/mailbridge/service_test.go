@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"io"
 	"os"
 	"path/filepath"
@@ -16,33 +15,13 @@ func TestServiceConfig(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(sc.Arguments) != 3 || sc.Arguments[0] != "serve" || sc.Arguments[1] != "-config" || !filepath.IsAbs(sc.Arguments[2]) {
-		t.Errorf("arguments %q: want serve -config with an absolute path", sc.Arguments)
+	if len(sc.Arguments) != 4 || sc.Arguments[0] != "serve" || sc.Arguments[1] != "-service" || sc.Arguments[2] != "-config" || !filepath.IsAbs(sc.Arguments[3]) {
+		t.Errorf("arguments %q: want serve -service -config with an absolute path", sc.Arguments)
 	}
 	for k, want := range map[string]any{"StartType": "automatic", "OnFailure": "restart", "Restart": "on-failure", "ReloadSignal": "HUP"} {
 		if sc.Option[k] != want {
 			t.Errorf("option %s = %v, want %v", k, sc.Option[k], want)
 		}
-	}
-}
-
-func TestServiceProgramStopsLikeSIGTERM(t *testing.T) {
-	stopped := make(chan struct{})
-	p := &program{run: func(ctx context.Context) int {
-		<-ctx.Done() // what runBridge does: Run returns when ctx ends
-		close(stopped)
-		return 0
-	}}
-	if err := p.Start(nil); err != nil {
-		t.Fatal(err)
-	}
-	if err := p.Stop(nil); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case <-stopped:
-	default:
-		t.Fatal("Stop returned before the bridge stopped")
 	}
 }
 
