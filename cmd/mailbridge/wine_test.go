@@ -50,7 +50,7 @@ func TestWindowsUnderWine(t *testing.T) {
 	// Windows' root store. Its names are "localhost": wine's SSL policy
 	// does not match IP addresses.
 	fake := m365test.Start(t, m365test.Tenant{ID: tenant, ClientID: client, Secret: secret,
-		Roles: []string{"Mail.Send"}, Mailboxes: []string{mailbox}})
+		Roles: []string{"Mail.Send", "Mail.ReadWrite", "POP.AccessAsApp"}, Mailboxes: []string{mailbox}, FullAccess: []string{mailbox}})
 	fake.RefuseRecipients("refused.example")
 	w.trust(t, fake.CACertPEM())
 	local := func(u string) string { return strings.ReplaceAll(u, "127.0.0.1", "localhost") }
@@ -118,6 +118,30 @@ graph_url = %q
 		}},
 		{"exe: demo, a message sent, then read over POP3 and IMAP", func(t *testing.T) {
 			testDemoUnderWine(t, w, exe)
+		}},
+		{"exe: init writes a configuration and its secret file, and checks them against Microsoft 365", func(t *testing.T) {
+			// wine's icacls is a stub and wine keeps no file ACLs, so the
+			// secret file's ACL cannot be read back here: init's call to
+			// icacls must only succeed.
+			in := filepath.Join(t.TempDir(), "in")
+			os.WriteFile(in, []byte(secret+"\n"), 0o600)
+			secretIn := w.put(t, in, "secret.in")
+			os.WriteFile(in, []byte("legacy pw\n"), 0o600)
+			passwordIn := w.put(t, in, "password.in")
+			out := w.mustRun(t, exe, "init", "-config", `C:\users\init test\mailbridge.toml`, "-tenant-id", tenant, "-client-id", client,
+				"-client-secret-file", secretIn, "-mailbox", mailbox, "-username", "erp", "-password-file", passwordIn,
+				"-token-url", local(fake.TokenURL()), "-graph-url", local(fake.GraphURL()), "-pop3-upstream", local(fake.POP3Addr()))
+			for _, want := range []string{"ok    main                 smtp-token", "ok    main                 pop3", "ok    main                 large-msgs"} {
+				if !strings.Contains(out, want) {
+					t.Errorf("init's output lacks %q:\n%s", want, out)
+				}
+			}
+			if got := mustReadFile(t, w.host(`C:\users\init test\mailbridge-secret.txt`)); strings.TrimSpace(got) != secret {
+				t.Error("the secret file does not hold the secret")
+			}
+			if strings.Contains(mustReadFile(t, w.host(`C:\users\init test\mailbridge.toml`)), secret) {
+				t.Error("the configuration holds the secret")
+			}
 		}},
 		{"msiexec /i: files, configuration, service registered with a quoted command line", func(t *testing.T) {
 			w.msiexec(t, "/i", msi)
