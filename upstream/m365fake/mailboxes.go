@@ -101,6 +101,10 @@ func (s *Server) MailboxUIDs(mailbox string) []string {
 // FailPOP3 queues a fault for the next POP3 session.
 func (s *Server) FailPOP3(f POP3Fault) { s.pop3().Fail(f) }
 
+// SetPOP3Writes sets how the fake Outlook POP3 service writes RETR answers
+// (outlookpop.WritesBulk: as fast as a server can).
+func (s *Server) SetPOP3Writes(w outlookpop.Writes) { s.pop3().SetWrites(w) }
+
 // POP3Connections counts the connections the POP3 service accepted.
 func (s *Server) POP3Connections() int { return s.pop3().Connections() }
 

@@ -29,9 +29,24 @@ const (
 
 // popMessage is a message in a fake mailbox.
 type popMessage struct {
-	uid  string
-	data []byte
+	uid     string
+	data    []byte
+	stuffed []byte // the RETR answer's body, for WritesBulk; made on first use
 }
+
+// Writes says how the service writes a RETR answer.
+type Writes int
+
+const (
+	// WritesBuffered writes 32 KiB at a time (the default).
+	WritesBuffered Writes = iota
+	// WritesBulk writes the whole answer, dot-stuffed in advance, in one
+	// write: as fast as a server can answer, so that a benchmark measures
+	// what is between it and the client.
+	WritesBulk
+	// WritesLinePerRecord flushes each line: one TLS record per line.
+	WritesLinePerRecord
+)
 
 // Fault is an injected failure of the fake Outlook POP3 service.
 type Fault struct {
@@ -73,6 +88,14 @@ type Service struct {
 	wg        sync.WaitGroup
 	closeOnce sync.Once
 	conns     map[net.Conn]bool
+	writes    Writes
+}
+
+// SetWrites sets how RETR answers are written from now on.
+func (s *Service) SetWrites(w Writes) {
+	s.mu.Lock()
+	s.writes = w
+	s.mu.Unlock()
 }
 
 // Start starts the service with implicit TLS on a free port of 127.0.0.1.
@@ -364,7 +387,19 @@ func (p *popSession) transaction(cmd, arg string) bool {
 		if cmd == "RETR" && p.fault.DropRetrAfter > 0 {
 			w = &dropWriter{w: p.w, left: p.fault.DropRetrAfter, conn: p.conn}
 		}
-		if writeDotStuffed(w, m.data, maxBody) != nil || p.w.Flush() != nil {
+		p.s.mu.Lock()
+		writes := p.s.writes
+		p.s.mu.Unlock()
+		if cmd == "RETR" && writes == WritesBulk && w == io.Writer(p.w) {
+			if m.stuffed == nil {
+				var b bytes.Buffer
+				writeDotStuffed(&b, m.data, -1, false)
+				m.stuffed = b.Bytes()
+			}
+			_, err := p.w.Write(m.stuffed)
+			return err == nil && p.w.Flush() == nil
+		}
+		if writeDotStuffed(w, m.data, maxBody, writes == WritesLinePerRecord) != nil || p.w.Flush() != nil {
 			return false
 		}
 		return true
@@ -400,8 +435,9 @@ func (p *popSession) commit() {
 // writeDotStuffed writes a message as a multi-line answer (RFC 1939 §3):
 // lines that start with "." get another, and a line with a single dot ends
 // it. Lines are CRLF-delimited; a bare CR or LF is data. maxBody >= 0 stops
-// after that many body lines (TOP).
-func writeDotStuffed(w io.Writer, data []byte, maxBody int) error {
+// after that many body lines (TOP). perLine flushes each line to w, and w
+// too when it is a *bufio.Writer.
+func writeDotStuffed(w io.Writer, data []byte, maxBody int, perLine bool) error {
 	bw := bufio.NewWriterSize(w, 32<<10)
 	inBody, bodyLines := false, 0
 	for len(data) > 0 {
@@ -420,6 +456,12 @@ func writeDotStuffed(w io.Writer, data []byte, maxBody int) error {
 		}
 		bw.Write(line)
 		bw.WriteString("\r\n")
+		if perLine {
+			bw.Flush()
+			if f, ok := w.(*bufio.Writer); ok {
+				f.Flush()
+			}
+		}
 		if inBody {
 			bodyLines++
 		} else if len(line) == 0 {

@@ -18,7 +18,7 @@ func TestWriteDotStuffed(t *testing.T) {
 		{"bare\nLF and\rCR\r\n", -1, "bare\nLF and\rCR\r\n.\r\n"},
 	} {
 		var b bytes.Buffer
-		if err := writeDotStuffed(&b, []byte(tc.msg), tc.maxBody); err != nil {
+		if err := writeDotStuffed(&b, []byte(tc.msg), tc.maxBody, false); err != nil {
 			t.Fatal(err)
 		}
 		if b.String() != tc.want {
