@@ -3,18 +3,28 @@
 package bridge_test
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"fmt"
 	"hash"
 	"io"
+	"math/big"
 	"net"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"mailbridge/bridge"
 	"mailbridge/upstream"
 	"mailbridge/upstream/m365fake/outlookpop"
 )
@@ -182,4 +192,192 @@ func processCPU() time.Duration {
 	var ru syscall.Rusage
 	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// BenchmarkIMAPRelay is BenchmarkPOP3Relay for IMAP: the upstream is a
+// minimal IMAP server over TLS that takes any XOAUTH2 login and answers a
+// FETCH with the whole message in one write (go-imap's server, the fake
+// Outlook's, decides its own write sizes and would cap the figure).
+//
+//	go test ./bridge -run '^$' -bench BenchmarkIMAPRelay -benchtime 5x
+func BenchmarkIMAPRelay(b *testing.B) {
+	for _, c := range []struct {
+		name     string
+		parallel int
+		size     int
+	}{{"bulk/1x50MiB", 1, 50 << 20}, {"bulk/4x20MiB", 4, 20 << 20}} {
+		b.Run(c.name, func(b *testing.B) { benchIMAPRelay(b, c.parallel, c.size) })
+	}
+}
+
+func benchIMAPRelay(b *testing.B, parallel, size int) {
+	var answers [][]byte // the FETCH answer of message i+1, untagged part
+	var want [][32]byte
+	for i := range parallel {
+		msg := bigMessage(size)
+		msg[len("Subject: ")] = byte('a' + i)
+		answers = append(answers, append(fmt.Appendf(nil, "* %d FETCH (BODY[] {%d}\r\n", i+1, len(msg)), append(msg, ")\r\n"...)...))
+	}
+	addr, ca := startBulkIMAP(b, answers)
+	fake := startFake(b)
+	cfg := testConfig(fake)
+	cfg.Log.Level = "warn"
+	cfg.IMAP.Upstream = addr
+	cfg.IMAP.MaxSessions = 2 * parallel
+	pool := fake.CertPool().Clone()
+	pool.AddCert(ca)
+	br, _ := startBridgeWith(b, fake, cfg, func(o *bridge.Options) { o.RootCAs = pool })
+	var direct, bridged []*bulkIMAP
+	for i := range parallel {
+		want = append(want, sha256.Sum256(append(answers[i], fmt.Sprintf("F%d OK FETCH completed.\r\n", i+1)...)))
+		conn, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: pool})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { conn.Close() })
+		r := bufio.NewReaderSize(conn, 64<<10)
+		r.ReadString('\n') // the greeting
+		fmt.Fprintf(conn, "D1 AUTHENTICATE XOAUTH2 eA==\r\n")
+		if l, _ := r.ReadString('\n'); !strings.HasPrefix(l, "D1 OK") {
+			b.Fatalf("direct login: %q", l)
+		}
+		direct = append(direct, &bulkIMAP{conn: conn, r: r})
+		c := dialIMAP(b, br.IMAPAddr())
+		c.login(userA, passwordA)
+		bridged = append(bridged, &bulkIMAP{conn: c.conn, r: c.r})
+	}
+	round := func(clients []*bulkIMAP) (time.Duration, time.Duration) {
+		cpu0, t0 := processCPU(), time.Now()
+		var wg sync.WaitGroup
+		for i, c := range clients {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if err := c.fetch(i+1, want[i]); err != nil {
+					b.Error(err)
+				}
+			}()
+		}
+		wg.Wait()
+		return time.Since(t0), processCPU() - cpu0
+	}
+	round(direct)
+	round(bridged)
+	var tDirect, tBridge, cpuDirect, cpuBridge time.Duration
+	b.ResetTimer()
+	for range b.N {
+		t, c := round(direct)
+		tDirect, cpuDirect = tDirect+t, cpuDirect+c
+		t, c = round(bridged)
+		tBridge, cpuBridge = tBridge+t, cpuBridge+c
+	}
+	b.StopTimer()
+	mib := float64(b.N*parallel*size) / (1 << 20)
+	b.ReportMetric(mib/tDirect.Seconds(), "direct-MiB/s")
+	b.ReportMetric(mib/tBridge.Seconds(), "bridge-MiB/s")
+	b.ReportMetric(tDirect.Seconds()/tBridge.Seconds(), "bridge/direct")
+	b.ReportMetric(cpuDirect.Seconds()/(mib/1024), "direct-cpu-s/GiB")
+	b.ReportMetric(cpuBridge.Seconds()/(mib/1024), "bridge-cpu-s/GiB")
+	b.ReportMetric((cpuBridge-cpuDirect).Seconds()/(mib/1024), "relay-cpu-s/GiB")
+	b.ReportMetric(0, "ns/op")
+}
+
+// bulkIMAP reads a FETCH answer in large reads, hashing it as it comes.
+type bulkIMAP struct {
+	conn net.Conn
+	r    io.Reader
+	buf  []byte
+}
+
+// fetch fetches message n with the tag Fn and checks the SHA-256 of the
+// whole answer, the tagged completion included.
+func (c *bulkIMAP) fetch(n int, want [32]byte) error {
+	if c.buf == nil {
+		c.buf = make([]byte, 256<<10)
+	}
+	c.conn.SetDeadline(time.Now().Add(patience))
+	if _, err := fmt.Fprintf(c.conn, "F%d FETCH %d BODY.PEEK[]\r\n", n, n); err != nil {
+		return err
+	}
+	end := []byte(fmt.Sprintf("\r\nF%d OK FETCH completed.\r\n", n))
+	h := sha256.New()
+	var tail []byte
+	for {
+		k, err := c.r.Read(c.buf)
+		h.Write(c.buf[:k])
+		tail = append(tail, c.buf[:k]...)
+		tail = tail[max(0, len(tail)-len(end)):]
+		if bytes.Equal(tail, end) {
+			break
+		}
+		if err != nil {
+			return fmt.Errorf("FETCH %d: %v", n, err)
+		}
+	}
+	if !bytes.Equal(sumOf(h), want[:]) {
+		return fmt.Errorf("FETCH %d: the answer arrived changed", n)
+	}
+	return nil
+}
+
+// startBulkIMAP starts a minimal IMAP server with implicit TLS on
+// 127.0.0.1 and returns its address and its CA: it takes any AUTHENTICATE,
+// answers the bridge's CAPABILITY and LIST as Outlook does, and a FETCH of
+// message n with answers[n-1] and its completion in one write.
+func startBulkIMAP(b *testing.B, answers [][]byte) (string, *x509.Certificate) {
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "bulk imap"}, NotBefore: time.Now().Add(-time.Hour),
+		NotAfter: time.Now().Add(24 * time.Hour), IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}, IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		b.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer conn.Close()
+				r := bufio.NewReader(conn)
+				io.WriteString(conn, "* OK The Microsoft Exchange IMAP4 service is ready.\r\n")
+				for {
+					line, err := r.ReadString('\n')
+					if err != nil {
+						return
+					}
+					tag, rest, _ := strings.Cut(strings.TrimRight(line, "\r\n"), " ")
+					verb, arg, _ := strings.Cut(rest, " ")
+					switch strings.ToUpper(verb) {
+					case "CAPABILITY":
+						fmt.Fprintf(conn, "* CAPABILITY IMAP4 IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2 SASL-IR UIDPLUS ID UNSELECT CHILDREN IDLE NAMESPACE LITERAL+\r\n%s OK CAPABILITY completed.\r\n", tag)
+					case "LIST":
+						fmt.Fprintf(conn, "* LIST (\\Marked \\HasNoChildren) \"/\" \"\"\r\n%s OK LIST completed.\r\n", tag)
+					case "FETCH":
+						var n int
+						fmt.Sscanf(arg, "%d", &n)
+						if n < 1 || n > len(answers) {
+							fmt.Fprintf(conn, "%s BAD no such message\r\n", tag)
+							continue
+						}
+						conn.Write(append(answers[n-1][:len(answers[n-1]):len(answers[n-1])], tag+" OK FETCH completed.\r\n"...))
+					case "LOGOUT":
+						fmt.Fprintf(conn, "* BYE\r\n%s OK LOGOUT completed.\r\n", tag)
+						return
+					default:
+						fmt.Fprintf(conn, "%s OK %s completed.\r\n", tag, verb)
+					}
+				}
+			}()
+		}
+	}()
+	return ln.Addr().String(), cert
 }
