@@ -21,7 +21,7 @@ func FuzzCopyMultiline(f *testing.F) {
 		}
 		src := bufio.NewReaderSize(io.MultiReader(bytes.NewReader(stuffed.Bytes()), bytes.NewReader(tail)), 16)
 		var got bytes.Buffer
-		n, err := copyMultiline(&got, src, func() {})
+		n, err := copyMultiline(&got, src, func() {}, 0)
 		if err != nil || n != int64(stuffed.Len()) || !bytes.Equal(got.Bytes(), stuffed.Bytes()) {
 			t.Fatalf("copied %d %q (%v), want %q", n, got.Bytes(), err, stuffed.Bytes())
 		}

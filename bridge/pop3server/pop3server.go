@@ -440,7 +440,7 @@ func (s *session) transaction(line string) {
 	ok := bytes.HasPrefix(status, []byte("+OK"))
 	if ok && isMultiline(cmd, arg) {
 		w := &deadlineWriter{w: s.w, conn: s.conn, timeout: time.Minute}
-		n, err := copyMultiline(w, up.Reader, deadline)
+		n, err := copyMultiline(w, up.Reader, deadline, renewEvery(s.srv.opts.Config.UpstreamTimeout.Duration))
 		if cmd == "RETR" {
 			s.retrCount++
 			s.retrBytes += n
@@ -495,16 +495,27 @@ func isMultiline(cmd, arg string) bool {
 
 var errClientWrite = errors.New("writing to the client failed")
 
-// deadlineWriter renews the client's write deadline before each write, so
-// that a slow but live client is never cut off while a dead one is.
+// renewEvery is how often, at most, a transfer moves a deadline of d on: a
+// clock read per chunk is cheap, moving a deadline (a runtime timer) for
+// each TLS record of a large download is not. A deadline so never lapses
+// before three quarters of d of silence.
+func renewEvery(d time.Duration) time.Duration { return min(time.Second, d/4) }
+
+// deadlineWriter renews the client's write deadline (at most every
+// renewEvery), so that a slow but live client is never cut off while a
+// dead one is.
 type deadlineWriter struct {
 	w       io.Writer
 	conn    net.Conn
 	timeout time.Duration
+	renewed time.Time
 }
 
 func (d *deadlineWriter) Write(p []byte) (int, error) {
-	d.conn.SetWriteDeadline(time.Now().Add(d.timeout))
+	if now := time.Now(); now.Sub(d.renewed) >= renewEvery(d.timeout) {
+		d.conn.SetWriteDeadline(now.Add(d.timeout))
+		d.renewed = now
+	}
 	n, err := d.w.Write(p)
 	if err != nil {
 		return n, fmt.Errorf("%w: %v", errClientWrite, err)
@@ -517,16 +528,20 @@ func (d *deadlineWriter) Write(p []byte) (int, error) {
 // §3), and returns the bytes copied. Nothing is changed: dot-stuffing,
 // lines of any length, 8-bit bytes and bare CR or LF pass as they are; only
 // CRLF ends a line, so the answer ends at the first CRLF "." CRLF (or at a
-// body that starts with "." CRLF). renew is called before each read from
-// src.
-func copyMultiline(dst io.Writer, src *bufio.Reader, renew func()) (int64, error) {
+// body that starts with "." CRLF). renew is called before the first read
+// from src, then at most every renewal.
+func copyMultiline(dst io.Writer, src *bufio.Reader, renew func(), renewal time.Duration) (int64, error) {
 	terminator := []byte("\r\n.\r\n")
 	// last holds the final bytes seen so far, to find a terminator split
 	// across reads; it starts as CRLF: the body starts at a line start.
 	last := []byte("\r\n")
 	var total int64
+	var renewed time.Time
 	for {
-		renew()
+		if now := time.Now(); now.Sub(renewed) >= renewal {
+			renew()
+			renewed = now
+		}
 		if _, err := src.Peek(1); err != nil {
 			return total, err
 		}
