@@ -62,7 +62,7 @@ const (
 // fakeAndConfig starts a fake Microsoft 365 and writes a configuration for
 // it; it returns the fake, the config path and an environment that trusts
 // the fake's CA through SSL_CERT_FILE.
-func fakeAndConfig(t *testing.T, listen string, extra string) (*m365fake.Server, string, []string) {
+func fakeAndConfig(t testing.TB, listen string, extra string) (*m365fake.Server, string, []string) {
 	t.Helper()
 	fake := m365test.Start(t, m365test.Tenant{ID: tenant, ClientID: client, Secret: secret,
 		Roles: []string{"Mail.Send", "Mail.ReadWrite", "POP.AccessAsApp"}, Mailboxes: []string{mailbox}, FullAccess: []string{mailbox}})
@@ -602,7 +602,7 @@ func (s *syncBuffer) String() string {
 
 // startServe starts `mailbridge serve` and returns it, its SMTP address and
 // everything it logs.
-func startServe(t *testing.T, path string, env []string) (*exec.Cmd, string, *syncBuffer) {
+func startServe(t testing.TB, path string, env []string) (*exec.Cmd, string, *syncBuffer) {
 	t.Helper()
 	cmd := exec.Command(binary, "serve", "-config", path)
 	cmd.Env = env
