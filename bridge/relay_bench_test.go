@@ -14,7 +14,6 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"fmt"
-	"hash"
 	"io"
 	"math/big"
 	"net"
@@ -74,28 +73,38 @@ func benchPOP3Relay(b *testing.B, writes outlookpop.Writes, parallel, size int) 
 	if err != nil {
 		b.Fatal(err)
 	}
-	var direct, bridged []*bulkPOP3
+	var direct, bridged []*bulkClient
 	for range parallel {
 		up, err := (&upstream.POP3Dialer{Addr: fake.POP3Addr(), RootCAs: fake.CertPool()}).Dial(context.Background(), mailboxA, token)
 		if err != nil {
 			b.Fatal(err)
 		}
 		b.Cleanup(func() { up.Conn.Close() })
-		direct = append(direct, &bulkPOP3{conn: up.Conn, r: up.Reader})
+		direct = append(direct, &bulkClient{conn: up.Conn, r: up.Reader})
 		p := dialPOP3(b, br.POP3Addr())
 		p.login(userA, passwordA)
-		bridged = append(bridged, &bulkPOP3{conn: p.conn, r: p.r})
+		bridged = append(bridged, &bulkClient{conn: p.conn, r: p.r})
 	}
-	// round downloads message i on client i, all at once, and returns the
-	// time and CPU it took.
-	round := func(clients []*bulkPOP3) (time.Duration, time.Duration) {
+	compareRelay(b, parallel*size, direct, bridged, func(c *bulkClient, i int) error {
+		// "+OK ...", then the dot-stuffed body and its terminator.
+		return c.ask(fmt.Sprintf("RETR %d", i+1), "+OK", "\r\n.\r\n", want[i])
+	})
+}
+
+// compareRelay downloads with each client at once, in each iteration first
+// the direct ones and then the bridged ones (after one warm-up round of
+// each), download(c, i) being client i's download; total is the bytes one
+// round moves. It reports both throughputs, their ratio, and the process's
+// CPU per GiB for each and their difference.
+func compareRelay(b *testing.B, total int, direct, bridged []*bulkClient, download func(c *bulkClient, i int) error) {
+	round := func(clients []*bulkClient) (time.Duration, time.Duration) {
 		cpu0, t0 := processCPU(), time.Now()
 		var wg sync.WaitGroup
 		for i, c := range clients {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				if err := c.retr(i+1, want[i]); err != nil {
+				if err := download(c, i); err != nil {
 					b.Error(err)
 				}
 			}()
@@ -103,7 +112,7 @@ func benchPOP3Relay(b *testing.B, writes outlookpop.Writes, parallel, size int) 
 		wg.Wait()
 		return time.Since(t0), processCPU() - cpu0
 	}
-	round(direct) // warm up both paths
+	round(direct)
 	round(bridged)
 	var tDirect, tBridge, cpuDirect, cpuBridge time.Duration
 	b.ResetTimer()
@@ -114,7 +123,7 @@ func benchPOP3Relay(b *testing.B, writes outlookpop.Writes, parallel, size int) 
 		tBridge, cpuBridge = tBridge+t, cpuBridge+c
 	}
 	b.StopTimer()
-	mib := float64(b.N*parallel*size) / (1 << 20)
+	mib := float64(b.N*total) / (1 << 20)
 	b.ReportMetric(mib/tDirect.Seconds(), "direct-MiB/s")
 	b.ReportMetric(mib/tBridge.Seconds(), "bridge-MiB/s")
 	b.ReportMetric(tDirect.Seconds()/tBridge.Seconds(), "bridge/direct")
@@ -124,54 +133,46 @@ func benchPOP3Relay(b *testing.B, writes outlookpop.Writes, parallel, size int) 
 	b.ReportMetric(0, "ns/op")
 }
 
-// bulkPOP3 is a client that reads a RETR answer as a fast client does: in
-// large reads, hashing the bytes as they come, never line by line.
-type bulkPOP3 struct {
+// bulkClient reads an answer as a fast client does: in large reads,
+// hashing the bytes as they come, never line by line.
+type bulkClient struct {
 	conn net.Conn
-	r    io.Reader
+	r    *bufio.Reader
 	buf  []byte
 }
 
-// retr downloads message n and checks the SHA-256 of its dot-stuffed body
-// (terminator included) against want.
-func (c *bulkPOP3) retr(n int, want [32]byte) error {
+// ask sends command; with status set, reads the status line, which must
+// start with it; then reads until the bytes read end with end, and checks
+// their SHA-256 (end included) against want.
+func (c *bulkClient) ask(command, status, end string, want [32]byte) error {
 	if c.buf == nil {
 		c.buf = make([]byte, 256<<10)
 	}
 	c.conn.SetDeadline(time.Now().Add(patience))
-	if _, err := fmt.Fprintf(c.conn, "RETR %d\r\n", n); err != nil {
+	if _, err := fmt.Fprintf(c.conn, "%s\r\n", command); err != nil {
 		return err
 	}
-	h := sha256.New()
-	status := true
-	var tail []byte
-	for {
-		k, err := c.r.Read(c.buf)
-		got := c.buf[:k]
-		if status { // "+OK ...\r\n", then the body
-			i := bytes.IndexByte(got, '\n')
-			if i < 0 || !bytes.HasPrefix(got, []byte("+OK")) {
-				return fmt.Errorf("RETR %d: status %q", n, got)
-			}
-			got, status = got[i+1:], false
-		}
-		h.Write(got)
-		tail = append(tail, got...)
-		tail = tail[max(0, len(tail)-5):]
-		if bytes.Equal(tail, []byte("\r\n.\r\n")) {
-			break
-		}
-		if err != nil {
-			return fmt.Errorf("RETR %d: %v", n, err)
+	if status != "" {
+		if l, err := c.r.ReadString('\n'); err != nil || !strings.HasPrefix(l, status) {
+			return fmt.Errorf("%s: status %q %v", command, l, err)
 		}
 	}
-	if !bytes.Equal(sumOf(h), want[:]) {
-		return fmt.Errorf("RETR %d: the message arrived changed", n)
+	h := sha256.New()
+	var tail []byte
+	for !bytes.HasSuffix(tail, []byte(end)) {
+		k, err := c.r.Read(c.buf)
+		h.Write(c.buf[:k])
+		tail = append(tail, c.buf[:k]...)
+		tail = tail[max(0, len(tail)-len(end)):]
+		if err != nil && !bytes.HasSuffix(tail, []byte(end)) {
+			return fmt.Errorf("%s: %v", command, err)
+		}
+	}
+	if !bytes.Equal(h.Sum(nil), want[:]) {
+		return fmt.Errorf("%s: the answer arrived changed", command)
 	}
 	return nil
 }
-
-func sumOf(h hash.Hash) []byte { return h.Sum(nil) }
 
 // dotStuffed is msg as a POP3 multi-line answer's body: lines starting
 // with "." get another, and ".\r\n" ends it (msg ends in CRLF).
@@ -227,7 +228,7 @@ func benchIMAPRelay(b *testing.B, parallel, size int) {
 	pool := fake.CertPool().Clone()
 	pool.AddCert(ca)
 	br, _ := startBridgeWith(b, fake, cfg, func(o *bridge.Options) { o.RootCAs = pool })
-	var direct, bridged []*bulkIMAP
+	var direct, bridged []*bulkClient
 	for i := range parallel {
 		want = append(want, sha256.Sum256(append(answers[i], fmt.Sprintf("F%d OK FETCH completed.\r\n", i+1)...)))
 		conn, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: pool})
@@ -241,83 +242,15 @@ func benchIMAPRelay(b *testing.B, parallel, size int) {
 		if l, _ := r.ReadString('\n'); !strings.HasPrefix(l, "D1 OK") {
 			b.Fatalf("direct login: %q", l)
 		}
-		direct = append(direct, &bulkIMAP{conn: conn, r: r})
+		direct = append(direct, &bulkClient{conn: conn, r: r})
 		c := dialIMAP(b, br.IMAPAddr())
 		c.login(userA, passwordA)
-		bridged = append(bridged, &bulkIMAP{conn: c.conn, r: c.r})
+		bridged = append(bridged, &bulkClient{conn: c.conn, r: c.r})
 	}
-	round := func(clients []*bulkIMAP) (time.Duration, time.Duration) {
-		cpu0, t0 := processCPU(), time.Now()
-		var wg sync.WaitGroup
-		for i, c := range clients {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				if err := c.fetch(i+1, want[i]); err != nil {
-					b.Error(err)
-				}
-			}()
-		}
-		wg.Wait()
-		return time.Since(t0), processCPU() - cpu0
-	}
-	round(direct)
-	round(bridged)
-	var tDirect, tBridge, cpuDirect, cpuBridge time.Duration
-	b.ResetTimer()
-	for range b.N {
-		t, c := round(direct)
-		tDirect, cpuDirect = tDirect+t, cpuDirect+c
-		t, c = round(bridged)
-		tBridge, cpuBridge = tBridge+t, cpuBridge+c
-	}
-	b.StopTimer()
-	mib := float64(b.N*parallel*size) / (1 << 20)
-	b.ReportMetric(mib/tDirect.Seconds(), "direct-MiB/s")
-	b.ReportMetric(mib/tBridge.Seconds(), "bridge-MiB/s")
-	b.ReportMetric(tDirect.Seconds()/tBridge.Seconds(), "bridge/direct")
-	b.ReportMetric(cpuDirect.Seconds()/(mib/1024), "direct-cpu-s/GiB")
-	b.ReportMetric(cpuBridge.Seconds()/(mib/1024), "bridge-cpu-s/GiB")
-	b.ReportMetric((cpuBridge-cpuDirect).Seconds()/(mib/1024), "relay-cpu-s/GiB")
-	b.ReportMetric(0, "ns/op")
-}
-
-// bulkIMAP reads a FETCH answer in large reads, hashing it as it comes.
-type bulkIMAP struct {
-	conn net.Conn
-	r    io.Reader
-	buf  []byte
-}
-
-// fetch fetches message n with the tag Fn and checks the SHA-256 of the
-// whole answer, the tagged completion included.
-func (c *bulkIMAP) fetch(n int, want [32]byte) error {
-	if c.buf == nil {
-		c.buf = make([]byte, 256<<10)
-	}
-	c.conn.SetDeadline(time.Now().Add(patience))
-	if _, err := fmt.Fprintf(c.conn, "F%d FETCH %d BODY.PEEK[]\r\n", n, n); err != nil {
-		return err
-	}
-	end := []byte(fmt.Sprintf("\r\nF%d OK FETCH completed.\r\n", n))
-	h := sha256.New()
-	var tail []byte
-	for {
-		k, err := c.r.Read(c.buf)
-		h.Write(c.buf[:k])
-		tail = append(tail, c.buf[:k]...)
-		tail = tail[max(0, len(tail)-len(end)):]
-		if bytes.Equal(tail, end) {
-			break
-		}
-		if err != nil {
-			return fmt.Errorf("FETCH %d: %v", n, err)
-		}
-	}
-	if !bytes.Equal(sumOf(h), want[:]) {
-		return fmt.Errorf("FETCH %d: the answer arrived changed", n)
-	}
-	return nil
+	compareRelay(b, parallel*size, direct, bridged, func(c *bulkClient, i int) error {
+		// The whole answer, its tagged completion included.
+		return c.ask(fmt.Sprintf("F%d FETCH %d BODY.PEEK[]", i+1, i+1), "", fmt.Sprintf("\r\nF%d OK FETCH completed.\r\n", i+1), want[i])
+	})
 }
 
 // startBulkIMAP starts a minimal IMAP server with implicit TLS on
