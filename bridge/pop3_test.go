@@ -626,6 +626,23 @@ func TestPOP3StalledUpstreamEndsSession(t *testing.T) {
 	}
 }
 
+// TestPOP3ClientSeesWhatArrived: while Outlook is slow to send the rest of
+// an answer, what it sent (here its "+OK") reaches the client at once, not
+// when a buffer fills or the answer ends.
+func TestPOP3ClientSeesWhatArrived(t *testing.T) {
+	fake := startFake(t)
+	cfg := testConfig(fake)
+	cfg.POP3.UpstreamTimeout = config.Duration{Duration: 10 * time.Minute}
+	b, _ := startBridge(t, fake, cfg)
+	fake.AddMessage(mailboxA, crlf("Subject: x\n\nx\n"))
+	fake.FailPOP3(m365fake.POP3Fault{StallRetr: true})
+	p := dialPOP3(t, b.POP3Addr())
+	p.login(userA, passwordA)
+	if l := p.cmd("RETR 1"); l != "+OK" {
+		t.Fatalf("RETR from a stalled Outlook: %q", l)
+	}
+}
+
 // Passwords never reach the debug log, whatever the client sends: a PASS
 // or AUTH after login, a tab instead of a space before login.
 func TestPOP3PasswordsNeverLogged(t *testing.T) {

@@ -3,8 +3,10 @@ package pop3server
 import (
 	"bufio"
 	"bytes"
+	"errors"
 	"io"
 	"testing"
+	"time"
 )
 
 // FuzzCopyMultiline checks the data path against a reference: any message,
@@ -21,7 +23,7 @@ func FuzzCopyMultiline(f *testing.F) {
 		}
 		src := bufio.NewReaderSize(io.MultiReader(bytes.NewReader(stuffed.Bytes()), bytes.NewReader(tail)), 16)
 		var got bytes.Buffer
-		n, err := copyMultiline(&got, src, func() {}, 0)
+		n, err := copyMultiline(&got, nil, src, func() {}, 0)
 		if err != nil || n != int64(stuffed.Len()) || !bytes.Equal(got.Bytes(), stuffed.Bytes()) {
 			t.Fatalf("copied %d %q (%v), want %q", n, got.Bytes(), err, stuffed.Bytes())
 		}
@@ -49,4 +51,92 @@ func writeStuffedReference(w *bytes.Buffer, msg []byte) error {
 	}
 	w.WriteString(".\r\n")
 	return nil
+}
+
+// notifyWriter passes each write on a channel.
+type notifyWriter chan []byte
+
+func (w notifyWriter) Write(p []byte) (int, error) {
+	w <- bytes.Clone(p)
+	return len(p), nil
+}
+
+// TestCopyMultilineWritesWhatArrived: while Outlook is slow to send the
+// rest, what has arrived already reaches the client (it is not held back
+// until a buffer fills or the answer ends).
+func TestCopyMultilineWritesWhatArrived(t *testing.T) {
+	upstreamR, upstreamW := io.Pipe()
+	defer upstreamW.Close()
+	src := bufio.NewReaderSize(upstreamR, 64<<10)
+	client := make(notifyWriter, 16)
+	type result struct {
+		n   int64
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		n, err := copyMultiline(client, []byte("+OK\r\n"), src, func() {}, 0)
+		done <- result{n, err}
+	}()
+	var got []byte
+	waitFor := func(want string) {
+		t.Helper()
+		for !bytes.Equal(got, []byte(want)) {
+			select {
+			case p := <-client:
+				got = append(got, p...)
+			case <-time.After(time.Minute):
+				t.Fatalf("the client has %q, want %q", got, want)
+			}
+		}
+	}
+	upstreamW.Write([]byte("first line\r\n"))
+	waitFor("+OK\r\nfirst line\r\n")
+	upstreamW.Write([]byte("second\r\n"))
+	waitFor("+OK\r\nfirst line\r\nsecond\r\n")
+	upstreamW.Write([]byte(".\r\n"))
+	waitFor("+OK\r\nfirst line\r\nsecond\r\n.\r\n")
+	if r := <-done; r.err != nil || r.n != int64(len("first line\r\nsecond\r\n.\r\n")) {
+		t.Fatalf("copyMultiline = %d, %v", r.n, r.err)
+	}
+}
+
+// failingWriter takes limit bytes, then fails.
+type failingWriter struct{ limit int }
+
+func (w *failingWriter) Write(p []byte) (int, error) {
+	if len(p) > w.limit {
+		n := w.limit
+		w.limit = 0
+		return n, errors.New("connection reset by peer")
+	}
+	w.limit -= len(p)
+	return len(p), nil
+}
+
+// TestCopyMultilineStopsWhenClientFails: a client gone in the middle of a
+// large download ends the copy with the write's error; the rest of the
+// answer is not read into memory.
+func TestCopyMultilineStopsWhenClientFails(t *testing.T) {
+	body := bytes.Repeat([]byte("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde\r\n"), 1<<16) // 4 MiB
+	src := bufio.NewReaderSize(io.MultiReader(bytes.NewReader(body), bytes.NewReader([]byte(".\r\n"))), 16<<10)
+	n, err := copyMultiline(&failingWriter{limit: 100 << 10}, []byte("+OK\r\n"), src, func() {}, 0)
+	if err == nil || err.Error() != "connection reset by peer" {
+		t.Fatalf("copyMultiline = %d, %v; want the client's error", n, err)
+	}
+	if n > 100<<10+64<<10 { // one read of src past the failure at most
+		t.Fatalf("read %d bytes after the client failed at 100 KiB", n)
+	}
+}
+
+// FuzzIndexTerminator checks the dot-first search against bytes.Index.
+func FuzzIndexTerminator(f *testing.F) {
+	for _, s := range []string{"", ".", "\r\n.\r\n", "a.\r\n.\r\n", "\r\n.\r", "x\r\n..\r\n\r\n.\r\nz", "..\r\n.\r\n"} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		if got, want := indexTerminator(b), bytes.Index(b, []byte("\r\n.\r\n")); got != want {
+			t.Fatalf("indexTerminator(%q) = %d, want %d", b, got, want)
+		}
+	})
 }

@@ -114,7 +114,7 @@ func (srv *Server) newSession(c net.Conn) *session {
 		srv:   srv, conn: c, state: srv.opts.Conns.StateOf(c), ctx: ctx, cancel: cancel, remote: remote, started: time.Now(),
 		r: bufio.NewReaderSize(c, 4096),
 		// A small writer before login (a connection that has not logged
-		// in costs a few kilobytes); the relay's 64 KB one after.
+		// in costs a few kilobytes); multi-line answers bypass it.
 		w:   bufio.NewWriterSize(c, 512),
 		log: srv.log.With().Str("session", conntrack.SessionID()).Str("remote", remote).Logger(),
 	}
@@ -379,7 +379,7 @@ func (s *session) login(username, password string) {
 	s.account = a
 	s.state.MarkAuthenticated()
 	s.w.Flush()
-	s.w = bufio.NewWriterSize(s.conn, 64<<10)
+	s.w = bufio.NewWriterSize(s.conn, 4<<10)
 	s.log = s.log.With().Str("account", a.Config.Name).Logger()
 	s.state.SetBusy(true)
 	defer s.state.SetBusy(false)
@@ -391,6 +391,8 @@ func (s *session) login(username, password string) {
 		return
 	}
 	s.up = up
+	// A bridge shutting down ends a session that waits on Outlook.
+	context.AfterFunc(s.ctx, func() { up.Conn.Close() })
 	s.srv.opts.Metrics.MailboxEvent(a.Config.Name, "pop3", "login")
 	s.reply(up.AuthReply)
 }
@@ -432,15 +434,18 @@ func (s *session) transaction(line string) {
 		s.upstreamFailed(err)
 		return
 	}
-	s.conn.SetWriteDeadline(time.Now().Add(time.Minute))
-	if _, err := s.w.Write(status); err != nil {
-		s.ended = "client gone"
-		return
-	}
 	ok := bytes.HasPrefix(status, []byte("+OK"))
-	if ok && isMultiline(cmd, arg) {
-		w := &deadlineWriter{w: s.w, conn: s.conn, timeout: time.Minute}
-		n, err := copyMultiline(w, up.Reader, deadline, renewEvery(s.srv.opts.Config.UpstreamTimeout.Duration))
+	if !ok || !isMultiline(cmd, arg) {
+		s.conn.SetWriteDeadline(time.Now().Add(time.Minute))
+		if _, err := s.w.Write(status); err != nil {
+			s.ended = "client gone"
+			return
+		}
+	} else {
+		// The status line and the body go straight to the connection
+		// (s.w is empty between commands), in writes of up to 64 KiB.
+		w := &deadlineWriter{w: s.conn, conn: s.conn, timeout: time.Minute}
+		n, err := copyMultiline(w, status, up.Reader, deadline, renewEvery(s.srv.opts.Config.UpstreamTimeout.Duration))
 		if cmd == "RETR" {
 			s.retrCount++
 			s.retrBytes += n
@@ -523,24 +528,58 @@ func (d *deadlineWriter) Write(p []byte) (int, error) {
 	return n, nil
 }
 
-// copyMultiline copies the body of a multi-line answer from src to dst as
-// it arrives, up to and including the terminating ".CRLF" line (RFC 1939
-// §3), and returns the bytes copied. Nothing is changed: dot-stuffing,
-// lines of any length, 8-bit bytes and bare CR or LF pass as they are; only
-// CRLF ends a line, so the answer ends at the first CRLF "." CRLF (or at a
-// body that starts with "." CRLF). renew is called before the first read
-// from src, then at most every renewal.
-func copyMultiline(dst io.Writer, src *bufio.Reader, renew func(), renewal time.Duration) (int64, error) {
+// indexTerminator returns the index of the first CRLF "." CRLF in b, or
+// -1. It looks for the dot, the rarest of the five bytes in mail (base64
+// has none), where bytes.Index would stop at every line's CR.
+func indexTerminator(b []byte) int {
+	for i := 2; i+3 <= len(b); i++ {
+		j := bytes.IndexByte(b[i:len(b)-2], '.')
+		if j < 0 {
+			return -1
+		}
+		i += j
+		if b[i-2] == '\r' && b[i-1] == '\n' && b[i+1] == '\r' && b[i+2] == '\n' {
+			return i - 2
+		}
+	}
+	return -1
+}
+
+// copyMultiline writes head (the answer's status line), then the body of
+// a multi-line answer from src, to dst as it arrives, up to and including
+// the terminating ".CRLF" line (RFC 1939 §3), and returns the body's bytes.
+// Nothing is changed: dot-stuffing, lines of any length, 8-bit bytes and
+// bare CR or LF pass as they are; only CRLF ends a line, so the answer ends
+// at the first CRLF "." CRLF (or at a body that starts with "." CRLF).
+// renew is called before the first read from src, then at most every
+// renewal.
+//
+// What src holds is written in one write as soon as src has nothing more
+// buffered, before waiting for Outlook again: a slow Outlook's bytes are
+// never held back, and a fast one's arrive a TLS record (16 KiB) at a
+// time, written from src's buffer without a copy. head goes with the first
+// bytes of the body, so a small answer is one write.
+func copyMultiline(dst io.Writer, head []byte, src *bufio.Reader, renew func(), renewal time.Duration) (int64, error) {
 	terminator := []byte("\r\n.\r\n")
 	// last holds the final bytes seen so far, to find a terminator split
 	// across reads; it starts as CRLF: the body starts at a line start.
 	last := []byte("\r\n")
 	var total int64
 	var renewed time.Time
+	// pending is head until it is written; it is a copy, as src's buffer
+	// (which head may be a slice of) is about to be refilled.
+	pending := append(make([]byte, 0, len(head)+len(terminator)), head...)
 	for {
 		if now := time.Now(); now.Sub(renewed) >= renewal {
 			renew()
 			renewed = now
+		}
+		if src.Buffered() == 0 && len(pending) > 0 {
+			// Outlook has sent nothing more yet: what is here goes now.
+			if _, err := dst.Write(pending); err != nil {
+				return total, err
+			}
+			pending = pending[:0]
 		}
 		if _, err := src.Peek(1); err != nil {
 			return total, err
@@ -552,15 +591,21 @@ func copyMultiline(dst io.Writer, src *bufio.Reader, renew func(), renewal time.
 		window := append(append(make([]byte, 0, 2*len(terminator)), last...), head...)
 		if i := bytes.Index(window, terminator); i >= 0 {
 			end = i + len(terminator) - len(last) - 1
-		} else if i := bytes.Index(chunk, terminator); i >= 0 {
+		} else if i := indexTerminator(chunk); i >= 0 {
 			end = i + len(terminator) - 1
 		}
 		n := len(chunk)
 		if end >= 0 {
 			n = end + 1
 		}
-		w, err := dst.Write(chunk[:n])
-		total += int64(w)
+		out := chunk[:n]
+		if len(pending) > 0 {
+			pending = append(pending, out...)
+			out = pending
+		}
+		_, err := dst.Write(out)
+		pending = pending[:0]
+		total += int64(n)
 		if len(chunk) >= len(terminator)-1 {
 			last = append(last[:0], chunk[len(chunk)-(len(terminator)-1):]...)
 		} else {
