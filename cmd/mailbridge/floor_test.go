@@ -12,6 +12,13 @@ import (
 	"mailbridge/upstream"
 )
 
+// A test binary started by startFloorRelay is the floor relay, not tests.
+func init() {
+	if os.Getenv("FLOOR_UPSTREAM") != "" {
+		floorRelay()
+	}
+}
+
 // floorRelay is the least a POP3 relay can do, run as its own process for
 // BenchmarkServePOP3RelayCPU: log in to Outlook once, then copy bytes both
 // ways with crypto/tls and nothing else.
