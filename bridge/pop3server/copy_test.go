@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"net"
 	"testing"
 	"time"
 )
@@ -23,7 +24,7 @@ func FuzzCopyMultiline(f *testing.F) {
 		}
 		src := bufio.NewReaderSize(io.MultiReader(bytes.NewReader(stuffed.Bytes()), bytes.NewReader(tail)), 16)
 		var got bytes.Buffer
-		n, err := copyMultiline(&got, nil, src, func() {}, 0)
+		n, err := copyMultiline(&got, nil, src, never, func() {}, 0)
 		if err != nil || n != int64(stuffed.Len()) || !bytes.Equal(got.Bytes(), stuffed.Bytes()) {
 			t.Fatalf("copied %d %q (%v), want %q", n, got.Bytes(), err, stuffed.Bytes())
 		}
@@ -33,6 +34,9 @@ func FuzzCopyMultiline(f *testing.F) {
 		}
 	})
 }
+
+// never is the copy's "more arriving" for a source that is not a socket.
+func never() bool { return false }
 
 // writeStuffedReference dot-stuffs msg line by line (CRLF lines) and adds
 // the terminator, as RFC 1939 §3 describes.
@@ -75,7 +79,7 @@ func TestCopyMultilineWritesWhatArrived(t *testing.T) {
 	}
 	done := make(chan result, 1)
 	go func() {
-		n, err := copyMultiline(client, []byte("+OK\r\n"), src, func() {}, 0)
+		n, err := copyMultiline(client, []byte("+OK\r\n"), src, never, func() {}, 0)
 		done <- result{n, err}
 	}()
 	var got []byte
@@ -120,7 +124,7 @@ func (w *failingWriter) Write(p []byte) (int, error) {
 func TestCopyMultilineStopsWhenClientFails(t *testing.T) {
 	body := bytes.Repeat([]byte("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde\r\n"), 1<<16) // 4 MiB
 	src := bufio.NewReaderSize(io.MultiReader(bytes.NewReader(body), bytes.NewReader([]byte(".\r\n"))), 16<<10)
-	n, err := copyMultiline(&failingWriter{limit: 100 << 10}, []byte("+OK\r\n"), src, func() {}, 0)
+	n, err := copyMultiline(&failingWriter{limit: 100 << 10}, []byte("+OK\r\n"), src, never, func() {}, 0)
 	if err == nil || err.Error() != "connection reset by peer" {
 		t.Fatalf("copyMultiline = %d, %v; want the client's error", n, err)
 	}
@@ -139,4 +143,68 @@ func FuzzIndexTerminator(f *testing.F) {
 			t.Fatalf("indexTerminator(%q) = %d, want %d", b, got, want)
 		}
 	})
+}
+
+// countingWriter counts writes and keeps what they carried.
+type countingWriter struct {
+	bytes.Buffer
+	writes int
+}
+
+func (w *countingWriter) Write(p []byte) (int, error) {
+	w.writes++
+	return w.Buffer.Write(p)
+}
+
+// TestCopyMultilineGathersSmallReads: an answer that comes in many small
+// reads (as from a server that sends one TLS record per line) while more
+// has arrived on the socket is written in few writes, not one per read.
+func TestCopyMultilineGathersSmallReads(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var answer []byte
+	for range 500 {
+		answer = append(answer, "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ;\r\n"...)
+	}
+	answer = append(answer, ".\r\n"...)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		for line := range bytes.Lines(answer) {
+			if _, err := c.Write(line); err != nil {
+				return
+			}
+		}
+		io.Copy(io.Discard, c) // until the test is done
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	raw, err := c.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(time.Minute); socketUnread(raw) < len(answer); {
+		if time.Now().After(deadline) {
+			t.Fatalf("only %d of %d bytes arrived", socketUnread(raw), len(answer))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	var got countingWriter
+	src := bufio.NewReaderSize(c, 16) // reads of 16 bytes, as small as records of a line
+	n, err := copyMultiline(&got, []byte("+OK\r\n"), src, moreArriving(c), func() {}, 0)
+	if err != nil || n != int64(len(answer)) || !bytes.Equal(got.Bytes(), append([]byte("+OK\r\n"), answer...)) {
+		t.Fatalf("copyMultiline = %d, %v; the client has %d bytes", n, err, got.Len())
+	}
+	if got.writes > 2 {
+		t.Errorf("%d writes for %d reads of a %d-byte answer that had arrived whole", got.writes, len(answer)/16, len(answer))
+	}
 }

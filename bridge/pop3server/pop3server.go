@@ -99,6 +99,7 @@ type session struct {
 	user    string // from USER
 	account *account.Account
 	up      *upstream.POP3Conn
+	upMore  func() bool // whether Outlook's bytes wait unread in the socket
 
 	commands, retrCount, deleCount int
 	retrBytes                      int64
@@ -391,6 +392,7 @@ func (s *session) login(username, password string) {
 		return
 	}
 	s.up = up
+	s.upMore = moreArriving(up.Conn)
 	// A bridge shutting down ends a session that waits on Outlook.
 	context.AfterFunc(s.ctx, func() { up.Conn.Close() })
 	s.srv.opts.Metrics.MailboxEvent(a.Config.Name, "pop3", "login")
@@ -443,9 +445,9 @@ func (s *session) transaction(line string) {
 		}
 	} else {
 		// The status line and the body go straight to the connection
-		// (s.w is empty between commands), in writes of up to 64 KiB.
+		// (s.w is empty between commands).
 		w := &deadlineWriter{w: s.conn, conn: s.conn, timeout: time.Minute}
-		n, err := copyMultiline(w, status, up.Reader, deadline, renewEvery(s.srv.opts.Config.UpstreamTimeout.Duration))
+		n, err := copyMultiline(w, status, up.Reader, s.upMore, deadline, renewEvery(s.srv.opts.Config.UpstreamTimeout.Duration))
 		if cmd == "RETR" {
 			s.retrCount++
 			s.retrBytes += n
@@ -554,27 +556,33 @@ func indexTerminator(b []byte) int {
 // renew is called before the first read from src, then at most every
 // renewal.
 //
-// What src holds is written in one write as soon as src has nothing more
-// buffered, before waiting for Outlook again: a slow Outlook's bytes are
-// never held back, and a fast one's arrive a TLS record (16 KiB) at a
-// time, written from src's buffer without a copy. head goes with the first
-// bytes of the body, so a small answer is one write.
-func copyMultiline(dst io.Writer, head []byte, src *bufio.Reader, renew func(), renewal time.Duration) (int64, error) {
+// Writes follow what arrives. A large read (a full TLS record, 16 KiB) is
+// written as it is, from src's buffer without a copy. Small ones (a server
+// that sends a TLS record per line) are gathered, up to 64 KiB, while more
+// has arrived (more reports bytes received and not read yet); once src and
+// the socket hold nothing more, what was gathered is written before the
+// copy waits for Outlook again, so a slow Outlook's bytes are never held
+// back. head goes with the first bytes of the body.
+func copyMultiline(dst io.Writer, head []byte, src *bufio.Reader, more func() bool, renew func(), renewal time.Duration) (int64, error) {
+	const (
+		gatherUpTo = 64 << 10 // the most written at once from small reads
+		largeRead  = 8 << 10  // a read this large is written on its own
+	)
 	terminator := []byte("\r\n.\r\n")
 	// last holds the final bytes seen so far, to find a terminator split
 	// across reads; it starts as CRLF: the body starts at a line start.
 	last := []byte("\r\n")
 	var total int64
 	var renewed time.Time
-	// pending is head until it is written; it is a copy, as src's buffer
-	// (which head may be a slice of) is about to be refilled.
-	pending := append(make([]byte, 0, len(head)+len(terminator)), head...)
+	// pending is what was read and not written yet: first a copy of head,
+	// as src's buffer (which head may be a slice of) is about to be refilled.
+	pending := append(make([]byte, 0, len(head)+4<<10), head...)
 	for {
 		if now := time.Now(); now.Sub(renewed) >= renewal {
 			renew()
 			renewed = now
 		}
-		if src.Buffered() == 0 && len(pending) > 0 {
+		if src.Buffered() == 0 && len(pending) > 0 && !more() {
 			// Outlook has sent nothing more yet: what is here goes now.
 			if _, err := dst.Write(pending); err != nil {
 				return total, err
@@ -598,13 +606,23 @@ func copyMultiline(dst io.Writer, head []byte, src *bufio.Reader, renew func(), 
 		if end >= 0 {
 			n = end + 1
 		}
-		out := chunk[:n]
-		if len(pending) > 0 {
-			pending = append(pending, out...)
-			out = pending
+		data := chunk[:n]
+		var err error
+		if len(pending) > 0 && len(pending)+len(data) > gatherUpTo {
+			_, err = dst.Write(pending)
+			pending = pending[:0]
 		}
-		_, err := dst.Write(out)
-		pending = pending[:0]
+		switch {
+		case err != nil:
+		case len(pending) == 0 && len(data) >= largeRead:
+			_, err = dst.Write(data)
+		default:
+			pending = append(pending, data...)
+			if end >= 0 {
+				_, err = dst.Write(pending)
+				pending = pending[:0]
+			}
+		}
 		total += int64(n)
 		if len(chunk) >= len(terminator)-1 {
 			last = append(last[:0], chunk[len(chunk)-(len(terminator)-1):]...)

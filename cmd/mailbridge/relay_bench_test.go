@@ -30,14 +30,21 @@ import (
 // in a process of its own, and its CPU time is read from /proc before and
 // after, while the fake Outlook (which writes each answer pre-stuffed in
 // one write) and the client run in the test's process. The client reads in
-// 256 KiB reads and checks the SHA-256 at the end. The floor
+// 256 KiB reads and checks the SHA-256 at the end; line-per-record has
+// the fake send one line per TLS record, so the cost per record shows. The floor
 // sub-benchmark measures the same for the least a relay can do (see
 // floorRelay): the CPU that TLS and the sockets cost whoever relays.
 //
 //	go test ./cmd/mailbridge -run '^$' -bench ServePOP3RelayCPU -benchtime 10x
 func BenchmarkServePOP3RelayCPU(b *testing.B) {
-	for _, relay := range []string{"bridge", "floor"} {
-		b.Run(relay, func(b *testing.B) { benchRelayCPU(b, "pop3", relay) })
+	for _, writes := range []struct {
+		name string
+		outlookpop.Writes
+		size int
+	}{{"bulk", outlookpop.WritesBulk, 50 << 20}, {"line-per-record", outlookpop.WritesLinePerRecord, 5 << 20}} {
+		for _, relay := range []string{"bridge", "floor"} {
+			b.Run(writes.name+"/"+relay, func(b *testing.B) { benchRelayCPU(b, "pop3", relay, writes.Writes, writes.size) })
+		}
 	}
 }
 
@@ -45,16 +52,17 @@ func BenchmarkServePOP3RelayCPU(b *testing.B) {
 // FETCH BODY.PEEK[] of the same message from the fake Outlook's IMAP.
 //
 //	go test ./cmd/mailbridge -run '^$' -bench ServeIMAPRelayCPU -benchtime 10x
-func BenchmarkServeIMAPRelayCPU(b *testing.B) { benchRelayCPU(b, "imap", "bridge") }
+func BenchmarkServeIMAPRelayCPU(b *testing.B) {
+	benchRelayCPU(b, "imap", "bridge", outlookpop.WritesBulk, 50<<20)
+}
 
-func benchRelayCPU(b *testing.B, proto, relay string) {
-	const size = 50 << 20
+func benchRelayCPU(b *testing.B, proto, relay string, writes outlookpop.Writes, size int) {
 	extra := ""
 	if proto == "imap" {
 		extra = `protocols = ["pop3", "imap"]`
 	}
 	fake, path, env := fakeAndConfig(b, "127.0.0.1:0", extra)
-	fake.SetPOP3Writes(outlookpop.WritesBulk)
+	fake.SetPOP3Writes(writes)
 	msg := bytes.Repeat([]byte("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.;\r\n"), size/66)
 	msg = append([]byte("Subject: big\r\n\r\n"), msg...)
 	fake.AddMessage(mailbox, msg)

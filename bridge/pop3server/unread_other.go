@@ -1,0 +1,8 @@
+//go:build !linux && !windows
+
+package pop3server
+
+import "syscall"
+
+// socketUnread is not known here: a copy writes what it holds at once.
+func socketUnread(syscall.RawConn) int { return 0 }
