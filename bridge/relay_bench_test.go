@@ -197,21 +197,23 @@ func processCPU() time.Duration {
 
 // BenchmarkIMAPRelay is BenchmarkPOP3Relay for IMAP: the upstream is a
 // minimal IMAP server over TLS that takes any XOAUTH2 login and answers a
-// FETCH with the whole message in one write (go-imap's server, the fake
+// FETCH with the whole message in one write, or one line per TLS record
+// (go-imap's server, the fake
 // Outlook's, decides its own write sizes and would cap the figure).
 //
 //	go test ./bridge -run '^$' -bench BenchmarkIMAPRelay -benchtime 5x
 func BenchmarkIMAPRelay(b *testing.B) {
 	for _, c := range []struct {
-		name     string
-		parallel int
-		size     int
-	}{{"bulk/1x50MiB", 1, 50 << 20}, {"bulk/4x20MiB", 4, 20 << 20}} {
-		b.Run(c.name, func(b *testing.B) { benchIMAPRelay(b, c.parallel, c.size) })
+		name          string
+		linePerRecord bool
+		parallel      int
+		size          int
+	}{{"bulk/1x50MiB", false, 1, 50 << 20}, {"bulk/4x20MiB", false, 4, 20 << 20}, {"line-per-record/1x20MiB", true, 1, 20 << 20}} {
+		b.Run(c.name, func(b *testing.B) { benchIMAPRelay(b, c.linePerRecord, c.parallel, c.size) })
 	}
 }
 
-func benchIMAPRelay(b *testing.B, parallel, size int) {
+func benchIMAPRelay(b *testing.B, linePerRecord bool, parallel, size int) {
 	var answers [][]byte // the FETCH answer of message i+1, untagged part
 	var want [][32]byte
 	for i := range parallel {
@@ -219,7 +221,7 @@ func benchIMAPRelay(b *testing.B, parallel, size int) {
 		msg[len("Subject: ")] = byte('a' + i)
 		answers = append(answers, append(fmt.Appendf(nil, "* %d FETCH (BODY[] {%d}\r\n", i+1, len(msg)), append(msg, ")\r\n"...)...))
 	}
-	addr, ca := startBulkIMAP(b, answers)
+	addr, ca := startBulkIMAP(b, answers, linePerRecord)
 	fake := startFake(b)
 	cfg := testConfig(fake)
 	cfg.Log.Level = "warn"
@@ -256,8 +258,9 @@ func benchIMAPRelay(b *testing.B, parallel, size int) {
 // startBulkIMAP starts a minimal IMAP server with implicit TLS on
 // 127.0.0.1 and returns its address and its CA: it takes any AUTHENTICATE,
 // answers the bridge's CAPABILITY and LIST as Outlook does, and a FETCH of
-// message n with answers[n-1] and its completion in one write.
-func startBulkIMAP(b *testing.B, answers [][]byte) (string, *x509.Certificate) {
+// message n with answers[n-1] and its completion in one write, or with
+// linePerRecord in one write (one TLS record) per line.
+func startBulkIMAP(b *testing.B, answers [][]byte, linePerRecord bool) (string, *x509.Certificate) {
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "bulk imap"}, NotBefore: time.Now().Add(-time.Hour),
 		NotAfter: time.Now().Add(24 * time.Hour), IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
@@ -301,7 +304,16 @@ func startBulkIMAP(b *testing.B, answers [][]byte) (string, *x509.Certificate) {
 							fmt.Fprintf(conn, "%s BAD no such message\r\n", tag)
 							continue
 						}
-						conn.Write(append(answers[n-1][:len(answers[n-1]):len(answers[n-1])], tag+" OK FETCH completed.\r\n"...))
+						answer := append(answers[n-1][:len(answers[n-1]):len(answers[n-1])], tag+" OK FETCH completed.\r\n"...)
+						if !linePerRecord {
+							conn.Write(answer)
+							continue
+						}
+						for line := range bytes.Lines(answer) {
+							if _, err := conn.Write(line); err != nil {
+								return
+							}
+						}
 					case "LOGOUT":
 						fmt.Fprintf(conn, "* BYE\r\n%s OK LOGOUT completed.\r\n", tag)
 						return

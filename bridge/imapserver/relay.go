@@ -14,6 +14,10 @@ import (
 	"mailbridge/upstream"
 )
 
+// gatherBelow is the size under which a read from Outlook waits for the
+// next one if more has arrived (a full TLS record is 16 KiB).
+const gatherBelow = 8 << 10
+
 // relay passes every byte between the client and Outlook, in both
 // directions, until either side ends; then it closes both. Each direction
 // copies through a bounded buffer, so a slow reader slows the writer
@@ -93,11 +97,24 @@ func (s *session) relay(up *upstream.IMAPConn) {
 		buf := make([]byte, relayBuffer)
 		var renewed time.Time
 		renewEvery := min(time.Second, idle/4)
+		more := upstream.MoreArriving(up.Conn)
+		filled := 0 // small reads gathered in buf, not written yet
+		var wasPending bool
 		for {
-			n, err := up.Reader.Read(buf)
-			if n > 0 {
-				wasPending := t.outstanding()
-				t.upstream(buf[:n])
+			n, err := up.Reader.Read(buf[filled:])
+			if n > 0 || filled > 0 {
+				if filled == 0 {
+					wasPending = t.outstanding()
+				}
+				t.upstream(buf[filled : filled+n])
+				filled += n
+				// Small reads (a server sending a TLS record per line) are
+				// gathered while Outlook has sent more, and written as soon
+				// as it has not.
+				if err == nil && n < gatherBelow && filled <= len(buf)-gatherBelow && (up.Reader.Buffered() > 0 || more()) {
+					continue
+				}
+				n, filled = filled, 0
 				// Deadlines are renewed at most every second: a large
 				// literal comes in many reads.
 				if now := time.Now(); now.Sub(renewed) > renewEvery || wasPending != t.outstanding() {

@@ -8,6 +8,8 @@ import (
 	"net"
 	"testing"
 	"time"
+
+	"mailbridge/upstream"
 )
 
 // FuzzCopyMultiline checks the data path against a reference: any message,
@@ -188,19 +190,15 @@ func TestCopyMultilineGathersSmallReads(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	raw, err := c.(*net.TCPConn).SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for deadline := time.Now().Add(time.Minute); socketUnread(raw) < len(answer); {
+	for deadline := time.Now().Add(time.Minute); upstream.Unread(c) < len(answer); {
 		if time.Now().After(deadline) {
-			t.Fatalf("only %d of %d bytes arrived", socketUnread(raw), len(answer))
+			t.Fatalf("only %d of %d bytes arrived", upstream.Unread(c), len(answer))
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
 	var got countingWriter
 	src := bufio.NewReaderSize(c, 16) // reads of 16 bytes, as small as records of a line
-	n, err := copyMultiline(&got, []byte("+OK\r\n"), src, moreArriving(c), func() {}, 0)
+	n, err := copyMultiline(&got, []byte("+OK\r\n"), src, upstream.MoreArriving(c), func() {}, 0)
 	if err != nil || n != int64(len(answer)) || !bytes.Equal(got.Bytes(), append([]byte("+OK\r\n"), answer...)) {
 		t.Fatalf("copyMultiline = %d, %v; the client has %d bytes", n, err, got.Len())
 	}

@@ -392,7 +392,7 @@ func (s *session) login(username, password string) {
 		return
 	}
 	s.up = up
-	s.upMore = moreArriving(up.Conn)
+	s.upMore = upstream.MoreArriving(up.Conn)
 	// A bridge shutting down ends a session that waits on Outlook.
 	context.AfterFunc(s.ctx, func() { up.Conn.Close() })
 	s.srv.opts.Metrics.MailboxEvent(a.Config.Name, "pop3", "login")

@@ -1,6 +1,6 @@
 //go:build !linux && !windows
 
-package pop3server
+package upstream
 
 import "syscall"
 

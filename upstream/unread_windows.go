@@ -1,4 +1,4 @@
-package pop3server
+package upstream
 
 import (
 	"syscall"
