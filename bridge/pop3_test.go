@@ -597,15 +597,24 @@ func FuzzPOP3Command(f *testing.F) {
 	})
 }
 
-func TestPOP3StalledUpstreamEndsSession(t *testing.T) {
+// stalledRetr starts a bridge with upstreamTimeout in front of a fake
+// Outlook that answers the next RETR with "+OK" and nothing more, and
+// returns the fake, the bridge's POP3 address and log, and a client logged
+// in through the bridge.
+func stalledRetr(t *testing.T, upstreamTimeout time.Duration) (*m365fake.Server, string, *logBuffer, *popClient) {
 	fake := startFake(t)
 	cfg := testConfig(fake)
-	cfg.POP3.UpstreamTimeout = config.Duration{Duration: 300 * time.Millisecond}
+	cfg.POP3.UpstreamTimeout = config.Duration{Duration: upstreamTimeout}
 	b, logs := startBridge(t, fake, cfg)
 	fake.AddMessage(mailboxA, crlf("Subject: x\n\nx\n"))
 	fake.FailPOP3(m365fake.POP3Fault{StallRetr: true})
 	p := dialPOP3(t, b.POP3Addr())
 	p.login(userA, passwordA)
+	return fake, b.POP3Addr(), logs, p
+}
+
+func TestPOP3StalledUpstreamEndsSession(t *testing.T) {
+	fake, addr, logs, p := stalledRetr(t, 300*time.Millisecond)
 	fmt.Fprintf(p.conn, "RETR 1\r\n")
 	p.conn.SetReadDeadline(time.Now().Add(patience))
 	got, err := io.ReadAll(p.r)
@@ -619,7 +628,7 @@ func TestPOP3StalledUpstreamEndsSession(t *testing.T) {
 
 	// A login that Outlook does not answer in time.
 	fake.FailPOP3(m365fake.POP3Fault{Delay: time.Second})
-	p = dialPOP3(t, b.POP3Addr())
+	p = dialPOP3(t, addr)
 	p.cmd("USER %s", userA)
 	if l := p.cmd("PASS %s", passwordA); !strings.HasPrefix(l, "-ERR [SYS/TEMP] Outlook's POP3 service could not be reached") {
 		t.Errorf("slow login: %q", l)
@@ -630,14 +639,7 @@ func TestPOP3StalledUpstreamEndsSession(t *testing.T) {
 // an answer, what it sent (here its "+OK") reaches the client at once, not
 // when a buffer fills or the answer ends.
 func TestPOP3ClientSeesWhatArrived(t *testing.T) {
-	fake := startFake(t)
-	cfg := testConfig(fake)
-	cfg.POP3.UpstreamTimeout = config.Duration{Duration: 10 * time.Minute}
-	b, _ := startBridge(t, fake, cfg)
-	fake.AddMessage(mailboxA, crlf("Subject: x\n\nx\n"))
-	fake.FailPOP3(m365fake.POP3Fault{StallRetr: true})
-	p := dialPOP3(t, b.POP3Addr())
-	p.login(userA, passwordA)
+	_, _, _, p := stalledRetr(t, 10*time.Minute)
 	if l := p.cmd("RETR 1"); l != "+OK" {
 		t.Fatalf("RETR from a stalled Outlook: %q", l)
 	}

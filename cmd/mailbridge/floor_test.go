@@ -30,11 +30,13 @@ func floorRelay() {
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
 	fmt.Printf("listen %s\n", ln.Addr())
 	c, err := ln.Accept()
 	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
 	io.WriteString(c, "+OK floor\r\n")
