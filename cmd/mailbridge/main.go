@@ -297,6 +297,13 @@ func runBridge(ctx context.Context, cfg *config.Config, stderr io.Writer) int {
 		ev = ev.Str("log_file", cfg.Log.File)
 	}
 	ev.Msg("mailbridge starting")
+	// SIGHUP (Linux: kill -HUP, systemctl reload) reloads the accounts. It
+	// is caught from before the start: one that comes while the bridge
+	// starts (once its listeners are logged) waits for it, rather than
+	// ending the process or, where SIGHUP was ignored (nohup), being lost.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	b, err := bridge.New(cfg, bridge.Options{Logger: log, Version: versionString()})
 	if err != nil {
 		log.Error().Err(err).Msg("cannot start")
@@ -310,10 +317,6 @@ func runBridge(ctx context.Context, cfg *config.Config, stderr io.Writer) int {
 		log.Info().Str("log_file", cfg.Log.File).Msg("started: from now on only errors are shown here; the whole log is in the log file")
 		tee.startedUp()
 	}
-	// SIGHUP (Linux: kill -HUP, systemctl reload) reloads the accounts.
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
 	go func() {
 		for range hup {
 			log.Info().Str("config", cfg.Path).Msg("SIGHUP: reloading the configuration")
