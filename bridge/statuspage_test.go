@@ -342,7 +342,13 @@ func TestStatusPageActionsOnTheOutbox(t *testing.T) {
 	retried := sendVia(t, b, "nobody@"+refusedDomain, "From: orders@example.com\nTo: nobody@refused.example\nMessage-ID: <retry@test>\nSubject: retry me\n\nx\n")
 	// failed → Delete: gone, never sent.
 	deleted := sendVia(t, b, "other@"+refusedDomain, "From: orders@example.com\nTo: other@refused.example\nMessage-ID: <delete@test>\nSubject: delete me\n\nx\n")
-	waitFor(t, "two messages in failed/", func() bool { return entryExists(b, "failed", retried) && entryExists(b, "failed", deleted) })
+	// In failed/, and let go by the worker (which moves the files before
+	// it drops the message from its index: until then Retry answers that
+	// the message is being sent).
+	waitFor(t, "two messages in failed/", func() bool {
+		n, _ := b.QueueDepth()
+		return entryExists(b, "failed", retried) && entryExists(b, "failed", deleted) && n == 0
+	})
 	body := c.page()
 	if !strings.Contains(body, "retry me") || !strings.Contains(body, "delete me") || !strings.Contains(body, "Failed (2)") {
 		t.Fatal("the failed messages are not on the page")
@@ -383,7 +389,9 @@ func TestStatusPageActionsOnTheOutbox(t *testing.T) {
 		!strings.Contains(body, "<small class=\"msgid\">&lt;waiting@test&gt;</small>") {
 		t.Error("the queued message's row lacks its cause and fix, or its Message-ID")
 	}
-	c.action("/retry", waiting)
+	// The worker marks an attempt over in the envelope before it lets the
+	// message go in memory; until then Retry answers that it is being sent.
+	waitFor(t, "Retry now accepted", func() bool { return strings.Contains(c.action("/retry", waiting), "Message "+waiting+" is due now.") })
 	waitFor(t, "the queued message delivered", func() bool { return sentTimes(fake, "waiting") == 1 && !entryExists(b, "queue", waiting) })
 
 	// queued → Delete: it never goes.
@@ -393,7 +401,7 @@ func TestStatusPageActionsOnTheOutbox(t *testing.T) {
 		env, err := readEnvelope(b.Outbox().Dir(), "queue", dropped)
 		return err == nil && env.Attempts == 1 && !env.InFlight
 	})
-	c.action("/delete", dropped)
+	waitFor(t, "Delete accepted", func() bool { return strings.Contains(c.action("/delete", dropped), "Message "+dropped+" deleted") })
 	if entryExists(b, "queue", dropped) {
 		t.Error("Delete left the queued message")
 	}
