@@ -109,14 +109,24 @@ type FailureRecord struct {
 // Store is the outbox's files, without the delivery worker: what
 // `mailbridge queue` works on too.
 type Store struct {
-	dir string
+	dir    string
+	shared bool // opened by Attach: another process may own the outbox
 
 	mu    sync.Mutex
 	bytes int64 // size of the queued messages
 }
 
+// Attach opens an outbox that a running bridge may own, for
+// `mailbridge queue`: it creates nothing and clears nothing, because what
+// looks half-written may be a message the bridge is accepting right now
+// (Open would remove its message file between the two renames of Add, and
+// the bridge would then answer 250 for a message without its text). An
+// outbox that does not exist yet holds no messages.
+func Attach(dir string) *Store { return &Store{dir: dir, shared: true} }
+
 // Open opens (creating if need be) the outbox directory and clears
-// what a crash left half-written.
+// what a crash left half-written. Only the bridge that delivers from the
+// outbox opens it so; see Attach.
 func Open(dir string) (*Store, error) {
 	for _, sub := range []string{"tmp", "queue", "failed"} {
 		if err := os.MkdirAll(filepath.Join(dir, sub), 0o700); err != nil {
@@ -319,6 +329,10 @@ func (s *Store) saveEnvelope(sub string, env *Envelope) error {
 		os.Remove(tmp)
 		return err
 	}
+	if err := keepOwner(tmp, s.path(sub)); err != nil {
+		os.Remove(tmp)
+		return err
+	}
 	return os.Rename(tmp, s.file(sub, env.ID, "json"))
 }
 
@@ -363,6 +377,9 @@ func (s *Store) fail(env *Envelope, f *FailureRecord) error {
 // they were accepted), reading the directory in batches.
 func (s *Store) ids(sub string) ([]string, error) {
 	d, err := os.Open(s.path(sub))
+	if s.shared && errors.Is(err, os.ErrNotExist) {
+		return nil, nil // the bridge has not created it yet
+	}
 	if err != nil {
 		return nil, err
 	}

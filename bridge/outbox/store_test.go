@@ -2,6 +2,8 @@ package outbox
 
 import (
 	"bytes"
+	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
 	"testing"
@@ -126,5 +128,66 @@ func TestRetriedMessageIndexedOnce(t *testing.T) {
 	w.enqueue(back) // ...then Outbox.Retry makes it known
 	if len(w.index) != 1 || w.ready.Len() != 1 {
 		t.Errorf("the message is held %d times in the index and %d in the schedule, want once", len(w.index), w.ready.Len())
+	}
+}
+
+// `mailbridge queue` while the bridge accepts a message: Attach must leave
+// what Add is in the middle of writing as it is. Open would take the
+// message file renamed into queue/ before its envelope for a crash's
+// leftover and remove it, and the bridge would then answer 250 for an
+// envelope without its message.
+func TestAttachLeavesAMessageBeingAcceptedAlone(t *testing.T) {
+	dir := t.TempDir()
+	owner, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := &Envelope{Account: "a", GraphUser: "u@example.com", Size: 5, Received: time.Now(), NextAttempt: time.Now().Add(time.Hour)}
+	if err := owner.Add(done, bytes.NewReader([]byte("hello")), 0); err != nil {
+		t.Fatal(err)
+	}
+	// Add half done: both files written to tmp/, the message renamed in.
+	inFlight := &Envelope{ID: newQueueID(), Account: "a", GraphUser: "u@example.com", Size: 5, Received: time.Now(), NextAttempt: time.Now()}
+	os.WriteFile(owner.file("queue", inFlight.ID, "eml"), []byte("hi 2\n"), 0o600)
+	b, _ := json.Marshal(inFlight)
+	os.WriteFile(owner.file("tmp", inFlight.ID, "json"), b, 0o600)
+	os.WriteFile(owner.file("tmp", "being-written", "eml"), []byte("par"), 0o600)
+
+	admin := Attach(dir)
+	list, err := admin.List()
+	if err != nil || len(list) != 1 || list[0].ID != done.ID {
+		t.Fatalf("list: %+v %v", list, err)
+	}
+	if err := admin.Retry(done.ID); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{owner.file("queue", inFlight.ID, "eml"), owner.file("tmp", inFlight.ID, "json"), owner.file("tmp", "being-written", "eml")} {
+		if _, err := os.Stat(f); err != nil {
+			t.Errorf("Attach's store removed %s, which Add was writing: %v", filepath.Base(f), err)
+		}
+	}
+	// Add ends: the envelope is renamed in, and the message is whole.
+	if err := os.Rename(owner.file("tmp", inFlight.ID, "json"), owner.file("queue", inFlight.ID, "json")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := owner.readEnvelope("queue", inFlight.ID); err != nil {
+		t.Errorf("the accepted message is not whole: %v", err)
+	}
+}
+
+func TestAttachToAnOutboxNotCreatedYet(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "outbox")
+	s := Attach(dir)
+	if list, err := s.List(); err != nil || len(list) != 0 {
+		t.Errorf("list: %v %v", list, err)
+	}
+	if n, err := s.RetryFailed(); n != 0 || err != nil {
+		t.Errorf("retry-failed: %d %v", n, err)
+	}
+	if err := s.Retry("20261207T000000-00"); err == nil {
+		t.Error("retry of a message that is not there succeeded")
+	}
+	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("Attach created the outbox (%v): as root it would be root's, and the service could not write to it", err)
 	}
 }

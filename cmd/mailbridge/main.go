@@ -376,11 +376,8 @@ func queue(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "mailbridge: the outbox is off in this configuration ([outbox] enabled = false)")
 		return 1
 	}
-	store, err := outbox.Open(cfg.Outbox.Dir)
-	if err != nil {
-		fmt.Fprintln(stderr, "mailbridge:", err)
-		return 1
-	}
+	// The bridge may be running and accepting messages into this outbox.
+	store := outbox.Attach(cfg.Outbox.Dir)
 	switch action {
 	case "list":
 		entries, err := store.List()

@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -486,6 +487,10 @@ func TestQueueCommand(t *testing.T) {
 	}
 	if code, stdout, _ := runBinary(t, env, "", "queue", "retry-failed", "-config", path); code != 0 || !strings.Contains(stdout, "0 failed message(s)") {
 		t.Errorf("retry-failed: %d %q", code, stdout)
+	}
+	// The bridge never ran: the outbox is its to create, with its owner.
+	if _, err := os.Stat(filepath.Join(filepath.Dir(path), "outbox")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("mailbridge queue created the outbox (%v)", err)
 	}
 }
 
