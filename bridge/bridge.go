@@ -393,6 +393,7 @@ func (b *Bridge) Shutdown(ctx context.Context) error {
 			b.cancelBase()
 			b.served.Wait()
 			err = errors.Join(err, b.stopOutbox(ctx))
+			b.closeOutbox()
 			b.accounts.CloseIdleConnections()
 			return err
 		case <-ctx.Done():
@@ -402,10 +403,19 @@ func (b *Bridge) Shutdown(ctx context.Context) error {
 			<-done
 			b.served.Wait()
 			b.stopOutbox(ctx)
+			b.closeOutbox()
 			b.accounts.CloseIdleConnections()
 			return fmt.Errorf("shutdown: sessions still busy were closed: %w", ctx.Err())
 		case <-tick.C:
 		}
+	}
+}
+
+// closeOutbox lets another bridge open the outbox once this one has
+// stopped using it.
+func (b *Bridge) closeOutbox() {
+	if b.outbox != nil {
+		b.outbox.Store().Close()
 	}
 }
 

@@ -3,8 +3,12 @@
 package outbox
 
 import (
+	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
 	"syscall"
 )
 
@@ -38,4 +42,24 @@ func keepOwner(name, dir string) error {
 		return fmt.Errorf("outbox: giving %s to the owner of %s: %w", name, dir, err)
 	}
 	return nil
+}
+
+// lockOutbox takes an exclusive flock on name, creating it, and writes this
+// process's ID into it for the message another process gets.
+func lockOutbox(name string) (*os.File, error) {
+	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("outbox: %w", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		b, _ := os.ReadFile(name)
+		f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, errLocked(filepath.Dir(name), strings.TrimSpace(string(b)))
+		}
+		return nil, fmt.Errorf("outbox: locking %s: %w", name, err)
+	}
+	f.Truncate(0)
+	f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+	return f, nil
 }

@@ -110,7 +110,8 @@ type FailureRecord struct {
 // `mailbridge queue` works on too.
 type Store struct {
 	dir    string
-	shared bool // opened by Attach: another process may own the outbox
+	shared bool     // opened by Attach: another process may own the outbox
+	lock   *os.File // held by Open until Close: one bridge per outbox
 
 	mu    sync.Mutex
 	bytes int64 // size of the queued messages
@@ -126,14 +127,22 @@ func Attach(dir string) *Store { return &Store{dir: dir, shared: true} }
 
 // Open opens (creating if need be) the outbox directory and clears
 // what a crash left half-written. Only the bridge that delivers from the
-// outbox opens it so; see Attach.
+// outbox opens it so; see Attach. It takes the outbox's lock (<dir>/lock)
+// until Close, and fails if another process holds it: two bridges on one
+// outbox would clear each other's half-written messages and send each
+// message twice. The system releases the lock when a process ends, even
+// by kill -9.
 func Open(dir string) (*Store, error) {
 	for _, sub := range []string{"tmp", "queue", "failed"} {
 		if err := os.MkdirAll(filepath.Join(dir, sub), 0o700); err != nil {
 			return nil, fmt.Errorf("outbox: %w", err)
 		}
 	}
-	s := &Store{dir: dir}
+	lock, err := lockOutbox(filepath.Join(dir, "lock"))
+	if err != nil {
+		return nil, err
+	}
+	s := &Store{dir: dir, lock: lock}
 	tmp, _ := os.ReadDir(s.path("tmp"))
 	for _, e := range tmp {
 		os.Remove(filepath.Join(s.path("tmp"), e.Name()))
@@ -161,6 +170,26 @@ func Open(dir string) (*Store, error) {
 		}
 	}
 	return s, nil
+}
+
+// Close releases the outbox's lock (see Open); the store must not be used
+// after.
+func (s *Store) Close() error {
+	if s.lock == nil {
+		return nil
+	}
+	err := s.lock.Close()
+	s.lock = nil
+	return err
+}
+
+// errLocked is Open's answer when another process holds the outbox.
+func errLocked(dir, pid string) error {
+	who := "another mailbridge"
+	if pid != "" {
+		who += " (process " + pid + ")"
+	}
+	return fmt.Errorf("outbox: %s is in use by %s: stop it first (on Windows the mailbridge service, on Linux systemctl stop mailbridge), or give this one its own [outbox] dir", dir, who)
 }
 
 // Dir is the outbox's directory.

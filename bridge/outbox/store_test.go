@@ -6,6 +6,8 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 )
@@ -56,6 +58,7 @@ func TestQueueManagement(t *testing.T) {
 	// Reopening counts what is queued and clears half-written files.
 	os.WriteFile(filepath.Join(dir, "tmp", "junk.eml"), []byte("x"), 0o600)
 	os.WriteFile(filepath.Join(dir, "queue", "orphan.eml"), []byte("x"), 0o600)
+	s.Close()
 	s2, err := Open(dir)
 	if err != nil {
 		t.Fatal(err)
@@ -190,4 +193,36 @@ func TestAttachToAnOutboxNotCreatedYet(t *testing.T) {
 	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("Attach created the outbox (%v): as root it would be root's, and the service could not write to it", err)
 	}
+}
+
+// A second bridge on the same outbox (`mailbridge serve` started by hand
+// beside the service) would clear the first's half-written messages and
+// send each queued message a second time: Open refuses it, and says who
+// holds the outbox and what to do.
+func TestOneBridgePerOutbox(t *testing.T) {
+	dir := t.TempDir()
+	first, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(first.file("tmp", "being-written", "eml"), []byte("par"), 0o600)
+	second, err := Open(dir)
+	if err == nil {
+		second.Close()
+		t.Fatal("a second Open of the same outbox succeeded")
+	}
+	for _, want := range []string{dir + " is in use by another mailbridge (process " + strconv.Itoa(os.Getpid()) + ")", "stop it first", "its own [outbox] dir"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("the refusal %q lacks %q", err, want)
+		}
+	}
+	if _, err := os.Stat(first.file("tmp", "being-written", "eml")); err != nil {
+		t.Error("the refused Open cleared the first bridge's tmp/")
+	}
+	first.Close()
+	again, err := Open(dir)
+	if err != nil {
+		t.Fatalf("Open after Close: %v", err)
+	}
+	again.Close()
 }

@@ -177,7 +177,10 @@ func TestCorruptEntriesGoToFailed(t *testing.T) {
 	}
 
 	rec := &recorder{}
-	store, _ = outbox.Open(dir)
+	store.Close()
+	if store, err = outbox.Open(dir); err != nil {
+		t.Fatal(err)
+	}
 	acct := &account.Account{Config: config.AccountConfig{Name: "a", Mailbox: "a@example.com"}}
 	var logs strings.Builder
 	var mu sync.Mutex

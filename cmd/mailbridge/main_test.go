@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -627,6 +628,43 @@ func startServe(t testing.TB, path string, env []string) (*exec.Cmd, string, *sy
 	}
 	t.Fatalf("no listening line:\n%s", logs)
 	return nil, "", nil
+}
+
+// A second `mailbridge serve` on the same outbox (an administrator trying
+// it in a console beside the service) must not start: it would clear what
+// the first is writing, and with listeners on other ports (here both take
+// port 0) deliver the same queued messages a second time. It exits with the
+// reason and the fix, and the first goes on.
+func TestSecondServeOnTheSameOutboxRefused(t *testing.T) {
+	fake, path, env := fakeAndConfig(t, "127.0.0.1:0", "")
+	first, addr, _ := startServe(t, path, env)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*patience)
+	defer cancel()
+	second := exec.CommandContext(ctx, binary, "serve", "-config", path)
+	second.Env = env
+	out, err := second.CombinedOutput()
+	if ctx.Err() != nil {
+		t.Fatalf("the second bridge is running on the first's outbox:\n%s", out)
+	}
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 {
+		t.Errorf("the second bridge ended with %v, want exit status 1", err)
+	}
+	want := fmt.Sprintf("is in use by another mailbridge (process %d): stop it first", first.Process.Pid)
+	if !strings.Contains(string(out), want) || !strings.Contains(string(out), `"message":"cannot start"`) {
+		t.Errorf("the second bridge's log lacks %q:\n%s", want, out)
+	}
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Auth(sasl.NewPlainClient("", "tm", "pw")); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SendMail(mailbox, []string{"a@example.org"}, strings.NewReader("From: orders@example.com\r\nTo: a@example.org\r\nSubject: after\r\n\r\nx\r\n")); err != nil {
+		t.Fatalf("the first bridge no longer takes mail: %v", err)
+	}
+	waitSent(t, fake, 1)
 }
 
 // TestKill9WithMessagesInFlight kills the bridge while Graph has taken
