@@ -33,3 +33,27 @@ func (c *Config) ExposedSecrets() []string {
 	}
 	return out
 }
+
+// aclEntry is one access-allowed entry of a Windows file's DACL: the SID
+// it grants, and whether the grant includes reading.
+type aclEntry struct {
+	sid  string
+	read bool
+}
+
+// exposedByACL says which broad group (Everyone, Users, Authenticated
+// Users) a Windows file's DACL lets read it, "" if none. A file without a
+// DACL (a NULL DACL, as some tools and FAT volumes leave) grants everyone
+// everything.
+func exposedByACL(nullDACL bool, entries []aclEntry) string {
+	if nullDACL {
+		return "Everyone (the file has no access list)"
+	}
+	groups := map[string]string{"S-1-1-0": "Everyone", "S-1-5-32-545": "Users", "S-1-5-11": "Authenticated Users"}
+	for _, e := range entries {
+		if name, ok := groups[e.sid]; ok && e.read {
+			return name
+		}
+	}
+	return ""
+}
