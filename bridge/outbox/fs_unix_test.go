@@ -3,11 +3,9 @@
 package outbox
 
 import (
-	"bytes"
 	"os"
 	"syscall"
 	"testing"
-	"time"
 )
 
 // An administrator runs `sudo mailbridge queue retry`: the envelopes root
@@ -19,22 +17,7 @@ func TestRootLeavesTheServiceItsFiles(t *testing.T) {
 	}
 	const service = 65534 // nobody, standing in for the mailbridge user
 	dir := t.TempDir()
-	s, err := Open(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var ids []string
-	for range 2 {
-		env := &Envelope{Account: "a", GraphUser: "u@example.com", Size: 5, Received: time.Now(), NextAttempt: time.Now().Add(time.Hour)}
-		if err := s.Add(env, bytes.NewReader([]byte("hello")), 0); err != nil {
-			t.Fatal(err)
-		}
-		ids = append(ids, env.ID)
-	}
-	env, _ := s.readEnvelope("queue", ids[1])
-	if err := s.fail(env, &FailureRecord{Reason: "test"}); err != nil {
-		t.Fatal(err)
-	}
+	s, ids := openWithMessages(t, dir, 2, 1)
 	for _, sub := range []string{"", "tmp", "queue", "failed"} {
 		entries, _ := os.ReadDir(s.path(sub))
 		os.Chown(s.path(sub), service, service)

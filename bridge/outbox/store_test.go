@@ -12,24 +12,34 @@ import (
 	"time"
 )
 
-func TestQueueManagement(t *testing.T) {
-	dir := t.TempDir()
+// openWithMessages opens an outbox in dir holding n messages of 5 bytes,
+// due in an hour, the one at failed (if in range) moved to failed/.
+func openWithMessages(t *testing.T, dir string, n, failed int) (*Store, []string) {
+	t.Helper()
 	s, err := Open(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
 	var ids []string
-	for range 3 {
+	for range n {
 		env := &Envelope{Account: "a", GraphUser: "u@example.com", Size: 5, Received: time.Now(), NextAttempt: time.Now().Add(time.Hour)}
 		if err := s.Add(env, bytes.NewReader([]byte("hello")), 0); err != nil {
 			t.Fatal(err)
 		}
 		ids = append(ids, env.ID)
 	}
-	env, _ := s.readEnvelope("queue", ids[1])
-	if err := s.fail(env, &FailureRecord{Reason: "test"}); err != nil {
-		t.Fatal(err)
+	if failed >= 0 && failed < n {
+		env, _ := s.readEnvelope("queue", ids[failed])
+		if err := s.fail(env, &FailureRecord{Reason: "test"}); err != nil {
+			t.Fatal(err)
+		}
 	}
+	return s, ids
+}
+
+func TestQueueManagement(t *testing.T) {
+	dir := t.TempDir()
+	s, ids := openWithMessages(t, dir, 3, 1)
 	list, err := s.List()
 	if err != nil || len(list) != 3 || list[2].State != "failed" || list[2].ID != ids[1] {
 		t.Fatalf("list %+v %v", list, err)
