@@ -59,6 +59,10 @@ type Options struct {
 	OutboxRetry deliver.RetryPolicy
 	// Version is shown on the status page.
 	Version string
+	// SignInWait is how long Start waits for the accounts' first sign-in
+	// (the credentials check), which goes on after it for up to 30 s;
+	// zero means 5 s. Tests that look at its outcome wait for all of it.
+	SignInWait time.Duration
 }
 
 // Bridge is a configured mailbridge.
@@ -84,8 +88,9 @@ type Bridge struct {
 	stopDelivery  context.CancelFunc
 	workerStopped chan struct{}
 
-	version string
-	started time.Time
+	version    string
+	signInWait time.Duration // Options.SignInWait
+	started    time.Time
 
 	serving    atomic.Bool
 	baseCtx    context.Context
@@ -104,11 +109,12 @@ func New(cfg *config.Config, opts Options) (*Bridge, error) {
 		opts.AuthFailureDelay = time.Second
 	}
 	b := &Bridge{
-		cfg:     cfg,
-		res:     res,
-		log:     opts.Logger,
-		metrics: admin.NewMetrics(),
-		version: opts.Version,
+		cfg:        cfg,
+		res:        res,
+		log:        opts.Logger,
+		metrics:    admin.NewMetrics(),
+		version:    opts.Version,
+		signInWait: opts.SignInWait,
 	}
 	b.baseCtx, b.cancelBase = context.WithCancel(context.Background())
 	b.accounts = account.NewRegistry(func(p *upstream.Proxy) *http.Client {
@@ -256,7 +262,7 @@ func (b *Bridge) Start() error {
 				Msg("OLD TLS ALLOWED: TLS " + lt.TLSMinVersion + " has known weaknesses (BEAST, CBC padding oracles, SHA-1); keep it only for clients that know nothing newer, and only on a trusted network")
 		}
 	}
-	b.checkCredentials(b.Accounts(), 5*time.Second)
+	b.waitForSignIn()
 	b.serve(func() { b.probeSentItems(b.Accounts()) })
 	b.serving.Store(true)
 	b.serve(b.watchCredentials)
@@ -540,6 +546,31 @@ func (b *Bridge) watchCredentials() {
 			}
 		}
 		b.checkCredentials(refused, 30*time.Second)
+	}
+}
+
+// waitForSignIn checks the accounts' credentials (checkCredentials) and
+// waits for the outcome at most SignInWait, so that a message for an
+// account Microsoft refuses is answered 451 from the first one. On a slow
+// link the sign-in goes on after the start, up to 30 s, and each outcome
+// is logged when it comes (cutting it short would log a timeout instead
+// of the answer).
+func (b *Bridge) waitForSignIn() {
+	done := make(chan struct{})
+	b.serve(func() {
+		defer close(done)
+		b.checkCredentials(b.Accounts(), 30*time.Second)
+	})
+	wait := b.signInWait
+	if wait <= 0 {
+		wait = 5 * time.Second
+	}
+	timer := time.NewTimer(wait)
+	defer timer.Stop()
+	select {
+	case <-done:
+	case <-timer.C:
+		b.log.Info().Dur("waited", wait).Msg("signing in to Microsoft 365 takes long: starting meanwhile; each account's sign-in is logged when it ends")
 	}
 }
 

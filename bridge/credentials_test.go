@@ -7,8 +7,10 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"io"
 	"math/big"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -17,6 +19,7 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"mailbridge/bridge"
 	"mailbridge/bridge/config"
 )
 
@@ -140,5 +143,58 @@ func TestUnreachableMicrosoftNamesWhatToOpen(t *testing.T) {
 	}
 	if !found {
 		t.Error("check has no smtp-token row")
+	}
+}
+
+// On a slow link the first sign-in outlasts the start's wait: the bridge
+// starts meanwhile and says so, and the sign-in is not cut short (before,
+// it was cancelled after 5 s and logged as a failed sign-in): its outcome
+// is logged when it comes. The token endpoint is reached through a
+// forwarder that holds the connection until the test lets it go.
+func TestSlowSignInDoesNotHoldTheStart(t *testing.T) {
+	fake := startFake(t)
+	tokenURL, err := url.Parse(fake.TokenURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	fakeHost := tokenURL.Host
+	release := make(chan struct{})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				<-release
+				up, err := net.Dial("tcp", fakeHost)
+				if err != nil {
+					return
+				}
+				defer up.Close()
+				go io.Copy(up, c)
+				io.Copy(c, up)
+			}()
+		}
+	}()
+	cfg := testConfig(fake)
+	cfg.Accounts = cfg.Accounts[:1]
+	tokenURL.Host = ln.Addr().String()
+	cfg.Accounts[0].TokenURL = strings.ReplaceAll(tokenURL.String(), "%7Btenant%7D", "{tenant}")
+	b, logs := startBridgeWith(t, fake, cfg, func(o *bridge.Options) { o.SignInWait = time.Millisecond })
+	findLogLine(t, logs.String(), "signing in to Microsoft 365 takes long: starting meanwhile; each account's sign-in is logged when it ends")
+	if linesWith(logs.String(), "signed in to Microsoft 365") != nil {
+		t.Fatal("signed in before the token endpoint was reached")
+	}
+	close(release)
+	waitFor(t, "the sign-in to be logged", func() bool { return len(linesWith(logs.String(), "signed in to Microsoft 365")) == 1 })
+	if err := b.Accounts()[0].GraphTokens.LastError(); err != nil || b.Accounts()[0].GraphTokens.Requests() != 1 {
+		t.Errorf("the start-up sign-in: %d requests, last error %v; want one, that succeeded", b.Accounts()[0].GraphTokens.Requests(), err)
 	}
 }

@@ -150,7 +150,10 @@ func startBridgeWith(t testing.TB, fake *m365fake.Server, cfg *config.Config, tw
 		logs.tw = zerolog.NewTestWriter(tt)
 	}
 	opts := bridge.Options{Logger: bridge.NewLogger(logs, cfg.Log), RootCAs: fake.CertPool(), AuthFailureDelay: testAuthFailDelay,
-		Retry: testRetry, OutboxRetry: testOutboxRetry, Version: "test"}
+		Retry: testRetry, OutboxRetry: testOutboxRetry, Version: "test",
+		// Start waits for the credentials check, which tests look at,
+		// however slow a busy machine makes it.
+		SignInWait: patience}
 	if tweak != nil {
 		tweak(&opts)
 	}
