@@ -197,19 +197,12 @@ func (g *guardConn) filterCommand(in []byte) (rest []byte, line bool) {
 		}
 		return rest, false
 	}
+	// The bytes held are bounded before the line ends; the line itself
+	// is measured without its ending, which may be a bare LF.
 	if len(g.line)+len(chunk) > MaxCommandLine+2 {
 		g.line = g.line[:0]
-		g.long++
 		g.dropping = i < 0
-		if g.long >= maxLongLines {
-			g.Conn.Write([]byte("421 4.7.0 Too many long lines, closing connection\r\n"))
-			g.log("connection closed: too many command lines over 4096 bytes")
-			g.closing = true
-			return nil, false
-		}
-		g.Conn.Write([]byte("500 5.5.2 Line too long\r\n"))
-		g.log("command refused: line over 4096 bytes")
-		return rest, false
+		return g.refuseLong(rest), false
 	}
 	g.line = append(g.line, chunk...)
 	if i < 0 {
@@ -217,6 +210,9 @@ func (g *guardConn) filterCommand(in []byte) (rest []byte, line bool) {
 	}
 	cmd := strings.TrimRight(string(g.line), "\r\n")
 	g.line = g.line[:0]
+	if len(cmd) > MaxCommandLine {
+		return g.refuseLong(rest), false
+	}
 	g.out = append(g.out, cmd...)
 	g.out = append(g.out, '\r', '\n')
 	if g.auth { // an AUTH response, whatever it looks like
@@ -226,6 +222,22 @@ func (g *guardConn) filterCommand(in []byte) (rest []byte, line bool) {
 	g.startTLS = strings.HasPrefix(strings.ToUpper(cmd), "STARTTLS")
 	g.bdat = bdatChunk(cmd)
 	return rest, true
+}
+
+// refuseLong answers a command line over MaxCommandLine, which go-smtp
+// never sees, and closes the connection at the maxLongLines-th; it returns
+// what is left to read (nothing once closing).
+func (g *guardConn) refuseLong(rest []byte) []byte {
+	g.long++
+	if g.long >= maxLongLines {
+		g.Conn.Write([]byte("421 4.7.0 Too many long lines, closing connection\r\n"))
+		g.log("connection closed: too many command lines over 4096 bytes")
+		g.closing = true
+		return nil
+	}
+	g.Conn.Write([]byte("500 5.5.2 Line too long\r\n"))
+	g.log("command refused: line over 4096 bytes")
+	return rest
 }
 
 // bdatChunk returns the size of the chunk go-smtp reads after the command

@@ -3,6 +3,7 @@ package smtpserver
 import (
 	"bytes"
 	"net"
+	"strings"
 	"testing"
 )
 
@@ -122,3 +123,43 @@ func FuzzGuard(f *testing.F) {
 type nopConn struct{ net.Conn }
 
 func (nopConn) Write(p []byte) (int, error) { return len(p), nil }
+
+// recordingConn keeps what the guard answers.
+type recordingConn struct {
+	net.Conn
+	written bytes.Buffer
+}
+
+func (c *recordingConn) Write(p []byte) (int, error) { return c.written.Write(p) }
+
+// A command line is measured without its ending, CRLF or a bare LF (which
+// go-smtp also takes): 4096 bytes pass, 4097 are refused either way. The
+// fuzzer found a 4097-byte line ended by a bare LF passing, as 4099 bytes
+// with the CRLF the guard writes.
+func TestGuardBoundsLinesWhateverTheirEnding(t *testing.T) {
+	for _, c := range []struct {
+		length int
+		ending string
+		pass   bool
+	}{
+		{MaxCommandLine, "\r\n", true},
+		{MaxCommandLine, "\n", true},
+		{MaxCommandLine + 1, "\r\n", false},
+		{MaxCommandLine + 1, "\n", false},
+	} {
+		conn := &recordingConn{}
+		g := newGuardConn(conn, func(string) {})
+		line := "NOOP " + strings.Repeat("x", c.length-5)
+		g.pending = []byte(line + c.ending + "QUIT\r\n")
+		for len(g.pending) > 0 {
+			g.filter()
+		}
+		want := "QUIT\r\n"
+		if c.pass {
+			want = line + "\r\n" + want
+		}
+		if string(g.out) != want || (conn.written.String() == "") == !c.pass {
+			t.Errorf("%d bytes and %q: go-smtp gets %d bytes, the client %q", c.length, c.ending, len(g.out), conn.written.String())
+		}
+	}
+}
