@@ -86,6 +86,9 @@ type Outbox struct {
 	perUser  map[string]int
 	limiters map[string]*rate.Limiter // by account
 	lastScan time.Time
+	tracked  uint64 // how many entries track has added, ever (indexed.seq)
+	// listedHook, in tests, runs in rescan once the directory is read.
+	listedHook func()
 
 	wake chan struct{}
 	wg   sync.WaitGroup
@@ -100,7 +103,8 @@ type indexed struct {
 	modTime  time.Time
 	inflight bool
 	parked   bool
-	heapIdx  int // in ready; -1 when not there
+	heapIdx  int    // in ready; -1 when not there
+	seq      uint64 // Outbox.tracked when it was added
 }
 
 // schedule is a min-heap of queued messages by next attempt.
@@ -261,6 +265,8 @@ func (w *Outbox) untrack(ix *indexed) {
 
 // track adds ix to the index and the schedule; w.mu is held.
 func (w *Outbox) track(ix *indexed) {
+	w.tracked++
+	ix.seq = w.tracked
 	w.index[ix.env.ID] = ix
 	heap.Push(&w.ready, ix)
 }
@@ -297,10 +303,18 @@ func (w *Outbox) Run(ctx, deliverCtx context.Context) {
 // entries deleted by `mailbridge queue delete`.
 func (w *Outbox) rescan() {
 	w.lastScan = time.Now()
+	// An entry added after the directory was read (a message accepted
+	// meanwhile) is not in the listing, and not gone.
+	w.mu.Lock()
+	listed := w.tracked
+	w.mu.Unlock()
 	entries, err := os.ReadDir(w.store.path("queue"))
 	if err != nil {
 		w.log.Error().Err(err).Msg("outbox: cannot read the queue directory")
 		return
+	}
+	if w.listedHook != nil {
+		w.listedHook()
 	}
 	present := map[string]bool{}
 	for _, e := range entries {
@@ -350,7 +364,7 @@ func (w *Outbox) rescan() {
 	}
 	w.mu.Lock()
 	for id, ix := range w.index {
-		if present[id] || ix.inflight {
+		if present[id] || ix.inflight || ix.seq > listed {
 			continue
 		}
 		w.untrack(ix)

@@ -170,3 +170,25 @@ func TestPossibleDuplicateSurvivesAFailedRetry(t *testing.T) {
 type writerFunc func([]byte) (int, error)
 
 func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
+
+// A message accepted while a rescan runs, after it read the directory, is
+// not in the listing but is not gone: the rescan must keep it. It dropped
+// it from the index (the next rescan found it again, 2 s later), so the
+// queue's depth read 0 with a message waiting, and
+// TestTemporaryFailureIsRetriedPermanentGoesToFailed failed under load.
+func TestRescanKeepsAMessageAcceptedMeanwhile(t *testing.T) {
+	w := newTestOutbox(t, 1, 1, nil)
+	w.listedHook = func() {
+		w.listedHook = nil
+		acct := &account.Account{Config: config.AccountConfig{Name: "a", Mailbox: "a@example.com"}}
+		m := &deliver.Message{Account: acct, From: "a@example.com", GraphUser: "a@example.com",
+			Content: mime.View{mime.BytesPiece([]byte("Subject: meanwhile\r\n\r\nx\r\n"))}}
+		if _, err := w.Submit(context.Background(), m, zerolog.Nop()); err != nil {
+			t.Error(err)
+		}
+	}
+	w.rescan()
+	if n, _ := w.Depth(); n != 2 {
+		t.Errorf("after the rescan the outbox holds %d messages in memory, want 2", n)
+	}
+}
