@@ -59,6 +59,12 @@ func lockOutbox(name string) (*os.File, error) {
 		}
 		return nil, fmt.Errorf("outbox: locking %s: %w", name, err)
 	}
+	// Created by root (`sudo mailbridge serve` while the service is
+	// stopped), it must stay openable by the service's user.
+	if err := keepOwner(name, filepath.Dir(name)); err != nil {
+		f.Close()
+		return nil, err
+	}
 	f.Truncate(0)
 	f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
 	return f, nil

@@ -26,6 +26,19 @@ func TestRootLeavesTheServiceItsFiles(t *testing.T) {
 		}
 	}
 
+	// The service is stopped, and root starts a bridge by hand: the
+	// lock it creates must stay the service's to open.
+	os.Remove(s.path("lock"))
+	s.Close()
+	root, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	root.Close()
+	if st, err := os.Stat(s.path("lock")); err != nil || st.Sys().(*syscall.Stat_t).Uid != service {
+		t.Errorf("the lock root created is not the service's: %v", err)
+	}
+
 	admin := Attach(dir)
 	if err := admin.Retry(ids[0]); err != nil { // queued: made due now
 		t.Fatal(err)
