@@ -17,14 +17,11 @@ func readableByOthers(p string) string {
 		return ""
 	}
 	dacl, _, err := sd.DACL()
-	if errors.Is(err, windows.ERROR_OBJECT_NOT_FOUND) { // no DACL at all
+	switch {
+	case errors.Is(err, windows.ERROR_OBJECT_NOT_FOUND) || err == nil && dacl == nil: // no DACL, or a NULL one
 		return exposedByACL(true, nil)
-	}
-	if err != nil {
+	case err != nil:
 		return ""
-	}
-	if dacl == nil {
-		return exposedByACL(true, nil)
 	}
 	const read = windows.FILE_READ_DATA | windows.GENERIC_READ | windows.GENERIC_ALL
 	var entries []aclEntry

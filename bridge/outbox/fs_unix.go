@@ -6,9 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
-	"strconv"
-	"strings"
 	"syscall"
 )
 
@@ -44,28 +41,12 @@ func keepOwner(name, dir string) error {
 	return nil
 }
 
-// lockOutbox takes an exclusive flock on name, creating it, and writes this
-// process's ID into it for the message another process gets.
-func lockOutbox(name string) (*os.File, error) {
-	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("outbox: %w", err)
+// lockFile takes an exclusive flock on f without waiting; errHeld if
+// another process holds it.
+func lockFile(f *os.File) error {
+	err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+	if errors.Is(err, syscall.EWOULDBLOCK) {
+		return errHeld
 	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		b, _ := os.ReadFile(name)
-		f.Close()
-		if errors.Is(err, syscall.EWOULDBLOCK) {
-			return nil, errLocked(filepath.Dir(name), strings.TrimSpace(string(b)))
-		}
-		return nil, fmt.Errorf("outbox: locking %s: %w", name, err)
-	}
-	// Created by root (`sudo mailbridge serve` while the service is
-	// stopped), it must stay openable by the service's user.
-	if err := keepOwner(name, filepath.Dir(name)); err != nil {
-		f.Close()
-		return nil, err
-	}
-	f.Truncate(0)
-	f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
-	return f, nil
+	return err
 }

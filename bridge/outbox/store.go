@@ -35,6 +35,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -183,13 +184,37 @@ func (s *Store) Close() error {
 	return err
 }
 
-// errLocked is Open's answer when another process holds the outbox.
-func errLocked(dir, pid string) error {
-	who := "another mailbridge"
-	if pid != "" {
-		who += " (process " + pid + ")"
+// errHeld is lockFile's answer when another process holds the lock.
+var errHeld = errors.New("held by another process")
+
+// lockOutbox takes the outbox's lock file name (creating it) and writes
+// this process's ID into it, for the refusal another process gets.
+func lockOutbox(name string) (*os.File, error) {
+	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("outbox: %w", err)
 	}
-	return fmt.Errorf("outbox: %s is in use by %s: stop it first (on Windows the mailbridge service, on Linux systemctl stop mailbridge), or give this one its own [outbox] dir", dir, who)
+	if err := lockFile(f); err != nil {
+		holder, _ := os.ReadFile(name)
+		f.Close()
+		if errors.Is(err, errHeld) {
+			who := "another mailbridge"
+			if pid := strings.TrimSpace(string(holder)); pid != "" {
+				who += " (process " + pid + ")"
+			}
+			return nil, fmt.Errorf("outbox: %s is in use by %s: stop it first (on Windows the mailbridge service, on Linux systemctl stop mailbridge), or give this one its own [outbox] dir", filepath.Dir(name), who)
+		}
+		return nil, fmt.Errorf("outbox: locking %s: %w", name, err)
+	}
+	// Created by root (`sudo mailbridge serve` while the service is
+	// stopped), it must stay openable by the service's user.
+	if err := keepOwner(name, filepath.Dir(name)); err != nil {
+		f.Close()
+		return nil, err
+	}
+	f.Truncate(0)
+	f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+	return f, nil
 }
 
 // Dir is the outbox's directory.
